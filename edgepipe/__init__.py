@@ -1,0 +1,25 @@
+"""edgepipe: a trained PyTorch model to fast, small, verified release artifacts for edge hardware.
+
+The public functions live in :mod:`edgepipe.api` and are re-exported here lazily, so that
+``import edgepipe`` (and ``edgepipe --help``) stays cheap: torch and the backends load only when used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+# ``export`` is left out on purpose: ``edgepipe.export`` is the export module; the checked
+# export-with-parity function is ``edgepipe.api.export``.
+_API = ("build", "compile", "bench", "targets", "resolve_artifact")
+
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from edgepipe import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'edgepipe' has no attribute {name!r}")

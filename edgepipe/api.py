@@ -1,0 +1,140 @@
+"""The library entry points. The CLI calls these and nothing else; so can you.
+
+>>> import edgepipe
+>>> result = edgepipe.build(targets=["cpu-int8"], out="dist")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepipe import backends
+from edgepipe._progress import Reporter
+from edgepipe.backends.base import Artifact, OnnxModel
+from edgepipe.config import Target, load_target, target_files
+from edgepipe.errors import ConfigError
+from edgepipe.harness import BenchSettings, Measurement, measure
+from edgepipe.pipeline import BuildOptions, BuildResult
+from edgepipe.pipeline import build as _build
+
+
+def build(
+    model: str | None = None,
+    targets: list[str] | tuple[str, ...] = ("cpu-int8",),
+    *,
+    out: str | Path = "dist",
+    reporter: Reporter | None = None,
+    **options: Any,
+) -> BuildResult:
+    """Compress, export, compile, evaluate, bench and release ``model`` for each target.
+
+    Args:
+        model: ``package.module:factory``, ``.pt2``, TorchScript or ``.onnx``; ``None`` for the example.
+        targets: target names (``edgepipe targets``) or paths to target TOML files.
+        out: release root; each target lands in ``out/<target name>/``.
+        reporter: progress reporting (the CLI passes a rich one).
+        **options: fields of :class:`edgepipe.pipeline.BuildOptions` (data, recipe, weights, ...).
+
+    Returns:
+        One result per target, with its release directory and manifest.
+    """
+    return _build(model, list(targets), BuildOptions(out=Path(out), **options), reporter)
+
+
+def export(
+    model: str | None = None,
+    out: str | Path = "model.onnx",
+    *,
+    input_shape: tuple[int, ...] = (1, 1, 32, 32),
+    weights: Path | None = None,
+    dynamic_batch: bool = True,
+    data: str = "digits",
+    parity_atol: float = 1e-3,
+) -> tuple[OnnxModel, dict[str, Any]]:
+    """Export a torch model to ONNX and check parity against torch on evaluation samples.
+
+    Returns:
+        The ONNX model and the parity figures (max abs error, top-1 agreement).
+    """
+    from edgepipe import export as ex
+    from edgepipe.data import load_dataset, split
+    from edgepipe.models import load_model
+
+    src = load_model(model, weights)
+    if src.is_onnx:
+        raise ConfigError(f"model {src.spec!r} is already ONNX; nothing to export")
+    assert src.module is not None
+    onnx = ex.export(src.module, tuple(input_shape), Path(out), dynamic_batch=dynamic_batch)
+    p = ex.parity(src.module, onnx, split(load_dataset(data, tuple(input_shape[1:]))).evaluation.x)  # type: ignore[arg-type]
+    try:
+        ex.check_parity(p, atol=parity_atol)
+    except Exception:
+        Path(out).unlink(missing_ok=True)
+        raise
+    return onnx, p.to_dict()
+
+
+def compile(model: str, target: str, *, out: str | Path = "dist", data: str = "digits",
+            reporter: Reporter | None = None, **options: Any) -> BuildResult:
+    """Compile an ONNX (or torch) model for one target, evaluate it, and write its release directory (no bench)."""
+    return _build(model, [target], BuildOptions(out=Path(out), data=data, bench=False, **options), reporter)
+
+
+def resolve_artifact(path: str | Path) -> Artifact:
+    """An artifact from a release directory, a file in one, or a bare file recognised by its suffix."""
+    from edgepipe.release import artifact_from_release
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"artifact {str(p)!r} not found")
+    art = artifact_from_release(p)
+    if art is not None and (p.is_dir() or p == art.path):
+        return art
+    if p.is_dir():
+        raise ConfigError(f"{str(p)!r} is a directory without a manifest.json; give the artifact file itself")
+    backend = backends.for_artifact(p)
+    return Artifact(backend.name, "", p)
+
+
+def bench(artifact: str | Path, *, threads: int | None = None, batch: int = 1, warmup: int = 20,
+          iterations: int = 200, duration_s: float | None = None) -> Measurement:
+    """Measure an artifact's latency and memory in a fresh worker process on this machine."""
+    art = resolve_artifact(artifact)
+    return measure(art, BenchSettings(threads=threads, batch=batch, warmup=warmup, iterations=iterations,
+                                      duration_s=duration_s))
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    name: str
+    path: Path
+    backend: str
+    precision: str
+    description: str
+    can_compile: bool
+    can_run: bool
+    reason: str
+    target: Target | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "backend": self.backend, "precision": self.precision,
+                "description": self.description, "can_compile": self.can_compile, "can_run": self.can_run,
+                "reason": self.reason}
+
+
+def targets() -> list[TargetInfo]:
+    """Every target that can be found, and whether this machine can compile and run it (and why not)."""
+    rows = []
+    for name, path in sorted(target_files().items()):
+        try:
+            t = load_target(path)
+            backend = backends.get(t.backend)
+            backend.validate(t)
+            avail = backend.check()
+            rows.append(TargetInfo(name, path, t.backend, t.precision, t.description, avail.compile, avail.run,
+                                   avail.reason, t))
+        except ConfigError as e:
+            rows.append(TargetInfo(name, path, "?", "?", "", False, False, f"invalid: {e}", None))
+    return rows

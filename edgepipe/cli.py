@@ -1,0 +1,313 @@
+"""The ``edgepipe`` command: parse, call :mod:`edgepipe.api`, render. No logic of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgepipe import __version__
+from edgepipe.errors import EdgepipeError
+
+_STATE = {"debug": False}
+MODEL_HELP = ("MODEL is package.module:factory, a .pt2 ExportedProgram, a TorchScript .pt, or an .onnx "
+              "file; without it, the bundled digits example is used.")
+
+
+def _console(stderr: bool = False) -> Any:
+    import os
+
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    wide = None if stream.isatty() or os.environ.get("COLUMNS") else 120  # logs and pipes: no 80-column wrap
+    return Console(stderr=stderr, width=wide)
+
+
+class RichReporter:
+    """Draws one progress line per stage on stderr."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.quiet = quiet
+        self.notes: list[str] = []
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<44}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=_console(stderr=True),
+                                 disable=quiet)
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        task = self.progress.add_task(name, total=total)
+        yield lambda n=1: self.progress.advance(task, n)
+        self.progress.update(task, total=total or 1, completed=total or 1)
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+        if not self.quiet:
+            self.progress.console.print(f"[yellow]note:[/] {message}")
+
+
+def _shape(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give N,C,H,W as integers, e.g. 1,3,224,224") from None
+    if len(shape) != 4:
+        raise click.BadParameter(f"{value!r}: give four sizes N,C,H,W, e.g. 1,3,224,224")
+    return shape
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgepipe")
+@click.option("--debug", is_flag=True, help="Show the full traceback when something fails.")
+def cli(debug: bool) -> None:
+    """Take a trained PyTorch model to fast, small, verified release artifacts for edge hardware.
+
+    \b
+    The pipeline:  compress -> export (ONNX, parity-checked) -> compile (per target)
+                   -> evaluate (accuracy) -> bench (latency, memory) -> release (manifest)
+
+    \b
+    Start here:
+      edgepipe targets                           what exists, and what this machine can do
+      edgepipe build --target cpu-int8           the whole pipeline on the bundled example
+    """
+    _STATE["debug"] = debug
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-t", "--target", "targets", multiple=True, required=True,
+              help="Target name (see `edgepipe targets`) or path to a target .toml. Repeat for several.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
+              help="Release root; each target lands in OUT/<target>/.")
+@click.option("-r", "--recipe", help="Compression recipe (.toml) applied before export.")
+@click.option("-w", "--weights", type=click.Path(path_type=Path), help="Weights for a module:factory model (.safetensors or a state dict).")
+@click.option("-d", "--data", default="digits", show_default=True,
+              help="Calibration/evaluation data: 'digits', an .npz with x and y, or an image folder (one sub-folder per class).")
+@click.option("--input-shape", help="N,C,H,W overriding the target's input shape, e.g. 1,3,224,224.")
+@click.option("--iterations", type=int, help="Timed iterations per benchmark (default: the target's).")
+@click.option("--no-bench", is_flag=True, help="Skip latency and memory measurement.")
+@click.option("--no-cache", is_flag=True, help="Recompute every stage instead of reusing cached outputs.")
+@click.option("--allow-accuracy-drop", is_flag=True, help="Release even when top-1 drops more than the target's budget.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no progress bars).")
+def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | None, weights: Path | None,
+          data: str, input_shape: str | None, iterations: int | None, no_bench: bool, no_cache: bool,
+          allow_accuracy_drop: bool, as_json: bool) -> None:
+    """Run the whole pipeline for one or more targets.
+
+    MODEL is package.module:factory, a .pt2 ExportedProgram, a TorchScript .pt, or an .onnx file;
+    without it, the bundled digits example is used. Each target gets OUT/<target>/ with the artifact,
+    the ONNX it came from, the calibration record and manifest.json. A failed build leaves no
+    target directory behind.
+    """
+    from edgepipe import api
+
+    with RichReporter(quiet=as_json) as rep:
+        result = api.build(model, targets, out=out, reporter=rep, recipe=recipe, weights=weights, data=data,
+                           input_shape=_shape(input_shape), iterations=iterations, bench=not no_bench,
+                           cache=not no_cache, allow_accuracy_drop=allow_accuracy_drop)
+    if as_json:
+        _emit_json({"model": result.model, "notes": result.notes,
+                    "targets": {r.target.name: {"release_dir": str(r.release_dir), **r.manifest} for r in result.results}})
+        return
+    _build_table(result)
+
+
+def _ms(d: dict[str, Any] | None, key: str) -> str:
+    return f"{d[key]:.3f}" if d else "-"
+
+
+def _build_table(result: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"edgepipe build: {result.model}")
+    for col in ("target", "backend", "prec.", "top-1", "drop pts", "p50 ms", "p99 ms", "speed-up", "mem MB",
+                "size KiB"):
+        t.add_column(col, justify="left" if col in ("target", "backend", "prec.") else "right")
+    shown_ref: set[str] = set()
+    for r in result.results:
+        m = r.manifest
+        ref_lat = m["reference_latency"]
+        src = m["source_onnx"]
+        if src["sha256"] not in shown_ref:
+            shown_ref.add(src["sha256"])
+            mem = f"{ref_lat['peak_rss_above_baseline_mb']:.1f}" if ref_lat else "-"
+            t.add_row("fp32 reference", "onnxruntime", "fp32", f"{m['accuracy']['reference_top1']:.2%}", "-",
+                      _ms(ref_lat, "p50_ms"), _ms(ref_lat, "p99_ms"), "1.00x" if ref_lat else "-", mem,
+                      f"{src['bytes'] / 1024:.0f}", style="dim")
+        lat = m["latency"]
+        speed = f"{ref_lat['p50_ms'] / lat['p50_ms']:.2f}x" if lat and ref_lat else "-"
+        mem = f"{lat['peak_rss_above_baseline_mb']:.1f}" if lat else "-"
+        t.add_row(r.target.name, m["artifact"]["backend"], m["artifact"]["precision"], f"{m['accuracy']['top1']:.2%}",
+                  f"{m['accuracy']['drop_points']:+.2f}", _ms(lat, "p50_ms"), _ms(lat, "p99_ms"), speed, mem,
+                  f"{m['artifact']['size_bytes'] / 1024:.0f}")
+    console = _console()
+    console.print(t)
+    console.print("mem MB: peak resident memory of the bench worker above its baseline; drop pts: top-1 points "
+                  "below the fp32 reference; speed-up: reference p50 / target p50.", style="dim")
+    for r in result.results:
+        console.print(f"released [bold]{r.target.name}[/] -> {r.release_dir}/", highlight=False)
+    for n in result.notes:
+        console.print(f"[yellow]note:[/] {n}", highlight=False)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("model.onnx"), show_default=True)
+@click.option("-w", "--weights", type=click.Path(path_type=Path), help="Weights for a module:factory model.")
+@click.option("--input-shape", default="1,1,32,32", show_default=True, help="N,C,H,W of one input batch.")
+@click.option("--static-batch", is_flag=True, help="Fix the batch dimension instead of making it dynamic.")
+@click.option("-d", "--data", default="digits", show_default=True, help="Samples for the parity check.")
+@click.option("--atol", type=float, default=1e-3, show_default=True, help="Largest allowed |torch - onnx| on the logits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def export(model: str | None, out: Path, weights: Path | None, input_shape: str, static_batch: bool, data: str,
+           atol: float, as_json: bool) -> None:
+    """Export MODEL to a single-file ONNX and check it against torch.
+
+    The parity check runs torch and onnxruntime on evaluation samples and fails (leaving no file) when
+    the max abs error exceeds --atol or top-1 agreement is below 99 %.
+    """
+    from edgepipe import api
+
+    shape = _shape(input_shape)
+    assert shape is not None
+    onnx, parity = api.export(model, out, input_shape=shape, weights=weights, dynamic_batch=not static_batch,
+                              data=data, parity_atol=atol)
+    if as_json:
+        _emit_json({"path": str(onnx.path), "sha256": onnx.sha256, "input_shape": onnx.input_shape, "parity": parity})
+    else:
+        click.echo(f"wrote {onnx.path} (input {list(onnx.input_shape)}); parity on {parity['samples']} samples: "
+                   f"max abs error {parity['max_abs_error']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}")
+
+
+@cli.command("compile")
+@click.argument("model")
+@click.option("-t", "--target", required=True, help="Target name or .toml path.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
+@click.option("-d", "--data", default="digits", show_default=True, help="Calibration/evaluation data.")
+@click.option("--input-shape", help="N,C,H,W overriding the target's input shape.")
+@click.option("--allow-accuracy-drop", is_flag=True, help="Release even when top-1 drops more than the budget.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: str | None,
+                allow_accuracy_drop: bool, as_json: bool) -> None:
+    """Compile MODEL (usually an .onnx) for one target, calibrated on its own data, and evaluate it.
+
+    Like `build` without the benchmark: writes OUT/<target>/ with the artifact and manifest.json.
+    """
+    from edgepipe import api
+
+    with RichReporter(quiet=as_json) as rep:
+        result = api.compile(model, target, out=out, data=data, reporter=rep, input_shape=_shape(input_shape),
+                             allow_accuracy_drop=allow_accuracy_drop)
+    r = result.results[0]
+    if as_json:
+        _emit_json({"release_dir": str(r.release_dir), **r.manifest})
+    else:
+        _build_table(result)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--threads", type=int, help="Runtime threads (default: the runtime's own).")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--iterations", type=int, default=200, show_default=True)
+@click.option("--duration", type=float, help="Time-box the timed loop to this many seconds instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurement as JSON.")
+def bench(artifact: Path, threads: int | None, batch: int, warmup: int, iterations: int,
+          duration: float | None, as_json: bool) -> None:
+    """Measure ARTIFACT's latency and memory in a fresh worker process.
+
+    ARTIFACT is a release directory, or a model file (.onnx, ...). Reports p50/p90/p99/mean latency,
+    throughput, load time and peak resident memory above the worker's baseline.
+    """
+    from edgepipe import api
+
+    m = api.bench(artifact, threads=threads, batch=batch, warmup=warmup, iterations=iterations, duration_s=duration)
+    if as_json:
+        _emit_json(m.to_dict())
+        return
+    from rich.table import Table
+
+    t = Table(title=f"edgepipe bench: {artifact} ({m.backend} {m.precision})".replace(" )", ")"))
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "throughput_per_s", "load_ms",
+              "peak_rss_above_baseline_mb", "peak_rss_mb"):
+        t.add_row(k, f"{getattr(m, k):.3f}")
+    t.add_row("size_bytes", str(m.size_bytes))
+    t.add_row("iterations x batch", f"{m.iterations} x {m.batch}")
+    _console().print(t)
+
+
+@cli.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print the targets as JSON.")
+def targets_cmd(as_json: bool) -> None:
+    """List the targets, their backend, and whether this machine can compile and run them (and why not)."""
+    from edgepipe import api
+
+    rows = api.targets()
+    if as_json:
+        _emit_json([r.to_dict() for r in rows])
+        return
+    from rich.table import Table
+
+    t = Table(title="edgepipe targets")
+    for col in ("target", "backend", "precision", "compile", "run", "description / why not"):
+        t.add_column(col)
+    for r in rows:
+        yes = lambda ok: "[green]yes[/]" if ok else "[red]no[/]"  # noqa: E731
+        t.add_row(r.name, r.backend, r.precision, yes(r.can_compile), yes(r.can_run),
+                  r.reason if r.reason else r.description)
+    _console().print(t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: EdgepipeError becomes one red line and exit status 1."""
+    try:
+        rv = cli.main(args=argv, prog_name="edgepipe", standalone_mode=False)
+        sys.exit(rv if isinstance(rv, int) else 0)
+    except EdgepipeError as e:
+        if _STATE["debug"]:
+            raise
+        _console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("aborted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

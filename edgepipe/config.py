@@ -1,0 +1,174 @@
+"""Targets: one TOML file per hardware deployment, validated when loaded.
+
+A target names its backend and precision, the model input shape, how to calibrate, the budgets the
+artifact must meet, runtime options, backend-specific ``[options]`` and, optionally, a board to
+benchmark on over SSH.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edgepipe._hashing import sha256_json
+from edgepipe._schema import from_dict, to_dict
+from edgepipe.errors import ConfigError
+
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+CalibrationMethod = Literal["minmax", "entropy", "percentile"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the target's int8 scales are computed."""
+
+    method: CalibrationMethod = "minmax"
+    samples: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ConfigError(
+                f"calibration.samples = {self.samples}: the calibration set would be empty; use 1 or more"
+            )
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What the artifact must meet. ``None`` means no budget."""
+
+    max_accuracy_drop: float | None = 1.0  # top-1 points against the fp32 reference
+    max_latency_ms: float | None = None  # p50 at batch 1 on the measuring machine
+    max_memory_mb: float | None = None  # peak resident memory above the worker's baseline
+
+    def __post_init__(self) -> None:
+        for name in ("max_accuracy_drop", "max_latency_ms", "max_memory_mb"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ConfigError(f"budgets.{name} = {v}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the artifact is run and measured."""
+
+    threads: int | None = None  # None: the runtime's default
+    batch: int = 1
+    warmup: int = 20
+    iterations: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "iterations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"runtime.{name} = {getattr(self, name)}: must be >= 1")
+        if self.warmup < 0:
+            raise ConfigError(f"runtime.warmup = {self.warmup}: must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"runtime.threads = {self.threads}: must be >= 1, or left out for the default")
+
+
+@dataclass(frozen=True)
+class Board:
+    """A remote board to benchmark on over SSH."""
+
+    host: str
+    user: str | None = None
+    port: int = 22
+    python: str = "python3"
+    workdir: str = "/tmp/edgepipe"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A hardware deployment: backend, precision, input shape, calibration, budgets, runtime."""
+
+    name: str
+    backend: str
+    precision: Precision
+    input_shape: tuple[int, ...] = (1, 1, 32, 32)
+    description: str = ""
+    dynamic_batch: bool = True
+    calibration: Calibration = field(default_factory=Calibration)
+    budgets: Budgets = field(default_factory=Budgets)
+    runtime: Runtime = field(default_factory=Runtime)
+    options: dict[str, Any] = field(default_factory=dict)
+    board: Board | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.input_shape) != 4 or any(d < 1 for d in self.input_shape):
+            raise ConfigError(
+                f"input_shape = {list(self.input_shape)}: give four positive sizes, N C H W (e.g. [1, 3, 224, 224])"
+            )
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        n, c, h, w = self.input_shape
+        return (c, h, w)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @property
+    def sha256(self) -> str:
+        return sha256_json(self.to_dict())
+
+    def with_input_shape(self, shape: tuple[int, ...]) -> Target:
+        data = self.to_dict()
+        data["input_shape"] = list(shape)
+        return target_from_dict(data, f"target {self.name!r}")
+
+
+def target_from_dict(data: dict[str, Any], where: str) -> Target:
+    try:
+        return from_dict(Target, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def targets_dirs() -> list[Path]:
+    """Where named targets are looked up, first match wins.
+
+    ``$EDGEPIPE_TARGETS`` (os.pathsep-separated), ``./targets``, then the targets shipped with edgepipe.
+    """
+    dirs = [Path(p) for p in os.environ.get("EDGEPIPE_TARGETS", "").split(os.pathsep) if p]
+    dirs.append(Path.cwd() / "targets")
+    here = Path(__file__).resolve().parent
+    dirs += [here / "_targets", here.parent / "targets"]
+    seen, out = set(), []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def target_files() -> dict[str, Path]:
+    """Every named target that can be found, name -> file."""
+    found: dict[str, Path] = {}
+    for d in targets_dirs():
+        for p in sorted(d.glob("*.toml")):
+            found.setdefault(p.stem, p)
+    return found
+
+
+def load_target(spec: str | Path) -> Target:
+    """Load a target by name (``cpu-int8``) or by path to its TOML file."""
+    path = Path(spec)
+    if path.suffix != ".toml":
+        files = target_files()
+        if str(spec) not in files:
+            known = ", ".join(sorted(files)) or "(none found)"
+            raise ConfigError(f"unknown target {str(spec)!r}; known targets: {known}; or give a path to a .toml file")
+        path = files[str(spec)]
+    if not path.is_file():
+        raise ConfigError(f"target file {str(path)!r} not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"target file {str(path)!r} is not valid TOML: {e}") from None
+    data.setdefault("name", path.stem)
+    return target_from_dict(data, f"target file {str(path)!r}")

@@ -1,0 +1,173 @@
+"""Calibration and evaluation data: digits (default), an ``.npz`` with ``x`` and ``y``, or an image folder.
+
+Every dataset is brought to the model's input shape (N, C, H, W) as float32 in [0, 1] and split
+deterministically: the evaluation split is held out first, and calibration and training samples are
+drawn only from what remains, so calibration never sees an evaluation sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe._hashing import sha256_arrays
+from edgepipe.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".webp")
+EVAL_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Labelled samples in NCHW float32 and their integer labels."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4:
+            raise DataError(f"dataset {self.name!r}: samples must be NCHW, got shape {self.x.shape}")
+        if len(self.x) != len(self.y):
+            raise DataError(f"dataset {self.name!r}: {len(self.x)} samples but {len(self.y)} labels")
+        if len(self.x) == 0:
+            raise DataError(f"dataset {self.name!r} is empty: give it at least one sample")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def sha256(self) -> str:
+        return sha256_arrays(self.x, self.y)
+
+    def subset(self, idx: np.ndarray, name: str) -> Dataset:
+        return Dataset(f"{self.name}:{name}", self.x[idx], self.y[idx])
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Dataset
+    calibration: Dataset
+    evaluation: Dataset
+
+
+def split(data: Dataset, calibration_samples: int = 256, calibration_seed: int = 0) -> Splits:
+    """Hold out ``EVAL_FRACTION`` for evaluation; draw calibration samples from the rest.
+
+    The evaluation split depends only on the dataset (a fixed seed), so every target of a build is
+    evaluated on the same samples; ``calibration_seed`` only changes which training samples calibrate.
+
+    Args:
+        data: the whole dataset.
+        calibration_samples: how many samples calibration gets (at most the non-evaluation part).
+        calibration_seed: which of the non-evaluation samples are drawn for calibration.
+    """
+    if calibration_samples < 1:
+        raise DataError(
+            f"calibration set is empty (samples = {calibration_samples}): set calibration.samples >= 1"
+        )
+    n = len(data)
+    if n < 2:
+        raise DataError(f"dataset {data.name!r} has {n} sample(s); at least 2 are needed to split it")
+    perm = np.random.default_rng(0).permutation(n)
+    n_eval = max(1, int(round(n * EVAL_FRACTION)))
+    eval_idx, rest = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+    drawn = np.random.default_rng(calibration_seed).permutation(rest)
+    calib_idx = np.sort(drawn[: min(calibration_samples, len(rest))])
+    return Splits(
+        train=data.subset(rest, "train"),
+        calibration=data.subset(calib_idx, "calibration"),
+        evaluation=data.subset(eval_idx, "evaluation"),
+    )
+
+
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Bilinear interpolation weights (half-pixel centres), shape (n_out, n_in)."""
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    scale = n_in / n_out
+    for o in range(n_out):
+        src = min(max((o + 0.5) * scale - 0.5, 0.0), n_in - 1)
+        lo = int(np.floor(src))
+        hi = min(lo + 1, n_in - 1)
+        frac = src - lo
+        m[o, lo] += 1 - frac
+        m[o, hi] += frac
+    return m
+
+
+def fit_to_shape(x: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
+    """Resize NCHW samples bilinearly to (H, W) and repeat or average channels to C."""
+    c, h, w = chw
+    if x.shape[2:] != (h, w):
+        ry, rx = _resize_matrix(x.shape[2], h), _resize_matrix(x.shape[3], w)
+        x = np.einsum("oh,nchw,pw->ncop", ry, x, rx, optimize=True)
+    if x.shape[1] != c:
+        if x.shape[1] == 1:
+            x = np.repeat(x, c, axis=1)
+        elif c == 1:
+            x = x.mean(axis=1, keepdims=True)
+        else:
+            raise DataError(f"cannot map {x.shape[1]}-channel samples onto a {c}-channel model input")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def digits(chw: tuple[int, int, int] = (1, 32, 32)) -> Dataset:
+    """scikit-learn's 1,797 labelled 8x8 digits, scaled to [0, 1] and resized to ``chw``."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
+    return Dataset("digits", fit_to_shape(x, chw), d.target.astype(np.int64))
+
+
+def _from_npz(path: Path, chw: tuple[int, int, int]) -> Dataset:
+    try:
+        with np.load(path) as f:
+            if "x" not in f or "y" not in f:
+                raise DataError(f"{path}: an .npz dataset needs arrays 'x' and 'y'; it has {sorted(f.files)}")
+            x, y = f["x"].astype(np.float32), f["y"].astype(np.int64)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"{path}: 'x' must be (N, C, H, W) or (N, H, W), got {x.shape}")
+    return Dataset(path.stem, fit_to_shape(x, chw), y)
+
+
+def _from_folder(path: Path, chw: tuple[int, int, int]) -> Dataset:
+    from PIL import Image
+
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{path}: an image folder needs one sub-folder per class (e.g. {path}/cat/1.png)")
+    mode = "L" if chw[0] == 1 else "RGB"
+    xs, ys = [], []
+    for label, cls in enumerate(classes):
+        for img_path in sorted((path / cls).iterdir()):
+            if img_path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(img_path) as im:
+                im = im.convert(mode).resize((chw[2], chw[1]), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+            xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found in its class folders")
+    return Dataset(path.name, fit_to_shape(np.stack(xs), chw), np.array(ys, dtype=np.int64))
+
+
+def load_dataset(spec: str, chw: tuple[int, int, int]) -> Dataset:
+    """Load ``digits``, an ``.npz`` file or an image folder, fitted to the model input ``chw``."""
+    if spec == "digits":
+        return digits(chw)
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"dataset {spec!r} not found: give 'digits', an .npz file with x and y, or an image folder")
+    if path.is_dir():
+        return _from_folder(path, chw)
+    if path.suffix == ".npz":
+        return _from_npz(path, chw)
+    raise DataError(f"dataset {spec!r}: unknown format; give 'digits', an .npz file or an image folder")

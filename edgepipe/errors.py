@@ -1,0 +1,43 @@
+"""One exception family. Every message names the input, the cause and what to do."""
+
+from __future__ import annotations
+
+
+class EdgepipeError(Exception):
+    """Base of every error edgepipe raises on purpose. The CLI prints it as one line."""
+
+
+class ConfigError(EdgepipeError):
+    """A target, recipe or command-line value is wrong."""
+
+
+class ModelLoadError(EdgepipeError):
+    """A model source could not be found, imported or read."""
+
+
+class DataError(EdgepipeError):
+    """A calibration or evaluation dataset is missing, empty or of the wrong shape."""
+
+
+class ExportError(EdgepipeError):
+    """torch -> ONNX export failed or the exported model does not match torch."""
+
+
+class CompressionError(EdgepipeError):
+    """A compression step could not be applied."""
+
+
+class CompileError(EdgepipeError):
+    """A backend could not compile the ONNX model for a target."""
+
+
+class BackendUnavailable(EdgepipeError):
+    """A backend's Python package, toolchain or hardware is not present here."""
+
+
+class BenchmarkError(EdgepipeError):
+    """The measuring harness failed to load or run an artifact."""
+
+
+class BudgetError(EdgepipeError):
+    """A build finished but missed one of the target's budgets (accuracy, latency, memory)."""

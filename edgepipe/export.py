@@ -1,0 +1,161 @@
+"""torch -> ONNX, checked: the current (dynamo) exporter, onnx.checker, and a parity check against torch.
+
+Layout: one self-contained ``.onnx`` file (weights inside, ``external_data=False``). Edge models are far
+below protobuf's 2 GB limit, and one file is simpler to hash, cache and ship.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgepipe._fs import atomic_path
+from edgepipe._hashing import sha256_file
+from edgepipe.backends.base import OnnxModel
+from edgepipe.errors import ExportError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+DEFAULT_OPSET = 20
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How far the ONNX model's outputs are from torch's on the same samples."""
+
+    samples: int
+    max_abs_error: float
+    top1_agreement: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """The exporter prints progress lines and warnings meant for its own developers; keep them out."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+def onnx_model(path: Path) -> OnnxModel:
+    """Describe an ONNX file: its first input's name and shape, and its hash."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ExportError(f"{path}: edgepipe handles models with one input; this one has {len(inputs)}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
+    return OnnxModel(path=path, input_name=inputs[0].name, input_shape=shape, sha256=sha256_file(path))
+
+
+def export(
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    out: Path,
+    *,
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+    optimize: bool = True,
+) -> OnnxModel:
+    """Export ``module`` to a single-file ONNX at ``out`` and check it with ``onnx.checker``.
+
+    Args:
+        module: the model, in eval mode.
+        input_shape: N C H W of one input batch.
+        out: where the ``.onnx`` file goes (written atomically).
+        dynamic_batch: make the batch dimension symbolic (``batch``).
+        opset: ONNX opset (18 or newer).
+        optimize: let the exporter fold constants and simplify the graph.
+    """
+    import onnx
+    import torch
+
+    if opset < 18:
+        raise ExportError(f"opset {opset}: the dynamo exporter needs opset 18 or newer")
+    batch = max(2, input_shape[0]) if dynamic_batch else input_shape[0]
+    example = torch.zeros((batch, *input_shape[1:]))
+    _check_runs(module, example, input_shape)
+    kwargs: dict[str, Any] = {}
+    if dynamic_batch:
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    with atomic_path(out) as tmp, _quiet() as log:
+        try:
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, opset_version=opset, optimize=optimize,
+                input_names=["input"], output_names=["logits"], external_data=False, **kwargs,
+            )
+            program.save(str(tmp), external_data=False)
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            tail = log.getvalue().strip().splitlines()[-1:] if log.getvalue().strip() else []
+            raise ExportError(f"ONNX export failed: {detail} {' '.join(tail)}".strip()) from e
+    return onnx_model(out)
+
+
+def _check_runs(module: nn.Module, example: Any, input_shape: tuple[int, ...]) -> None:
+    import torch
+
+    try:
+        with torch.no_grad():
+            module(example)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(
+            f"the model does not accept input of shape {list(input_shape)}: {first}; "
+            "set the target's input_shape or pass --input-shape to match the model"
+        ) from e
+
+
+def parity(module: nn.Module, onnx: OnnxModel, x: np.ndarray, batch: int = 64) -> Parity:
+    """Run torch and onnxruntime (fp32, CPU) on the same samples and compare their outputs."""
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(onnx.path), providers=["CPUExecutionProvider"])
+    static = onnx.input_shape[0] if isinstance(onnx.input_shape[0], int) else None
+    step = static or batch
+    n = len(x) if static is None else len(x) // static * static
+    if n == 0:
+        raise ExportError(f"parity check needs at least {step} samples, got {len(x)}")
+    max_err, agree = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, n, step):
+            xb = x[i : i + step]
+            ref = module(torch.from_numpy(xb)).numpy()
+            got = sess.run(None, {onnx.input_name: xb})[0]
+            max_err = max(max_err, float(np.abs(ref - got).max()))
+            agree += int((ref.argmax(1) == got.argmax(1)).sum())
+    return Parity(samples=n, max_abs_error=max_err, top1_agreement=agree / n)
+
+
+def check_parity(p: Parity, atol: float = 1e-3, min_agreement: float = 0.99) -> None:
+    """Raise ``ExportError`` with the numbers when the ONNX model drifts from torch."""
+    if p.max_abs_error > atol or p.top1_agreement < min_agreement:
+        raise ExportError(
+            f"ONNX output differs from torch on {p.samples} samples: max abs error {p.max_abs_error:.3g} "
+            f"(tolerance {atol:g}), top-1 agreement {p.top1_agreement:.2%} (need {min_agreement:.0%}); "
+            "check for train-mode layers (call model.eval()) or ops the exporter rewrites"
+        )

@@ -1,0 +1,104 @@
+"""Latency and memory measurement in a fresh worker process (local), or on a board over SSH."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepipe.backends.base import Artifact
+from edgepipe.errors import BenchmarkError
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    threads: int | None = None
+    batch: int = 1
+    warmup: int = 20
+    iterations: int = 200
+    duration_s: float | None = None  # time-boxed instead of a fixed count
+    seed: int = 0
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.batch < 1 or self.warmup < 0:
+            raise BenchmarkError("bench settings: iterations and batch must be >= 1, warmup >= 0")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the worker measured for one artifact."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    throughput_per_s: float
+    load_ms: float
+    baseline_rss_mb: float
+    peak_rss_mb: float
+    peak_rss_above_baseline_mb: float
+    iterations: int
+    warmup: int
+    batch: int
+    threads: int | None
+    size_bytes: int = 0
+    backend: str = ""
+    precision: str = ""
+    host: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")  # harmless elsewhere; a bench must not phone home
+    return env
+
+
+def _settings(artifact: Artifact, s: BenchSettings) -> dict[str, Any]:
+    return {
+        "backend": artifact.backend, "precision": artifact.precision, "path": str(artifact.path),
+        "files": [str(p) for p in artifact.files], "metadata": artifact.metadata,
+        "threads": s.threads, "batch": s.batch, "warmup": s.warmup, "iterations": s.iterations,
+        "duration_s": s.duration_s, "seed": s.seed,
+    }
+
+
+def parse_worker_output(stdout: str, what: str) -> dict[str, Any]:
+    """The worker's last JSON line; ``BenchmarkError`` if it failed or printed none."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            result = json.loads(line)
+            if not result.pop("ok", False):
+                raise BenchmarkError(f"benchmark of {what} failed in the worker: {result.get('error')}")
+            return result
+    raise BenchmarkError(f"benchmark of {what}: the worker printed no result")
+
+
+def measure(artifact: Artifact, settings: BenchSettings | None = None) -> Measurement:
+    """Measure ``artifact`` in a fresh local worker process."""
+    s = settings or BenchSettings()
+    cmd = [sys.executable, "-m", "edgepipe.harness.worker", json.dumps(_settings(artifact, s))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=s.timeout_s, env=_worker_env())
+    except subprocess.TimeoutExpired as e:
+        raise BenchmarkError(
+            f"benchmark of {artifact.path.name} ran past {s.timeout_s:.0f} s; lower --iterations"
+        ) from e
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BenchmarkError(f"benchmark worker for {artifact.path.name} exited with {proc.returncode}: {tail}")
+    result = parse_worker_output(proc.stdout, artifact.path.name)
+    return Measurement(**result, size_bytes=artifact.size_bytes, backend=artifact.backend,
+                       precision=artifact.precision)

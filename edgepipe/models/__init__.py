@@ -1,0 +1,164 @@
+"""Where models come from: ``package.module:factory``, ``.pt2``, TorchScript, ``.onnx``, or the bundled example.
+
+Every source resolves to a :class:`ModelSource`: a torch module (to compress and export) or an ONNX file
+(compression is then skipped), with a hash of its weights for the manifest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgepipe._hashing import sha256_file
+from edgepipe.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+EXAMPLE = "edgepipe.models.example:digits_resnet"
+
+
+@dataclass
+class ModelSource:
+    """A loaded model: ``module`` for torch sources, ``onnx_path`` for ONNX ones."""
+
+    spec: str
+    kind: str  # "torch" or "onnx"
+    module: nn.Module | None = None
+    onnx_path: Path | None = None
+    weights_sha256: str = ""
+
+    @property
+    def is_onnx(self) -> bool:
+        return self.kind == "onnx"
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """Hash of every tensor in the module's state dict, by sorted name."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_weights(module: nn.Module, weights: Path) -> None:
+    import torch
+
+    if not weights.is_file():
+        raise ModelLoadError(f"weights file {str(weights)!r} not found")
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+    except Exception as e:
+        raise ModelLoadError(
+            f"weights file {str(weights)!r} could not be read ({e}); give a .safetensors file or a "
+            "torch.save'd state_dict"
+        ) from e
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelLoadError(f"weights {str(weights)!r} do not fit the model: {first}") from e
+
+
+def _from_factory(spec: str, weights: Path | None) -> Any:
+    mod_name, _, attr = spec.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelLoadError(f"model {spec!r}: cannot import module {mod_name!r} ({e})") from e
+    factory = getattr(mod, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelLoadError(f"model {spec!r}: module {mod_name!r} has no callable {attr!r}")
+    try:
+        module = factory()
+    except Exception as e:
+        raise ModelLoadError(f"model {spec!r}: the factory raised {type(e).__name__}: {e}") from e
+    from torch import nn
+
+    if not isinstance(module, nn.Module):
+        raise ModelLoadError(f"model {spec!r}: the factory returned {type(module).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        _load_weights(module, weights)
+    return module
+
+
+def load_model(spec: str | None = None, weights: Path | None = None) -> ModelSource:
+    """Resolve a model source.
+
+    Args:
+        spec: ``package.module:factory``, a ``.pt2`` ExportedProgram, a TorchScript ``.pt``/``.ts`` file,
+            an ``.onnx`` file, or ``None`` for the bundled example.
+        weights: for a factory, a ``.safetensors`` file or a state dict saved with ``torch.save``.
+    """
+    spec = spec or EXAMPLE
+    path = Path(spec)
+    if path.suffix in (".onnx", ".pt2", ".pt", ".ts", ".pth") or path.exists():
+        if not path.is_file():
+            raise ModelLoadError(f"model file {spec!r} not found")
+        if path.suffix == ".onnx":
+            return ModelSource(spec, "onnx", onnx_path=path, weights_sha256=_check_onnx(path))
+        if path.suffix == ".pt2":
+            return _from_pt2(path)
+        if path.suffix in (".pt", ".ts"):
+            return _from_torchscript(path)
+        raise ModelLoadError(f"model file {spec!r}: unknown kind; give .onnx, .pt2, a TorchScript .pt, or module:factory")
+    if ":" not in spec:
+        raise ModelLoadError(
+            f"model {spec!r} is neither a file nor 'package.module:factory' (e.g. {EXAMPLE})"
+        )
+    module = _from_factory(spec, weights)
+    module.eval()
+    return ModelSource(spec, "torch", module=module, weights_sha256=state_dict_sha256(module))
+
+
+def _check_onnx(path: Path) -> str:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"model file {str(path)!r} is not a valid ONNX model: {first}") from e
+    return sha256_file(path)
+
+
+def _from_pt2(path: Path) -> ModelSource:
+    import torch
+
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"model file {str(path)!r} is not a torch.export .pt2 program ({e})") from e
+    module = ep.module()
+    return ModelSource(str(path), "torch", module=module, weights_sha256=sha256_file(path))
+
+
+def _from_torchscript(path: Path) -> ModelSource:
+    import torch
+
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise ModelLoadError(
+            f"model file {str(path)!r} is not a TorchScript archive ({e}); for a state dict use "
+            "'module:factory --weights FILE'"
+        ) from e
+    return ModelSource(str(path), "torch", module=module.eval(), weights_sha256=sha256_file(path))

@@ -1,0 +1,64 @@
+"""The bundled example: a small ResNet for scikit-learn's digits at 1x32x32.
+
+The weights beside this file were produced by ``python -m edgepipe.models.train_example`` (seeded,
+CPU, under two minutes on two cores).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHTS = Path(__file__).with_name("digits_resnet.safetensors")
+INPUT_SHAPE = (1, 1, 32, 32)
+NUM_CLASSES = 10
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.downsample(x))
+
+
+class DigitsResNet(nn.Module):
+    """ResNet-10-style CNN: stem, three stages of two residual blocks, global pool, linear head."""
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            layers.append(nn.Sequential(BasicBlock(cin, w, stride), BasicBlock(w, w)))
+            cin = w
+        self.layer1, self.layer2, self.layer3 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def digits_resnet(pretrained: bool = True) -> DigitsResNet:
+    """The bundled example model, with its trained weights unless ``pretrained=False``."""
+    model = DigitsResNet()
+    if pretrained:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(WEIGHTS))
+    return model.eval()

@@ -1,0 +1,53 @@
+"""Shared fixtures: the trained example model, its data splits, and an exported ONNX of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own stage cache, so no test passes because of another's output."""
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("OPENVINO_TELEMETRY_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def example_model():
+    from edgepipe.models.example import digits_resnet
+
+    return digits_resnet()
+
+
+@pytest.fixture(scope="session")
+def splits():
+    from edgepipe.data import digits, split
+
+    return split(digits((1, 32, 32)), calibration_samples=128)
+
+
+@pytest.fixture(scope="session")
+def example_onnx(tmp_path_factory: pytest.TempPathFactory, example_model):
+    """The example exported once per session (dynamic batch)."""
+    from edgepipe.export import export
+
+    return export(example_model, (1, 1, 32, 32), tmp_path_factory.mktemp("onnx") / "example.onnx")
+
+
+@pytest.fixture
+def calibration(splits):
+    from edgepipe.backends.base import CalibrationSet
+
+    return CalibrationSet(splits.calibration.x, "minmax", "digits:calibration")
+
+
+def no_temp_leftovers(root: Path) -> list[Path]:
+    """Anything a failed stage left behind that looks like output."""
+    return [p for p in root.rglob("*") if p.name != ".gitkeep"] if root.exists() else []
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(1) == y).mean())

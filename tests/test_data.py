@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgepipe.data import Dataset, digits, fit_to_shape, load_dataset, split
+from edgepipe.errors import DataError
+
+
+def test_digits_fitted_to_model_input():
+    d = digits((3, 40, 24))
+    assert d.x.shape == (1797, 3, 40, 24) and d.x.dtype == np.float32
+    assert d.x.min() >= 0.0 and d.x.max() <= 1.0
+    assert set(np.unique(d.y)) == set(range(10))
+
+
+def test_calibration_never_sees_evaluation_and_split_is_deterministic():
+    d = digits((1, 8, 8))
+    a, b = split(d, 300), split(d, 300)
+    assert np.array_equal(a.evaluation.x, b.evaluation.x) and np.array_equal(a.calibration.x, b.calibration.x)
+    keys = lambda x: {row.tobytes() for row in x}  # noqa: E731
+    # digits has a few duplicate images; compare by index through a tagged copy instead
+    tagged = Dataset("t", np.arange(len(d), dtype=np.float32).reshape(-1, 1, 1, 1), d.y)
+    s = split(tagged, 300, calibration_seed=7)
+    ev, cal, tr = (set(keys(p.x)) for p in (s.evaluation, s.calibration, s.train))
+    assert not ev & cal and not ev & tr and cal <= tr
+    assert len(s.calibration) == 300 and len(s.evaluation) == round(len(d) * 0.2)
+    # another calibration seed draws other calibration samples but keeps the evaluation split
+    s2 = split(tagged, 300, calibration_seed=8)
+    assert np.array_equal(s2.evaluation.x, s.evaluation.x) and not np.array_equal(s2.calibration.x, s.calibration.x)
+
+
+def test_empty_calibration_set_is_refused():
+    with pytest.raises(DataError, match="calibration set is empty"):
+        split(digits((1, 8, 8)), 0)
+
+
+def test_npz_dataset(tmp_path):
+    x = np.random.default_rng(0).random((20, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(20) % 3)
+    d = load_dataset(str(tmp_path / "d.npz"), (1, 16, 16))
+    assert d.x.shape == (20, 1, 16, 16) and d.y.tolist()[:4] == [0, 1, 2, 0]
+    np.savez(tmp_path / "bad.npz", images=x)
+    with pytest.raises(DataError, match="needs arrays 'x' and 'y'"):
+        load_dataset(str(tmp_path / "bad.npz"), (1, 8, 8))
+
+
+def test_image_folder_dataset(tmp_path):
+    for label, value in (("cat", 0), ("dog", 255)):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((10, 12, 3), value, np.uint8)).save(tmp_path / label / f"{i}.png")
+    d = load_dataset(str(tmp_path), (3, 8, 8))
+    assert d.x.shape == (6, 3, 8, 8) and d.y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert d.x[0].max() == 0.0 and d.x[-1].min() == 1.0
+
+
+def test_missing_dataset_names_what_to_give(tmp_path):
+    with pytest.raises(DataError, match="not found: give 'digits'"):
+        load_dataset(str(tmp_path / "nope.npz"), (1, 8, 8))
+
+
+def test_fit_to_shape_is_identity_at_same_size():
+    x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
+    assert np.allclose(fit_to_shape(x, (1, 8, 8)), x)
