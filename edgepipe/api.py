@@ -82,6 +82,46 @@ def compile(model: str, target: str, *, out: str | Path = "dist", data: str = "d
     return _build(model, [target], BuildOptions(out=Path(out), data=data, bench=False, **options), reporter)
 
 
+def compress(
+    model: str | None = None,
+    recipe: str | Path = "",
+    *,
+    out: str | Path = "model.pt2",
+    weights: Path | None = None,
+    data: str = "digits",
+    input_shape: tuple[int, ...] = (1, 1, 32, 32),
+    reporter: Reporter | None = None,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Apply a compression recipe to a torch model and save it as a ``.pt2`` ExportedProgram.
+
+    Returns:
+        The written path and one record per step (params, non-zero params, MACs, top-1 before and after).
+    """
+    import torch
+
+    from edgepipe._fs import atomic_path
+    from edgepipe.compress import apply_recipe, load_recipe
+    from edgepipe.data import load_dataset, split
+    from edgepipe.models import load_model
+
+    rec = load_recipe(recipe)
+    src = load_model(model, weights)
+    if src.module is None:
+        raise ConfigError(f"model {src.spec!r} is ONNX; compression needs the torch model")
+    splits = split(load_dataset(data, tuple(input_shape[1:])))  # type: ignore[arg-type]
+    module, records = apply_recipe(src.module, rec, splits, reporter)
+    example = torch.zeros((2, *input_shape[1:]))
+    try:
+        program = torch.export.export(module, (example,),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    except Exception as e:
+        raise ConfigError(f"the compressed model does not export with torch.export: {e}") from e
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        torch.export.save(program, str(tmp))
+    return out, records
+
+
 def resolve_artifact(path: str | Path) -> Artifact:
     """An artifact from a release directory, a file in one, or a bare file recognised by its suffix."""
     from edgepipe.release import artifact_from_release

@@ -207,6 +207,61 @@ def export(model: str | None, out: Path, weights: Path | None, input_shape: str,
                    f"max abs error {parity['max_abs_error']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}")
 
 
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-r", "--recipe", help="Compression recipe: a .toml path or the name of a shipped recipe.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("model.pt2"), show_default=True,
+              help="Where the compressed model goes (a torch.export .pt2 program).")
+@click.option("-w", "--weights", type=click.Path(path_type=Path), help="Weights for a module:factory model.")
+@click.option("-d", "--data", default="digits", show_default=True, help="Fine-tuning/evaluation data.")
+@click.option("--input-shape", default="1,1,32,32", show_default=True, help="N,C,H,W of one input batch.")
+@click.option("--list", "list_", is_flag=True, help="List the compression techniques and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the step records as JSON.")
+def compress(model: str | None, recipe: str | None, out: Path, weights: Path | None, data: str, input_shape: str,
+             list_: bool, as_json: bool) -> None:
+    """Apply a compression recipe to MODEL and save the result as a .pt2 program.
+
+    A recipe is a TOML file of ordered [[steps]] (technique = "...", its parameters, finetune = true),
+    sharing one [finetune] loop and an optional [distill] objective. Each step reports parameters,
+    non-zero parameters, MACs and top-1 before and after. `edgepipe build --recipe R` runs the same
+    recipe before export.
+    """
+    from edgepipe import api
+
+    if list_:
+        from edgepipe.compress import techniques
+
+        rows = {name: t.summary for name, t in techniques().items()}
+        _emit_json(rows) if as_json else [click.echo(f"{n:24s} {s}") for n, s in rows.items()]
+        return
+    if not recipe:
+        raise click.UsageError("give --recipe R (a .toml recipe), or --list to see the techniques")
+    shape = _shape(input_shape)
+    assert shape is not None
+    with RichReporter(quiet=as_json) as rep:
+        path, records = api.compress(model, recipe, out=out, weights=weights, data=data, input_shape=shape,
+                                     reporter=rep)
+    if as_json:
+        _emit_json({"path": str(path), "steps": records})
+        return
+    _compression_table(records)
+    click.echo(f"wrote {path}")
+
+
+def _compression_table(records: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    t = Table(title="compression steps")
+    for col in ("step", "technique", "params", "non-zero", "MACs", "top-1"):
+        t.add_column(col, justify="left" if col in ("step", "technique") else "right")
+    for r in records:
+        b, a = r["before"], r["after"]
+        t.add_row(str(r["step"]), r["technique"], f"{b['params']:,} -> {a['params']:,}",
+                  f"{b['nonzero_params']:,} -> {a['nonzero_params']:,}", f"{b['macs']:,} -> {a['macs']:,}",
+                  f"{b['top1']:.2%} -> {a['top1']:.2%}")
+    _console().print(t)
+
+
 @cli.command("compile")
 @click.argument("model")
 @click.option("-t", "--target", required=True, help="Target name or .toml path.")

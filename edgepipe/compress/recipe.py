@@ -1,0 +1,169 @@
+"""Recipes: an ordered list of compression steps, loadable from TOML, buildable in Python, writable back.
+
+```toml
+[finetune]                 # the shared fine-tuning loop (steps opt in with finetune = true)
+epochs = 3
+lr = 1e-3
+
+[[steps]]
+technique = "magnitude_prune"   # any registered technique: `edgepipe compress --list`
+sparsity = 0.8
+finetune = true
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edgepipe._hashing import sha256_json
+from edgepipe._schema import from_dict, to_dict
+from edgepipe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The shared fine-tuning loop: every step that sets ``finetune = true`` runs it after it is applied."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    batch_size: int = 64
+    seed: int = 0
+    max_batches: int | None = None  # cap batches per epoch (quick runs, tests)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"finetune.epochs = {self.epochs}: must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"finetune.lr = {self.lr}: must be > 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"finetune.batch_size = {self.batch_size}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation as the fine-tune objective (teacher: the uncompressed model by default)."""
+
+    kind: Literal["soft", "hard", "intermediate"] = "soft"
+    teacher: str | None = None  # a model source; None = the model as it was before the recipe
+    teacher_weights: str | None = None
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the distillation term; (1 - alpha) on the true labels
+    layers: tuple[tuple[str, str], ...] = ()  # (student layer, teacher layer) pairs for "intermediate"
+    hint_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature = {self.temperature}: must be > 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"distill.alpha = {self.alpha}: must be in [0, 1]")
+        if self.kind == "intermediate" and not self.layers:
+            raise ConfigError('distill.layers: "intermediate" distillation needs [student, teacher] layer pairs')
+
+
+@dataclass(frozen=True)
+class Step:
+    """One recipe step: a technique name and its parameters (validated by the technique's config)."""
+
+    technique: str
+    params: dict[str, Any] = field(default_factory=dict)
+    finetune: bool | FinetuneConfig = False
+
+    def finetune_config(self, default: FinetuneConfig) -> FinetuneConfig | None:
+        if self.finetune is True:
+            return default
+        return self.finetune or None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered list of steps sharing one fine-tuning loop and an optional distillation objective."""
+
+    steps: tuple[Step, ...]
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig | None = None
+    name: str = "recipe"
+
+    def __post_init__(self) -> None:
+        from edgepipe.compress import technique
+
+        for i, s in enumerate(self.steps):
+            t = technique(s.technique, where=f"steps[{i}]")
+            t.parse(s.params, where=f"steps[{i}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "finetune": to_dict(self.finetune)}
+        if self.distill:
+            out["distill"] = to_dict(self.distill)
+        out["steps"] = [
+            {"technique": s.technique, **to_dict(s.params),
+             **({"finetune": to_dict(s.finetune) if isinstance(s.finetune, FinetuneConfig) else s.finetune}
+                if s.finetune else {})}
+            for s in self.steps
+        ]
+        return out
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    @property
+    def sha256(self) -> str:
+        return sha256_json(self.to_dict())
+
+
+def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
+    """Build a Recipe from a TOML-shaped dict; errors name ``where``, the field and what is allowed."""
+    data = dict(data)
+    try:
+        raw_steps = data.pop("steps", None)
+        if not isinstance(raw_steps, list) or not raw_steps:
+            raise ConfigError("a recipe needs at least one [[steps]] table with a technique")
+        steps = []
+        for i, raw in enumerate(raw_steps):
+            if not isinstance(raw, dict) or "technique" not in raw:
+                raise ConfigError(f"steps[{i}] needs a technique = \"...\" key")
+            raw = dict(raw)
+            tech = raw.pop("technique")
+            ft = raw.pop("finetune", False)
+            if isinstance(ft, dict):
+                ft = from_dict(FinetuneConfig, ft, f"steps[{i}].finetune")
+            elif not isinstance(ft, bool):
+                raise ConfigError(f"steps[{i}].finetune = {ft!r}: expected true/false or a table")
+            steps.append(Step(technique=str(tech), params=raw, finetune=ft))
+        fields = {k: v for k, v in data.items()}
+        rest = from_dict(_RecipeTop, fields)
+        return Recipe(steps=tuple(steps), finetune=rest.finetune, distill=rest.distill, name=rest.name)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class _RecipeTop:
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig | None = None
+    name: str = "recipe"
+
+
+def load_recipe(spec: str | Path) -> Recipe:
+    """Load a recipe TOML by path, or by name from the recipes shipped with edgepipe (``recipes/``)."""
+    path = Path(spec)
+    if not path.is_file():
+        shipped = Path(__file__).resolve().parents[2] / "recipes" / f"{spec}.toml"
+        if path.suffix != ".toml" and shipped.is_file():
+            path = shipped
+        else:
+            raise ConfigError(f"recipe {str(spec)!r} not found: give a path to a .toml recipe")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe file {str(path)!r} is not valid TOML: {e}") from None
+    data.setdefault("name", path.stem)
+    return recipe_from_dict(data, f"recipe file {str(path)!r}")
