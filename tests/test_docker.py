@@ -27,8 +27,8 @@ def _bake() -> dict[str, dict]:
     out = {}
     for block in data["target"]:
         for name, body in block.items():
-            out[strip(name)] = {strip(k): (({strip(a): strip(b) for a, b in v.items()} if isinstance(v, dict)
-                                             else [strip(x) for x in v] if isinstance(v, list) else strip(v)))
+            out[strip(name)] = {strip(k): ({strip(a): strip(b) for a, b in v.items()} if isinstance(v, dict)
+                                             else [strip(x) for x in v] if isinstance(v, list) else strip(v))
                                 for k, v in body.items()}
     return out
 
