@@ -13,7 +13,7 @@ from typing import Any
 from edgepipe import backends
 from edgepipe._progress import Reporter
 from edgepipe.backends.base import Artifact, OnnxModel
-from edgepipe.config import Target, load_target, target_files
+from edgepipe.config import Board, Target, load_target, target_files
 from edgepipe.errors import ConfigError
 from edgepipe.harness import BenchSettings, Measurement, measure
 from edgepipe.pipeline import BuildOptions, BuildResult
@@ -138,12 +138,33 @@ def resolve_artifact(path: str | Path) -> Artifact:
     return Artifact(backend.name, "", p)
 
 
+def resolve_board(spec: str) -> Board:
+    """A board from a target name whose file has a ``[board]`` table, or from ``[user@]host[:port]``."""
+    if spec in target_files():
+        t = load_target(spec)
+        if t.board is None:
+            raise ConfigError(f"target {spec!r} has no [board] table; add one (host, user, port) or give user@host")
+        return t.board
+    return Board.parse(spec)
+
+
 def bench(artifact: str | Path, *, threads: int | None = None, batch: int = 1, warmup: int = 20,
-          iterations: int = 200, duration_s: float | None = None) -> Measurement:
-    """Measure an artifact's latency and memory in a fresh worker process on this machine."""
+          iterations: int = 200, duration_s: float | None = None, device: str | Board | None = None) -> Measurement:
+    """Measure an artifact's latency and memory in a fresh worker process, here or on a board over SSH.
+
+    Args:
+        artifact: a release directory or an artifact file.
+        device: ``None`` for this machine; a board (``[user@]host[:port]``, a target name with a
+            ``[board]`` table, or a :class:`Board`) to measure there.
+    """
     art = resolve_artifact(artifact)
-    return measure(art, BenchSettings(threads=threads, batch=batch, warmup=warmup, iterations=iterations,
-                                      duration_s=duration_s))
+    settings = BenchSettings(threads=threads, batch=batch, warmup=warmup, iterations=iterations, duration_s=duration_s)
+    if device is None:
+        return measure(art, settings)
+    from edgepipe.harness.remote import measure_remote
+
+    board = device if isinstance(device, Board) else resolve_board(device)
+    return measure_remote(art, board, settings)
 
 
 @dataclass(frozen=True)

@@ -114,11 +114,12 @@ def cli(debug: bool) -> None:
 @click.option("--input-shape", help="N,C,H,W overriding the target's input shape, e.g. 1,3,224,224.")
 @click.option("--iterations", type=int, help="Timed iterations per benchmark (default: the target's).")
 @click.option("--no-bench", is_flag=True, help="Skip latency and memory measurement.")
+@click.option("--local-bench", is_flag=True, help="Measure on this machine even when a target names a [board].")
 @click.option("--no-cache", is_flag=True, help="Recompute every stage instead of reusing cached outputs.")
 @click.option("--allow-accuracy-drop", is_flag=True, help="Release even when top-1 drops more than the target's budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no progress bars).")
 def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | None, weights: Path | None,
-          data: str, input_shape: str | None, iterations: int | None, no_bench: bool, no_cache: bool,
+          data: str, input_shape: str | None, iterations: int | None, no_bench: bool, local_bench: bool, no_cache: bool,
           allow_accuracy_drop: bool, as_json: bool) -> None:
     """Run the whole pipeline for one or more targets.
 
@@ -132,7 +133,7 @@ def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | 
     with RichReporter(quiet=as_json) as rep:
         result = api.build(model, targets, out=out, reporter=rep, recipe=recipe, weights=weights, data=data,
                            input_shape=_shape(input_shape), iterations=iterations, bench=not no_bench,
-                           cache=not no_cache, allow_accuracy_drop=allow_accuracy_drop)
+                           cache=not no_cache, allow_accuracy_drop=allow_accuracy_drop, local_bench=local_bench)
     if as_json:
         _emit_json({"model": result.model, "notes": result.notes,
                     "targets": {r.target.name: {"release_dir": str(r.release_dir), **r.manifest} for r in result.results}})
@@ -295,17 +296,22 @@ def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: str 
 @click.option("--warmup", type=int, default=20, show_default=True)
 @click.option("--iterations", type=int, default=200, show_default=True)
 @click.option("--duration", type=float, help="Time-box the timed loop to this many seconds instead.")
+@click.option("--device", "device", metavar="BOARD",
+              help="Measure on a board over SSH: [user@]host[:port], or a target name with a [board] table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurement as JSON.")
 def bench(artifact: Path, threads: int | None, batch: int, warmup: int, iterations: int,
-          duration: float | None, as_json: bool) -> None:
+          duration: float | None, device: str | None, as_json: bool) -> None:
     """Measure ARTIFACT's latency and memory in a fresh worker process.
 
     ARTIFACT is a release directory, or a model file (.onnx, ...). Reports p50/p90/p99/mean latency,
-    throughput, load time and peak resident memory above the worker's baseline.
+    throughput, load time and peak resident memory above the worker's baseline. With --device, the
+    artifact and the worker (one zip file) are copied to the board over SSH (keys, no password) and
+    run by its Python, which needs numpy and the artifact's runtime, not torch or edgepipe.
     """
     from edgepipe import api
 
-    m = api.bench(artifact, threads=threads, batch=batch, warmup=warmup, iterations=iterations, duration_s=duration)
+    m = api.bench(artifact, threads=threads, batch=batch, warmup=warmup, iterations=iterations, duration_s=duration,
+                  device=device)
     if as_json:
         _emit_json(m.to_dict())
         return
@@ -319,6 +325,8 @@ def bench(artifact: Path, threads: int | None, batch: int, warmup: int, iteratio
         t.add_row(k, f"{getattr(m, k):.3f}")
     t.add_row("size_bytes", str(m.size_bytes))
     t.add_row("iterations x batch", f"{m.iterations} x {m.batch}")
+    if m.host:
+        t.add_row("measured on", f"{m.host.get('node', '')} ({m.host.get('machine', '')})")
     _console().print(t)
 
 

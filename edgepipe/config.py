@@ -78,8 +78,19 @@ class Board:
     host: str
     user: str | None = None
     port: int = 22
-    python: str = "python3"
+    python: str = "python3"  # needs Python >= 3.11, numpy and the artifact's runtime on the board
     workdir: str = "/tmp/edgepipe"
+    identity_file: str | None = None
+    ssh_options: tuple[str, ...] = ()  # extra `-o Key=Value` options for ssh/scp
+
+    @classmethod
+    def parse(cls, spec: str) -> Board:
+        """``[user@]host[:port]`` as a Board."""
+        user, _, rest = spec.rpartition("@")
+        host, _, port = rest.partition(":")
+        if not host or (port and not port.isdigit()):
+            raise ConfigError(f"board {spec!r}: give [user@]host[:port], or a target name whose file has a [board]")
+        return cls(host=host, user=user or None, port=int(port) if port else 22)
 
 
 @dataclass(frozen=True)

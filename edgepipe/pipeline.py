@@ -44,6 +44,7 @@ class BuildOptions:
     allow_accuracy_drop: bool = False
     cache: bool = True
     parity_atol: float = 1e-3
+    local_bench: bool = False  # measure here even when the target names a [board]
 
 
 @dataclass
@@ -280,8 +281,14 @@ def build(
             drop = round((ref["top1"] - acc) * 100, 4)
             m = None
             if opts.bench:
-                with rep.stage(f"{t.name}: bench"):
-                    m = measure(artifact, _bench_settings(t, opts))
+                where = f"board {t.board.host}" if t.board and not opts.local_bench else "here"
+                with rep.stage(f"{t.name}: bench ({where})"):
+                    if t.board and not opts.local_bench:
+                        from edgepipe.harness.remote import measure_remote
+
+                        m = measure_remote(artifact, t.board, _bench_settings(t, opts))
+                    else:
+                        m = measure(artifact, _bench_settings(t, opts))
             budgets = _budgets(t, drop, m)
             if not budgets.get("max_accuracy_drop", {"ok": True})["ok"] and not opts.allow_accuracy_drop:
                 raise BudgetError(

@@ -1,0 +1,97 @@
+"""Benchmark on a board over SSH: the same worker, shipped as one zip file, run by the board's Python.
+
+The board needs Python >= 3.11, numpy and the artifact's runtime (onnxruntime, ai-edge-litert, openvino,
+tensorrt): not torch and not edgepipe. The worker zip holds edgepipe's pure-Python modules; only the
+worker path and the backend's runtime are imported on the board.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import subprocess
+import zipfile
+from pathlib import Path
+
+from edgepipe._fs import atomic_path
+from edgepipe.backends.base import Artifact
+from edgepipe.config import Board
+from edgepipe.errors import BenchmarkError
+from edgepipe.harness import BenchSettings, Measurement, _settings, parse_worker_output
+
+_MAIN = "from edgepipe.harness.worker import main\nmain()\n"
+
+
+def worker_zip(dest_dir: Path) -> Path:
+    """A zipapp of edgepipe's Python sources whose ``__main__`` is the bench worker, named by content hash."""
+    pkg = Path(__file__).resolve().parents[1]
+    files = sorted(p for p in pkg.rglob("*.py") if "__pycache__" not in p.parts)
+    h = hashlib.sha256(_MAIN.encode())
+    for f in files:
+        h.update(f.relative_to(pkg).as_posix().encode() + f.read_bytes())
+    dest = dest_dir / f"edgepipe-worker-{h.hexdigest()[:16]}.pyz"
+    if not dest.exists():
+        with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in files:
+                z.writestr(zipfile.ZipInfo(f"edgepipe/{f.relative_to(pkg).as_posix()}", (2020, 1, 1, 0, 0, 0)),
+                           f.read_bytes())
+            z.writestr(zipfile.ZipInfo("__main__.py", (2020, 1, 1, 0, 0, 0)), _MAIN)
+    return dest
+
+
+class SSH:
+    """ssh/scp to one board, non-interactive (keys only), with a connect timeout."""
+
+    def __init__(self, board: Board, timeout_s: float = 600.0) -> None:
+        self.board = board
+        self.timeout_s = timeout_s
+        self.dest = f"{board.user}@{board.host}" if board.user else board.host
+        opts = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+        for o in board.ssh_options:
+            opts += ["-o", o]
+        if board.identity_file:
+            opts += ["-i", str(Path(board.identity_file).expanduser())]
+        self.opts = opts
+
+    def _run(self, cmd: list[str], what: str) -> str:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s)
+        except subprocess.TimeoutExpired as e:
+            raise BenchmarkError(f"board {self.dest}: {what} ran past {self.timeout_s:.0f} s") from e
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+            raise BenchmarkError(f"board {self.dest}: {what} failed: {tail}; check that `ssh {self.dest}` works "
+                                 "without a password (keys) and the host is reachable")
+        return r.stdout
+
+    def run(self, command: str, what: str) -> str:
+        return self._run(["ssh", "-p", str(self.board.port), *self.opts, self.dest, command], what)
+
+    def copy(self, files: list[Path], remote_dir: str) -> None:
+        self._run(["scp", "-q", "-P", str(self.board.port), *self.opts, *map(str, files),
+                   f"{self.dest}:{remote_dir}/"], "copying files")
+
+
+def measure_remote(artifact: Artifact, board: Board, settings: BenchSettings | None = None,
+                   scratch: Path | None = None) -> Measurement:
+    """Copy the artifact and the worker to ``board``, measure there, and return the board's figures."""
+    import tempfile
+
+    s = settings or BenchSettings()
+    ssh = SSH(board, s.timeout_s)
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in artifact.files if p.is_file())).hexdigest()[:16]
+    remote_dir = f"{board.workdir.rstrip('/')}/{digest}"
+    with tempfile.TemporaryDirectory() as tmp:
+        wz = worker_zip(scratch or Path(tmp))
+        ssh.run(f"mkdir -p {shlex.quote(remote_dir)}", "creating the work directory")
+        ssh.copy([wz, *[p for p in artifact.files if p.is_file()]], remote_dir)
+    root = artifact.path.parent
+    remote = Artifact(artifact.backend, artifact.precision, Path(remote_dir) / artifact.path.name,
+                      [Path(remote_dir) / p.relative_to(root).name for p in artifact.files], artifact.metadata)
+    payload = json.dumps(_settings(remote, s))
+    out = ssh.run(f"OPENVINO_TELEMETRY_DISABLE=1 {shlex.quote(board.python)} "
+                  f"{shlex.quote(remote_dir + '/' + wz.name)} {shlex.quote(payload)}", "running the worker")
+    result = parse_worker_output(out, f"{artifact.path.name} on {ssh.dest}")
+    return Measurement(**result, size_bytes=artifact.size_bytes, backend=artifact.backend,
+                       precision=artifact.precision)

@@ -1,0 +1,89 @@
+"""Benchmarking on a board over SSH, against a real sshd on 127.0.0.1 (skipped where sshd is absent)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from edgepipe.backends.base import Artifact
+from edgepipe.config import Board
+from edgepipe.errors import BenchmarkError, ConfigError
+from edgepipe.harness import BenchSettings
+from edgepipe.harness.remote import measure_remote, worker_zip
+
+SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    if SSHD is None or os.geteuid() != 0:
+        pytest.skip("needs openssh-server (sshd) and root to run a loopback sshd")
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o600)
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        f"PidFile {d / 'sshd.pid'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        "StrictModes no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
+    for _ in range(50):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    b = Board(host="127.0.0.1", user="root", port=port, python=sys.executable, workdir=str(d / "board"),
+              identity_file=str(d / "client_key"),
+              ssh_options=("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"))
+    yield b
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_worker_zip_is_self_contained_and_reproducible(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = worker_zip(tmp_path / "a"), worker_zip(tmp_path / "b")
+    assert a.name == b.name and a.read_bytes() == b.read_bytes()
+    names = zipfile.ZipFile(a).namelist()
+    assert "__main__.py" in names and "edgepipe/harness/worker.py" in names
+    assert not any(n.endswith(".safetensors") for n in names)
+
+
+def test_measure_on_board_over_ssh(board, example_onnx):
+    art = Artifact("onnxruntime", "fp32", example_onnx.path)
+    m = measure_remote(art, board, BenchSettings(threads=1, warmup=2, iterations=15))
+    assert m.iterations == 15 and 0 < m.p50_ms <= m.p99_ms
+    assert m.size_bytes == example_onnx.path.stat().st_size
+    copied = list(Path(board.workdir).rglob(example_onnx.path.name))
+    assert copied and copied[0].read_bytes() == example_onnx.path.read_bytes()
+
+
+def test_unreachable_board_is_a_clear_error(example_onnx):
+    b = Board(host="127.0.0.1", port=_free_port(), ssh_options=("StrictHostKeyChecking=no",))
+    with pytest.raises(BenchmarkError, match=r"board 127.0.0.1: creating the work directory failed: .*without a password"):
+        measure_remote(Artifact("onnxruntime", "fp32", example_onnx.path), b, BenchSettings(iterations=1))
+
+
+def test_board_spec_parsing():
+    assert Board.parse("pi@raspberrypi.local:2222") == Board(host="raspberrypi.local", user="pi", port=2222)
+    assert Board.parse("jetson").user is None
+    with pytest.raises(ConfigError, match="give \\[user@\\]host\\[:port\\]"):
+        Board.parse("pi@host:ssh")
