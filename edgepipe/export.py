@@ -70,6 +70,34 @@ def onnx_model(path: Path) -> OnnxModel:
     return OnnxModel(path=path, input_name=inputs[0].name, input_shape=shape, sha256=sha256_file(path))
 
 
+def strip_metadata(model: Any) -> None:
+    """Remove per-node/per-tensor metadata (the exporter's stack traces, FX node text, source paths).
+
+    They make the bytes depend on where the code was installed and leak local paths into releases;
+    model-level metadata (producer, opset) stays.
+    """
+
+    def graph(g: Any) -> None:
+        for n in g.node:
+            del n.metadata_props[:]
+            n.doc_string = ""
+            for a in n.attribute:
+                if a.HasField("g"):
+                    graph(a.g)
+                for sub in a.graphs:
+                    graph(sub)
+        for coll in (g.input, g.output, g.value_info, g.initializer):
+            for item in coll:
+                del item.metadata_props[:]
+        del g.metadata_props[:]
+
+    graph(model.graph)
+    for f in model.functions:
+        for n in f.node:
+            del n.metadata_props[:]
+        del f.metadata_props[:]
+
+
 def export(
     module: nn.Module,
     input_shape: tuple[int, ...],
@@ -106,7 +134,9 @@ def export(
                 module, (example,), dynamo=True, opset_version=opset, optimize=optimize,
                 input_names=["input"], output_names=["logits"], external_data=False, **kwargs,
             )
-            program.save(str(tmp), external_data=False)
+            proto = program.model_proto
+            strip_metadata(proto)
+            onnx.save_model(proto, str(tmp))
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -8,6 +8,15 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Session-wide default, so that module- and session-scoped fixtures never touch the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEPIPE_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        mp.setenv("OPENVINO_TELEMETRY_DISABLE", "1")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own stage cache, so no test passes because of another's output."""

@@ -19,6 +19,16 @@ def test_export_is_byte_identical(example_model, example_onnx, tmp_path):
     assert again.sha256 == example_onnx.sha256
 
 
+def test_export_carries_no_local_paths(example_onnx):
+    """The exporter's stack traces name this checkout's paths: stripped, so bytes don't depend on them."""
+    import onnx
+
+    data = example_onnx.path.read_bytes()
+    assert b"stack_trace" not in data and b".py" not in data
+    m = onnx.load(str(example_onnx.path))
+    assert all(len(n.metadata_props) == 0 for n in m.graph.node)
+
+
 def test_static_batch(example_model, tmp_path, splits):
     m = export(example_model, (1, 1, 32, 32), tmp_path / "static.onnx", dynamic_batch=False)
     assert m.input_shape == (1, 1, 32, 32)
