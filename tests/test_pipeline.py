@@ -20,7 +20,10 @@ def test_build_releases_artifact_source_and_manifest(built):
     out, result = built
     assert sorted(p.name for p in out.iterdir()) == ["cpu-fp32", "cpu-int8"]
     d = out / "cpu-int8"
-    assert sorted(p.name for p in d.iterdir()) == ["calibration.json", "manifest.json", "model.int8.onnx", "source.onnx"]
+    assert sorted(p.name for p in d.iterdir()) == ["calibration.json", "manifest.json", "model.int8.onnx",
+                                                   "report.html", "source.onnx"]
+    report = (d / "report.html").read_text()
+    assert "cpu-int8" in report and f"{result.results[0].top1:.2%}" in report
     m = json.loads((d / "manifest.json").read_text())
     for key in ("inputs", "tools", "stages", "accuracy", "latency", "artifact", "budgets"):
         assert m[key], key
