@@ -19,7 +19,7 @@ from edgepipe import backends
 from edgepipe._fs import atomic_dir
 from edgepipe._hashing import sha256_file, sha256_json
 from edgepipe._progress import NullReporter, Reporter
-from edgepipe.backends.base import Artifact, CalibrationSet, OnnxModel
+from edgepipe.backends.base import Artifact, CalibrationSet, OnnxModel, StandIn
 from edgepipe.config import Target, load_target
 from edgepipe.data import Dataset, Splits, load_dataset, split
 from edgepipe.errors import BackendUnavailable, BudgetError, ConfigError
@@ -205,6 +205,19 @@ def _budgets(target: Target, drop: float, m: Measurement | None) -> dict[str, An
     return out
 
 
+def _evaluable(artifact: Artifact) -> tuple[Artifact, StandIn | None]:
+    """The artifact itself when this machine runs it; else its backend's stand-in (``BackendUnavailable``
+    when it has none)."""
+    backend = backends.get(artifact.backend)
+    if backend.check().run:
+        return artifact, None
+    stand_in = backend.stand_in(artifact)
+    if stand_in is None:
+        backend.require("run")
+    assert stand_in is not None
+    return stand_in.artifact, stand_in
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the whole build
 
@@ -275,12 +288,17 @@ def build(
             calib = CalibrationSet(splits.calibration.x, t.calibration.method, splits.calibration.name)
             with rep.stage(f"{t.name}: compile ({t.backend} {t.precision})"):
                 artifact, compile_rec = _compile_stage(onnx, t, calib, work, cache)
-            backend = backends.get(t.backend)
+            evaluated, stand_in = _evaluable(artifact)
             with rep.stage(f"{t.name}: evaluate", total=len(splits.evaluation)) as adv:
-                acc = top1(backend.load(artifact, t.runtime.threads), splits.evaluation.x, splits.evaluation.y, adv)
+                runner = backends.get(evaluated.backend).load(evaluated, t.runtime.threads)
+                acc = top1(runner, splits.evaluation.x, splits.evaluation.y, adv)
             drop = round((ref["top1"] - acc) * 100, 4)
             m = None
-            if opts.bench:
+            if stand_in is not None:
+                note(f"{t.name}: top-1 measured on {stand_in.evaluates}")
+                if opts.bench:
+                    note(f"{t.name}: not benchmarked: {stand_in.bench}")
+            elif opts.bench:
                 where = f"board {t.board.host}" if t.board and not opts.local_bench else "here"
                 with rep.stage(f"{t.name}: bench ({where})"):
                     if t.board and not opts.local_bench:
@@ -315,8 +333,10 @@ def build(
                 "tools": tool_versions(),
                 "stages": [export_rec, compile_rec],
                 "accuracy": {"top1": acc, "reference_top1": ref["top1"], "drop_points": drop,
-                             "dataset": splits.evaluation.name, "samples": len(splits.evaluation)},
+                             "dataset": splits.evaluation.name, "samples": len(splits.evaluation),
+                             "evaluated_on": stand_in.evaluates if stand_in else None},
                 "latency": m.to_dict() if m else None,
+                "bench_skipped": stand_in.bench if stand_in and opts.bench else None,
                 "reference_latency": ref["latency"],
                 "budgets": budgets,
                 "compression": result.reference.get("compression"),

@@ -13,12 +13,14 @@ from edgepipe.backends.base import (
     Capabilities,
     OnnxModel,
     Runner,
+    StandIn,
     TensorSpec,
 )
 from edgepipe.errors import ConfigError
 
 _MODULES = (
     "edgepipe.backends.onnxruntime",
+    "edgepipe.backends.tensorrt",
 )
 _REGISTRY: dict[str, type[Backend]] = {}
 
@@ -60,5 +62,5 @@ def for_artifact(path: Path) -> Backend:
 
 __all__ = [
     "Artifact", "Availability", "Backend", "CalibrationSet", "Capabilities", "OnnxModel", "Runner",
-    "TensorSpec", "for_artifact", "get", "names", "register",
+    "StandIn", "TensorSpec", "for_artifact", "get", "names", "register",
 ]

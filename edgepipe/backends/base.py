@@ -96,6 +96,16 @@ class Artifact:
         return sum(p.stat().st_size for p in self.files if p.is_file())
 
 
+@dataclass(frozen=True)
+class StandIn:
+    """What a machine that cannot run an artifact evaluates in its place: a model of another backend that
+    computes the same function (e.g. a TensorRT bundle's Q/DQ ONNX on onnxruntime), and what that means."""
+
+    artifact: Artifact
+    evaluates: str  # what the accuracy measured on the stand-in stands for
+    bench: str  # why it is not benchmarked, and where the artifact itself gets timed
+
+
 class Runner(Protocol):
     inputs: list[TensorSpec]
 
@@ -163,6 +173,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _compile(self, onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path) -> Artifact: ...
+
+    def stand_in(self, artifact: Artifact) -> StandIn | None:
+        """When this machine cannot run ``artifact``: what to evaluate instead. Default: nothing."""
+        return None
 
     @abc.abstractmethod
     def load(self, artifact: Artifact, threads: int | None = None) -> Runner:

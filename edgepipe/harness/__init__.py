@@ -50,6 +50,7 @@ class Measurement:
     batch: int
     threads: int | None
     size_bytes: int = 0
+    device_memory_mb: float | None = None  # GPU memory the runner took (GPU backends only)
     backend: str = ""
     precision: str = ""
     host: dict[str, Any] = field(default_factory=dict)

@@ -72,6 +72,7 @@ def measure(settings: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - t)
     ms = np.array(times) * 1e3
     peak = _peak_rss_mb()
+    device_mb = getattr(runner, "device_memory_mb", None)  # GPU runners report the device memory they took
     return {
         "iterations": len(ms),
         "warmup": settings.get("warmup", 20),
@@ -89,6 +90,7 @@ def measure(settings: dict[str, Any]) -> dict[str, Any]:
         "baseline_rss_mb": baseline,
         "peak_rss_mb": peak,
         "peak_rss_above_baseline_mb": peak - baseline,
+        "device_memory_mb": device_mb() if callable(device_mb) else None,
         "host": {"machine": platform.machine(), "system": platform.system(), "node": platform.node(),
                  "processor": platform.processor(), "python": platform.python_version()},
     }
