@@ -199,3 +199,21 @@ def targets() -> list[TargetInfo]:
         except ConfigError as e:
             rows.append(TargetInfo(name, path, "?", "?", "", False, False, f"invalid: {e}", None))
     return rows
+
+
+def engine_build(bundle: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Turn a TensorRT build bundle into an engine on this machine (which needs TensorRT and a GPU).
+
+    Args:
+        bundle: a release directory of a tensorrt target (or its ``tensorrt-bundle.json``).
+        out: where the engine goes; default ``model.<precision>.engine`` inside the bundle.
+
+    Returns:
+        The engine record, also written into the bundle's ``tensorrt-bundle.json``.
+    """
+    from edgepipe.backends.tensorrt import build_bundle_engine
+
+    p = Path(bundle)
+    if not p.exists():
+        raise ConfigError(f"bundle {str(p)!r} not found")
+    return build_bundle_engine(p, Path(out) if out else None)

@@ -352,6 +352,34 @@ def targets_cmd(as_json: bool) -> None:
     _console().print(t)
 
 
+@cli.group("engine")
+def engine_group() -> None:
+    """TensorRT engines: finish a build bundle on the device it is for."""
+
+
+@engine_group.command("build")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="Engine file to write (default: model.<precision>.engine inside BUNDLE).")
+@click.option("--json", "as_json", is_flag=True, help="Print the engine record as JSON.")
+def engine_build(bundle: Path, out: Path | None, as_json: bool) -> None:
+    """Build the TensorRT engine of BUNDLE here and record it in the bundle's manifest.
+
+    BUNDLE is the release directory of a tensorrt target (it holds tensorrt-bundle.json). Run this on the
+    Jetson or GPU machine the engine is for, with TensorRT installed; afterwards `edgepipe bench BUNDLE`
+    times the engine. Without edgepipe there, the bundle's trtexec.sh builds the same engine.
+    """
+    from edgepipe import api
+
+    record = api.engine_build(bundle, out)
+    if as_json:
+        _emit_json(record)
+    else:
+        click.echo(f"built {record['file']} ({record['bytes'] / 2**20:.1f} MiB) with TensorRT {record['tensorrt']} "
+                   f"on {record['device']} in {record['seconds']:.1f} s ({record['typing']}ly typed); recorded in "
+                   f"{Path(bundle) / 'tensorrt-bundle.json' if Path(bundle).is_dir() else bundle}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: EdgepipeError becomes one red line and exit status 1."""
     try:

@@ -8,6 +8,21 @@ import numpy as np
 import pytest
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need TensorRT and an NVIDIA GPU: skip them elsewhere, saying what is missing."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    from edgepipe import backends
+
+    avail = backends.get("tensorrt").check()
+    if avail.run:
+        return
+    skip = pytest.mark.skip(reason=f"needs TensorRT and an NVIDIA GPU: {avail.reason}")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory: pytest.TempPathFactory):
     """Session-wide default, so that module- and session-scoped fixtures never touch the user's cache."""

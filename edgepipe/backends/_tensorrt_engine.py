@@ -14,6 +14,7 @@ Everything here that touches ``tensorrt`` or CUDA runs only where they exist; on
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shlex
@@ -428,7 +429,5 @@ class TrtRunner:
 
     def __del__(self) -> None:
         for buf in getattr(self, "_buffers", {}).values():
-            try:
+            with contextlib.suppress(Exception):  # at interpreter shutdown the driver frees it anyway
                 self.cuda.free(buf)
-            except Exception:  # interpreter shutdown: the driver frees it anyway
-                pass

@@ -28,22 +28,17 @@ onnxruntime (the accuracy the engine will have, up to kernel rounding) and leave
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from edgepipe._fs import atomic_path, write_text_atomic
 from edgepipe._hashing import sha256_file
-from edgepipe.backends import register
+from edgepipe.backends import _tensorrt_modelopt as modelopt
 from edgepipe.backends import _tensorrt_preflight as preflight
+from edgepipe.backends import register
 from edgepipe.backends._tensorrt_engine import EnginePlan, TrtRunner, build_engine, runtime_problem
 from edgepipe.backends.base import (
     Artifact,
@@ -89,65 +84,6 @@ class TrtOptions:
             raise ConfigError(f"options.dla_core = {self.dla_core}: DLA cores are numbered from 0")
         if not 0 <= self.optimization_level <= 5:
             raise ConfigError(f"options.optimization_level = {self.optimization_level}: TensorRT takes 0 to 5")
-
-
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """modelopt and onnxruntime's calibration print progress and GPU probes meant for their developers."""
-    import onnxruntime as ort
-
-    log = logging.getLogger("modelopt")
-    level = log.level
-    ort.set_default_logger_severity(3)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        ort.set_default_logger_severity(2)
-        log.setLevel(level)
-
-
-def _drop_unused_initializers(model: Any) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-
-
-def quantize_int8(src: Path, input_name: str, calibration: CalibrationSet, high_precision: str) -> Any:
-    """Explicitly quantized (Q/DQ) ONNX for TensorRT, by modelopt's ONNX PTQ on onnxruntime's CPU provider."""
-    import onnx
-    from modelopt.onnx.quantization import quantize
-
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
-        work, out = Path(tmp) / "model.onnx", Path(tmp) / "model.qdq.onnx"
-        shutil.copyfile(src, work)  # modelopt writes intermediate files beside its input
-        try:
-            quantize(onnx_path=str(work), quantize_mode="int8", calibration_data={input_name: calibration.x},
-                     calibration_method=_METHODS[calibration.method], calibration_eps=["cpu"],
-                     output_path=str(out), high_precision_dtype=high_precision, dq_only=True,
-                     log_level="ERROR")
-        except Exception as e:  # modelopt raises plain exceptions of many kinds
-            raise CompileError(f"int8 calibration of {src.name} (nvidia-modelopt ONNX PTQ) failed: {e}") from e
-        model = onnx.load(str(out))
-    _drop_unused_initializers(model)
-    return model
-
-
-def autocast_fp16(src: Path, input_name: str, calibration: CalibrationSet) -> Any:
-    """fp16 ONNX (fp32 inputs and outputs kept) by modelopt's AutoCast, for a strongly typed fp16 engine."""
-    from modelopt.onnx.autocast import convert_to_mixed_precision
-
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
-        data = Path(tmp) / "calibration.npz"
-        np.savez(data, **{input_name: calibration.x[:64]})
-        try:
-            model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type="fp16", keep_io_types=True,
-                                               calibration_data=str(data))
-        except Exception as e:
-            raise CompileError(f"fp16 conversion of {src.name} (nvidia-modelopt AutoCast) failed: {e}") from e
-    _drop_unused_initializers(model)
-    return model
 
 
 def plan_for(target: Target, opts: TrtOptions, input_name: str, onnx_shape: tuple[Any, ...]) -> EnginePlan:
@@ -240,8 +176,8 @@ class TensorRTBackend(Backend):
         plan = plan_for(target, opts, onnx.input_name, onnx.input_shape)
         preflight.check(onnx_lib.load(str(onnx.path)), f"{onnx.path.name}")
         quantization: dict[str, Any] = {"precision": target.precision}
+        model = self._precision_graph(onnx, target.precision, calibration, opts)
         if target.precision == "int8":
-            model = quantize_int8(onnx.path, onnx.input_name, calibration, opts.high_precision)
             quantization.update({
                 "tool": "nvidia-modelopt ONNX PTQ (modelopt.onnx.quantization), onnxruntime CPU calibration",
                 "method": _METHODS[calibration.method], "activations": "int8, per tensor, symmetric",
@@ -249,10 +185,7 @@ class TensorRTBackend(Backend):
                 "unquantized_layers": opts.high_precision, "calibration": calibration.record(),
             })
         elif target.precision == "fp16":
-            model = autocast_fp16(onnx.path, onnx.input_name, calibration)
             quantization["tool"] = "nvidia-modelopt AutoCast (fp16, fp32 inputs and outputs)"
-        else:
-            model = onnx_lib.load(str(onnx.path))
         preflight.check(model, f"{plan.onnx} (made from {onnx.path.name})")
         onnx_path = workdir / plan.onnx
         with atomic_path(onnx_path) as tmp:
@@ -290,6 +223,19 @@ class TensorRTBackend(Backend):
         metadata = {"bundle": BUNDLE_MANIFEST, "onnx": plan.onnx, "plan": plan.to_dict(),
                     "quantization": quantization, "qdq": manifest["qdq"], "engine": manifest["engine"]}
         return Artifact(self.name, target.precision, path, files, metadata)
+
+    @staticmethod
+    def _precision_graph(onnx: OnnxModel, precision: str, calibration: CalibrationSet, opts: TrtOptions) -> Any:
+        """The graph with the precision in it: Q/DQ int8, AutoCast fp16, or the fp32 export as it is."""
+        import onnx as onnx_lib
+
+        if precision == "fp32":
+            return onnx_lib.load(str(onnx.path))
+        with tempfile.TemporaryDirectory(prefix="edgepipe-trt-") as tmp:
+            out = Path(tmp) / "converted.onnx"
+            modelopt.convert(precision, onnx.path, out, onnx.input_name, calibration.x,
+                             method=_METHODS[calibration.method], high_precision=opts.high_precision)
+            return onnx_lib.load(str(out))
 
     @staticmethod
     def _build(root: Path, plan: EnginePlan, engine: Path) -> dict[str, Any]:
