@@ -8,6 +8,7 @@ from importlib import metadata
 DISTRIBUTIONS = (
     "edgepipe", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "scikit-learn", "openvino", "nncf",
     "ai-edge-litert", "tflite-runtime", "torch-pruning", "tensorrt", "polygraphy",
+    "nvidia-modelopt", "cuda-python",
 )
 
 

@@ -132,7 +132,10 @@ def tensorrt_version() -> tuple[str | None, str]:
     except (ImportError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return None, f"the tensorrt package is installed but does not import ({first}): its libraries are missing"
-    return trt.__version__, ""
+    version = getattr(trt, "__version__", None)
+    if version is None:
+        return None, f"the module imported as tensorrt is not TensorRT ({getattr(trt, '__file__', '?')})"
+    return version, ""
 
 
 @functools.cache
