@@ -72,6 +72,10 @@ def render_report(m: dict[str, Any]) -> str:
         ("top-1 (fp32 reference)", f"{acc['reference_top1']:.2%} (drop {acc['drop_points']:+.2f} points)"),
         ("size", f"{a['size_bytes']:,} bytes"),
     ]
+    if acc.get("evaluated_on"):
+        summary.append(("top-1 measured on", acc["evaluated_on"]))
+    if m.get("bench_skipped"):
+        summary.append(("not benchmarked", m["bench_skipped"]))
     if lat:
         summary += [("latency p50 / p90 / p99", f"{lat['p50_ms']:.3f} / {lat['p90_ms']:.3f} / {lat['p99_ms']:.3f} ms"),
                     ("throughput", f"{lat['throughput_per_s']:.1f} / s at batch {lat['batch']}"),
