@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepipe import backends
 from edgepipe._progress import Reporter
@@ -18,6 +19,9 @@ from edgepipe.errors import ConfigError
 from edgepipe.harness import BenchSettings, Measurement, measure
 from edgepipe.pipeline import BuildOptions, BuildResult
 from edgepipe.pipeline import build as _build
+
+if TYPE_CHECKING:
+    from edgepipe.toolchains import ToolchainStatus
 
 
 def build(
@@ -193,7 +197,7 @@ def targets() -> list[TargetInfo]:
             t = load_target(path)
             backend = backends.get(t.backend)
             backend.validate(t)
-            avail = backend.check()
+            avail = backend.check_target(t)
             rows.append(TargetInfo(name, path, t.backend, t.precision, t.description, avail.compile, avail.run,
                                    avail.reason, t))
         except ConfigError as e:
@@ -217,3 +221,32 @@ def engine_build(bundle: str | Path, out: str | Path | None = None) -> dict[str,
     if not p.exists():
         raise ConfigError(f"bundle {str(p)!r} not found")
     return build_bundle_engine(p, Path(out) if out else None)
+
+
+def install_toolchain(name: str, *, force: bool = False, python: str | None = None,
+                      progress: Callable[[str], None] | None = None) -> ToolchainStatus:
+    """Create the isolated converter environment ``name`` (``tflite``); a no-op when it is complete.
+
+    Args:
+        name: the toolchain.
+        force: reinstall even if a complete install is present.
+        python: interpreter the toolchain's venv is made from (default: the running one).
+        progress: called with one short line per step.
+    """
+    from edgepipe import toolchains
+
+    return toolchains.install(name, force=force, python_exe=python, progress=progress)
+
+
+def toolchains() -> list[ToolchainStatus]:
+    """Every known converter toolchain and whether it is installed (read from its marker; nothing runs)."""
+    from edgepipe import toolchains as tc
+
+    return tc.statuses()
+
+
+def remove_toolchain(name: str) -> bool:
+    """Delete an installed toolchain; returns whether there was one."""
+    from edgepipe import toolchains as tc
+
+    return tc.remove(name)

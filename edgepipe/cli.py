@@ -380,6 +380,74 @@ def engine_build(bundle: Path, out: Path | None, as_json: bool) -> None:
                    f"{Path(bundle) / 'tensorrt-bundle.json' if Path(bundle).is_dir() else bundle}")
 
 
+@cli.group()
+def toolchain() -> None:
+    """Isolated converter environments (a venv each, under ~/.cache/edgepipe/toolchains).
+
+    \b
+    Some converters pin their whole stack and cannot share edgepipe's environment: the tflite
+    backend's onnx2tf pins tensorflow 2.19, onnx 1.19 and numpy 1.26. $EDGEPIPE_TOOLCHAINS_DIR
+    moves them elsewhere.
+    """
+
+
+@toolchain.command("install")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Reinstall even when a complete install is present.")
+@click.option("--python", "python_exe", help="Interpreter to make the venv from (default: the running one).")
+@click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
+def toolchain_install(name: str, force: bool, python_exe: str | None, as_json: bool) -> None:
+    """Create toolchain NAME (tflite): venv, pinned pip install, pip check, imports; idempotent.
+
+    The install is marked complete only at its very end: an interrupted install is never used, and
+    running the command again starts it over.
+    """
+    import time
+
+    from edgepipe import api
+
+    err = _console(stderr=True)
+    t0 = time.perf_counter()
+
+    def progress(line: str) -> None:
+        if not as_json:
+            err.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {line}", highlight=False, soft_wrap=True)
+
+    st = api.install_toolchain(name, force=force, python=python_exe, progress=progress)
+    if as_json:
+        _emit_json(st.to_dict())
+
+
+@toolchain.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the statuses as JSON.")
+def toolchain_status(as_json: bool) -> None:
+    """Show each toolchain: installed or not (and why), where, and its tool versions."""
+    from edgepipe import api
+
+    rows = api.toolchains()
+    if as_json:
+        _emit_json([r.to_dict() for r in rows])
+        return
+    from rich.table import Table
+
+    t = Table(title="edgepipe toolchains")
+    for col in ("toolchain", "installed", "path", "versions / why not"):
+        t.add_column(col)
+    for r in rows:
+        detail = ", ".join(f"{k} {v}" for k, v in r.versions.items()) if r.installed else r.reason
+        t.add_row(r.name, "[green]yes[/]" if r.installed else "[red]no[/]", str(r.path), detail)
+    _console().print(t)
+
+
+@toolchain.command("remove")
+@click.argument("name")
+def toolchain_remove(name: str) -> None:
+    """Delete toolchain NAME's environment."""
+    from edgepipe import api
+
+    click.echo(f"removed the {name} toolchain" if api.remove_toolchain(name) else f"no {name} toolchain installed")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: EdgepipeError becomes one red line and exit status 1."""
     try:

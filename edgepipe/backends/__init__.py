@@ -21,6 +21,7 @@ from edgepipe.errors import ConfigError
 _MODULES = (
     "edgepipe.backends.onnxruntime",
     "edgepipe.backends.tensorrt",
+    "edgepipe.backends.tflite",
 )
 _REGISTRY: dict[str, type[Backend]] = {}
 

@@ -133,6 +133,10 @@ class Backend(abc.ABC):
             return Availability(False, False, reason)
         return Availability(True, True)
 
+    def check_target(self, target: Target) -> Availability:
+        """Like ``check``, for one target: some targets need more than the backend (a GPU delegate)."""
+        return self.check()
+
     def require(self, what: str = "compile") -> None:
         avail = self.check()
         ok = avail.compile if what == "compile" else avail.run
