@@ -139,8 +139,8 @@ class TFLiteRunner:
         self._in = self.interpreter.get_input_details()
         self._out = self.interpreter.get_output_details()
         if len(self._in) != 1 or len(self._in[0]["shape_signature"]) != 4:
-            raise CompileError(f"{Path(path).name}: expected one 4-D (NHWC) input, found "
-                               f"{[list(d['shape_signature']) for d in self._in]}")
+            raise ConfigError(f"{Path(path).name}: edgepipe's tflite runner takes one 4-D (NHWC image) input; "
+                              f"this model has {[list(d['shape_signature']) for d in self._in]}")
         n, h, w, c = (int(v) for v in self._in[0]["shape_signature"])
         self._static_batch = n if n > 0 else None
         self._batch = int(self._in[0]["shape"][0])
