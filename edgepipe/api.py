@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,24 +182,29 @@ class TargetInfo:
     can_run: bool
     reason: str
     target: Target | None
+    device: dict[str, str] = field(default_factory=dict)  # what the backend's runtime reports here
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "backend": self.backend, "precision": self.precision,
                 "description": self.description, "can_compile": self.can_compile, "can_run": self.can_run,
-                "reason": self.reason}
+                "reason": self.reason, "device": self.device}
 
 
 def targets() -> list[TargetInfo]:
-    """Every target that can be found, and whether this machine can compile and run it (and why not)."""
+    """Every target that can be found, whether this machine can compile and run it (and why not), and
+    what each backend's runtime reports about this machine's device."""
     rows = []
+    devices: dict[str, dict[str, str]] = {}
     for name, path in sorted(target_files().items()):
         try:
             t = load_target(path)
             backend = backends.get(t.backend)
             backend.validate(t)
             avail = backend.check_target(t)
+            if t.backend not in devices:
+                devices[t.backend] = backend.describe()
             rows.append(TargetInfo(name, path, t.backend, t.precision, t.description, avail.compile, avail.run,
-                                   avail.reason, t))
+                                   avail.reason, t, devices[t.backend]))
         except ConfigError as e:
             rows.append(TargetInfo(name, path, "?", "?", "", False, False, f"invalid: {e}", None))
     return rows

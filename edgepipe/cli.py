@@ -349,7 +349,14 @@ def targets_cmd(as_json: bool) -> None:
         yes = lambda ok: "[green]yes[/]" if ok else "[red]no[/]"  # noqa: E731
         t.add_row(r.name, r.backend, r.precision, yes(r.can_compile), yes(r.can_run),
                   r.reason if r.reason else r.description)
-    _console().print(t)
+    console = _console()
+    console.print(t)
+    shown: set[str] = set()
+    for r in rows:
+        if r.device and r.backend not in shown:
+            shown.add(r.backend)
+            details = "; ".join(f"{k}: {v}" for k, v in r.device.items())
+            console.print(f"[bold]{r.backend}[/] on this machine: {details}", highlight=False)
 
 
 @cli.group("engine")

@@ -165,7 +165,7 @@ def _compile_stage(onnx: OnnxModel, target: Target, calib: CalibrationSet, workd
                    cache: Cache) -> tuple[Artifact, dict[str, Any]]:
     backend = backends.get(target.backend)
     key = sha256_json({"onnx": onnx.sha256, "target": target.sha256, "calibration": calib.sha256,
-                       "tools": tool_versions()})
+                       "validation": calib.validation_sha256, "tools": tool_versions()})
     t0 = time.perf_counter()
     out = workdir / "artifact"
     out.mkdir(parents=True, exist_ok=True)
@@ -285,7 +285,9 @@ def build(
                 references[ref_key] = {"top1": ref_top1, "latency": ref_m.to_dict() if ref_m else None}
             ref = references[ref_key]
             result.reference = {**result.reference, **ref}
-            calib = CalibrationSet(splits.calibration.x, t.calibration.method, splits.calibration.name)
+            calib = CalibrationSet(splits.calibration.x, t.calibration.method, splits.calibration.name,
+                                   validation_x=splits.evaluation.x, validation_y=splits.evaluation.y,
+                                   validation_source=splits.evaluation.name)
             with rep.stage(f"{t.name}: compile ({t.backend} {t.precision})"):
                 artifact, compile_rec = _compile_stage(onnx, t, calib, work, cache)
             evaluated, stand_in = _evaluable(artifact)

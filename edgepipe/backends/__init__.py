@@ -22,6 +22,7 @@ _MODULES = (
     "edgepipe.backends.onnxruntime",
     "edgepipe.backends.tensorrt",
     "edgepipe.backends.tflite",
+    "edgepipe.backends.openvino",
 )
 _REGISTRY: dict[str, type[Backend]] = {}
 

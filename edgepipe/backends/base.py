@@ -62,15 +62,28 @@ class OnnxModel:
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """NCHW float32 samples from the calibration split, and the target's method."""
+    """NCHW float32 samples from the calibration split, and the target's method.
+
+    ``validation_x``/``validation_y`` (optional) are labelled samples for backends that check accuracy
+    while compiling (OpenVINO's accuracy-controlled int8); ``edgepipe build`` passes the evaluation split.
+    """
 
     x: np.ndarray
     method: str = "minmax"
     source: str = ""
+    validation_x: np.ndarray | None = None
+    validation_y: np.ndarray | None = None
+    validation_source: str = ""
 
     @property
     def sha256(self) -> str:
         return sha256_arrays(self.x)
+
+    @property
+    def validation_sha256(self) -> str | None:
+        if self.validation_x is None or self.validation_y is None:
+            return None
+        return sha256_arrays(self.validation_x, self.validation_y)
 
     def record(self) -> dict[str, Any]:
         return {"source": self.source, "method": self.method, "samples": len(self.x), "sha256": self.sha256}
@@ -142,6 +155,14 @@ class Backend(abc.ABC):
         ok = avail.compile if what == "compile" else avail.run
         if not ok:
             raise BackendUnavailable(f"backend {self.name!r} cannot {what} here: {avail.reason}")
+
+    def describe(self) -> dict[str, str]:
+        """What this machine's runtime reports about the device it runs on (for ``edgepipe targets``).
+
+        Default: nothing. Backends with a device to query (CPU name, supported precisions) override it,
+        and return nothing when their runtime is missing here.
+        """
+        return {}
 
     def options(self, target: Target) -> Any:
         """The target's ``[options]`` table parsed into this backend's ``Options`` dataclass."""

@@ -1,0 +1,418 @@
+"""OpenVINO for Intel (x86-64) CPUs: the float ONNX -> IR (``model.xml`` + ``model.bin``).
+
+fp32 and bf16 keep fp32 weights, fp16 stores compressed fp16 weights, int8 is NNCF post-training
+quantization of the OpenVINO model on the target's own calibration set (optionally with accuracy
+control: layers that cost accuracy are reverted to float until the target's budget is met).
+
+Two traps measured on this kind of machine shape the code:
+
+- The CPU plugin runs **bf16** by default on CPUs that have it. Every precision but bf16 is compiled
+  with ``INFERENCE_PRECISION_HINT=f32``; the precision to run at is written into the IR's ``rt_info``
+  (section ``edgepipe``) so that ``edgepipe bench model.xml`` runs it as it was built.
+- ``compiled_model(array)`` shares the caller's array with the infer request; a later copying call
+  writes into it. The Runner uses its own infer request and copies inputs and outputs.
+
+OpenVINO's converter and NNCF send usage telemetry and write ids under ``~/intel/`` unless opted out:
+edgepipe opts out for its users (see :func:`_no_telemetry`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from edgepipe.backends import register
+from edgepipe.backends.base import (
+    Artifact,
+    Backend,
+    CalibrationSet,
+    Capabilities,
+    OnnxModel,
+    TensorSpec,
+)
+from edgepipe.config import Target
+from edgepipe.errors import CompileError, ConfigError
+
+if TYPE_CHECKING:
+    import openvino as ov
+
+DEVICE = "CPU"
+RT_INFO = "edgepipe"  # rt_info section of the IR holding how it is meant to run
+# The target's calibration.method -> NNCF's activation range estimator. Weights are always min/max
+# (per channel). "entropy" (KL divergence) has no NNCF counterpart and is refused in validate().
+_RANGE_ESTIMATORS = {"minmax": "MINMAX", "percentile": "MEAN_QUANTILE"}
+_INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "int8": "f32", "bf16": "bf16"}
+_LAYER_TYPES = {"Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData",
+                "MatMul"}
+_LOW_PRECISION = {"i8", "u8", "i4", "u4"}
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    """The ``[options]`` of an openvino target.
+
+    Attributes:
+        preset: NNCF quantization preset: ``performance`` (symmetric activations) or ``mixed``
+            (asymmetric activations, for activations that are far from zero-centred).
+        ignored_scope: OpenVINO operation names kept in float by int8 (the manifest lists the
+            quantized ones under ``quantization.quantized_layers``).
+        ignored_patterns: regular expressions over the same names, for the same purpose.
+        performance_hint: OpenVINO's ``PERFORMANCE_HINT`` for loading: ``latency`` or ``throughput``.
+        accuracy_control: int8 only: if plain int8 misses ``budgets.max_accuracy_drop`` on the
+            evaluation data, revert the layers that cost most accuracy to float until it does not
+            (``nncf.quantize_with_accuracy_control``).
+    """
+
+    preset: Literal["performance", "mixed"] = "performance"
+    ignored_scope: tuple[str, ...] = ()
+    ignored_patterns: tuple[str, ...] = ()
+    performance_hint: Literal["latency", "throughput"] = "latency"
+    accuracy_control: bool = False
+
+    def __post_init__(self) -> None:
+        for p in self.ignored_patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ConfigError(f"options.ignored_patterns: {p!r} is not a regular expression ({e})") from None
+
+
+def _no_telemetry() -> None:
+    """Keep OpenVINO's converter and NNCF from sending usage telemetry and writing ``~/intel/``.
+
+    Both fall back to a no-op when the ``openvino_telemetry`` package cannot be imported (ovc to its
+    ``telemetry_stub``, NNCF to a stub object), so edgepipe makes it unimportable in its own process
+    before either is imported. (``opt_in_out --opt_out``, the documented switch, writes
+    ``~/intel/openvino_telemetry`` and sends one "declined" event itself.) If a program imported
+    the package before edgepipe, its already-made client is told to stop sending.
+    """
+    mod = sys.modules.get("openvino_telemetry", _ABSENT)
+    if mod is _ABSENT:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+    elif mod is not None:
+        client = getattr(getattr(mod, "Telemetry", None), "_SingletonMetaClass__single_instance", None)
+        if client is not None:
+            client.consent = False
+
+
+def _openvino() -> Any:
+    _no_telemetry()
+    import openvino
+
+    return openvino
+
+
+def _nncf() -> Any:
+    _no_telemetry()
+    import nncf
+
+    return nncf
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """NNCF logs INFO lines and draws progress bars; keep them out of edgepipe's output."""
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _is_quantized_input(out: Any, depth: int = 0) -> bool:
+    """Does this input come from a FakeQuantize or a low-precision constant (through casts and scales)?"""
+    node = out.get_node()
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        return True
+    if kind == "Constant":
+        return node.get_output_element_type(0).get_type_name() in _LOW_PRECISION
+    if depth >= 4 or kind not in ("Convert", "Multiply", "Subtract", "Reshape", "Transpose", "Unsqueeze"):
+        return False
+    return any(_is_quantized_input(i.get_source_output(), depth + 1) for i in node.inputs())
+
+
+def quantized_layers(model: ov.Model) -> list[str]:
+    """Names of the convolutions and matrix multiplications that run in int8 in ``model``."""
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_type_name() in _LAYER_TYPES and any(_is_quantized_input(i.get_source_output())
+                                                           for i in op.inputs())]
+
+
+def _layers(model: ov.Model) -> list[str]:
+    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in _LAYER_TYPES]
+
+
+def _runtime_config(precision: str, hint: str, threads: int | None) -> dict[str, Any]:
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint.upper()}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+class OpenVinoRunner:
+    """One compiled model and one infer request of its own; inputs and outputs are copied.
+
+    The runtime settings (inference precision, performance hint) come from the IR's ``rt_info``,
+    written at compile time; an IR made elsewhere runs at f32 with the latency hint.
+    """
+
+    def __init__(self, path: Path, threads: int | None) -> None:
+        ov = _openvino()
+        core = ov.Core()
+        model = core.read_model(str(path))
+        precision = _rt_info(model, "inference_precision", "f32")
+        hint = _rt_info(model, "performance_hint", "latency")
+        self.config = _runtime_config(precision, hint, threads)
+        self.compiled = core.compile_model(model, DEVICE, self.config)
+        self.request = self.compiled.create_infer_request()
+        self.inputs = [
+            TensorSpec(p.get_any_name(), tuple(d.get_length() if d.is_static else None for d in p.get_partial_shape()),
+                       p.get_element_type().get_type_name())
+            for p in self.compiled.inputs
+        ]
+        self._outputs = list(self.compiled.outputs)
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # share_inputs=False copies each array into the request's own tensor: the caller's memory is
+        # never bound to the request, so no later inference can write into it.
+        result = self.request.infer(
+            {name: np.asarray(x, dtype=np.float32) for name, x in feeds.items()},
+            share_inputs=False, share_outputs=False,
+        )
+        return [np.array(result[o], copy=True) for o in self._outputs]
+
+
+def _rt_info(model: ov.Model, key: str, default: str) -> str:
+    if model.has_rt_info([RT_INFO, key]):
+        return str(model.get_rt_info([RT_INFO, key]).astype(str))
+    return default
+
+
+@register
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    capabilities = Capabilities(
+        precisions=("fp32", "fp16", "bf16", "int8"),
+        calibration_methods=tuple(_RANGE_ESTIMATORS),
+        extra="openvino",
+        modules=("openvino", "nncf"),
+        artifact_suffixes=(".xml",),
+        platforms=("x86-64 CPU (OpenVINO CPU plugin)",),
+    )
+    Options = OpenVinoOptions
+
+    def validate(self, target: Target) -> None:
+        if target.precision == "int8" and target.calibration.method == "entropy":
+            raise ConfigError(
+                f"target {target.name!r}: calibration.method = 'entropy' (KL divergence) has no NNCF "
+                "counterpart; use 'minmax' (global min/max of activations) or 'percentile' (NNCF's mean "
+                "quantile estimator, which drops outliers)"
+            )
+        super().validate(target)
+        opts: OpenVinoOptions = self.options(target)
+        if target.precision != "int8":
+            for key in ("accuracy_control", "ignored_scope", "ignored_patterns"):
+                if getattr(opts, key):
+                    raise ConfigError(
+                        f"target {target.name!r}: options.{key} applies to int8 only, and this target is "
+                        f"{target.precision}; remove it or set precision = 'int8'"
+                    )
+        if opts.accuracy_control and target.budgets.max_accuracy_drop is None:
+            raise ConfigError(
+                f"target {target.name!r}: options.accuracy_control needs budgets.max_accuracy_drop "
+                "(top-1 points) to know how much accuracy int8 may cost"
+            )
+
+    def describe(self) -> dict[str, str]:
+        """What this machine's OpenVINO reports about its CPU device."""
+        if not self.check().run:
+            return {}
+        ov = _openvino()
+        core = ov.Core()
+        if DEVICE not in core.available_devices:
+            return {"device": f"no {DEVICE} device (available: {', '.join(core.available_devices) or 'none'})"}
+        default = core.get_property(DEVICE, "INFERENCE_PRECISION_HINT")
+        return {
+            "device": f"{DEVICE}: {core.get_property(DEVICE, 'FULL_DEVICE_NAME')}",
+            "capabilities": ", ".join(core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")),
+            "default precision": f"{default.get_type_name()} (edgepipe runs fp32/fp16/int8 targets at f32)",
+            "openvino": ov.get_version().split("-")[0],
+        }
+
+    def _compile(self, onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path) -> Artifact:
+        ov = _openvino()
+        opts: OpenVinoOptions = self.options(target)
+        try:
+            model = ov.convert_model(str(onnx.path))
+        except Exception as e:  # the converter raises plain exceptions of many kinds
+            raise CompileError(f"OpenVINO could not convert {onnx.path.name}: {e}") from e
+        runtime = {"inference_precision": _INFERENCE_PRECISION[target.precision],
+                   "performance_hint": opts.performance_hint}
+        metadata: dict[str, Any] = {
+            "runtime": {**runtime, "device": DEVICE},
+            "weights": {"fp16": "fp16 (compressed)", "int8": "int8"}.get(target.precision, "fp32"),
+        }
+        if target.precision == "int8":
+            model, metadata["quantization"] = self._quantize(model, target, calibration, opts)
+        for key, value in runtime.items():
+            model.set_rt_info(value, [RT_INFO, key])
+        xml, bins = workdir / "model.xml", workdir / "model.bin"
+        with tempfile.TemporaryDirectory(dir=workdir, prefix=".ir-") as tmp:
+            ov.save_model(model, str(Path(tmp) / xml.name), compress_to_fp16=target.precision == "fp16")
+            os.replace(Path(tmp) / bins.name, bins)  # the .xml last: a complete .xml means a complete IR
+            os.replace(Path(tmp) / xml.name, xml)
+        return Artifact(self.name, target.precision, xml, [xml, bins], metadata)
+
+    def _ignored_scope(self, model: ov.Model, target: Target, opts: OpenVinoOptions) -> Any:
+        nncf = _nncf()
+        if not (opts.ignored_scope or opts.ignored_patterns):
+            return None
+        names = {op.get_friendly_name() for op in model.get_ordered_ops()}
+        layers = _layers(model)
+        hint = ", ".join(layers[:8]) + (f", ... ({len(layers)} in all)" if len(layers) > 8 else "")
+        for n in opts.ignored_scope:
+            if n not in names:
+                raise ConfigError(f"target {target.name!r}: options.ignored_scope names {n!r}, which is not an "
+                                  f"operation of this model; its layers are: {hint}")
+        for p in opts.ignored_patterns:
+            if not any(re.fullmatch(p, n) for n in names):
+                raise ConfigError(f"target {target.name!r}: options.ignored_patterns {p!r} matches no operation "
+                                  f"of this model; its layers are: {hint}")
+        return nncf.IgnoredScope(names=list(opts.ignored_scope), patterns=list(opts.ignored_patterns))
+
+    def _quantize(self, model: ov.Model, target: Target, calibration: CalibrationSet,
+                  opts: OpenVinoOptions) -> tuple[ov.Model, dict[str, Any]]:
+        nncf = _nncf()
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        estimator = _RANGE_ESTIMATORS[calibration.method]
+        kwargs = dict(
+            subset_size=len(calibration.x),
+            preset=nncf.QuantizationPreset.PERFORMANCE if opts.preset == "performance" else nncf.QuantizationPreset.MIXED,
+            target_device=nncf.TargetDevice.CPU,
+            ignored_scope=self._ignored_scope(model, target, opts),
+            advanced_parameters=AdvancedQuantizationParameters(
+                activations_range_estimator_params=getattr(RangeEstimatorParametersSet, estimator)),
+        )
+        samples = nncf.Dataset(_chunks(calibration.x, _batch(model)))
+        try:
+            with _quiet():
+                quantized = nncf.quantize(model, samples, **kwargs)
+        except Exception as e:  # NNCF raises plain exceptions of many kinds
+            raise CompileError(f"NNCF int8 quantization for target {target.name!r} failed: {e}") from e
+        record: dict[str, Any] = {
+            "tool": "nncf.quantize (post-training)",
+            "preset": opts.preset,
+            "activation_range": f"{calibration.method} -> nncf {estimator}",
+            "weights": "symmetric int8, per channel, min/max",
+            "ignored_scope": list(opts.ignored_scope),
+            "ignored_patterns": list(opts.ignored_patterns),
+            "calibration": calibration.record(),
+            "quantized_layers": quantized_layers(quantized),
+        }
+        if opts.accuracy_control:
+            quantized, record["accuracy_control"] = self._accuracy_control(model, quantized, samples, target,
+                                                                           calibration, kwargs)
+            record["quantized_layers"] = quantized_layers(quantized)
+        return quantized, record
+
+    def _accuracy_control(self, model: ov.Model, quantized: ov.Model, samples: Any, target: Target,
+                          calibration: CalibrationSet, kwargs: dict[str, Any]) -> tuple[ov.Model, dict[str, Any]]:
+        """Plain int8 if it meets the budget on the validation data; else NNCF's accuracy-controlled int8."""
+        nncf = _nncf()
+        vx, vy = calibration.validation_x, calibration.validation_y
+        if vx is None or vy is None or len(vx) == 0:
+            raise CompileError(
+                f"target {target.name!r}: options.accuracy_control needs labelled validation data "
+                "(CalibrationSet.validation_x/validation_y); `edgepipe build` passes the evaluation split"
+            )
+        assert target.budgets.max_accuracy_drop is not None  # checked in validate()
+        budget = target.budgets.max_accuracy_drop
+        fp32, plain = _top1(model, vx, vy), _top1(quantized, vx, vy)
+        record: dict[str, Any] = {
+            "max_drop_points": budget,
+            "validation": {"source": calibration.validation_source, "samples": len(vx),
+                           "sha256": calibration.validation_sha256},
+            "fp32_top1": fp32,
+            "plain_int8_top1": plain,
+            "plain_int8_drop_points": round((fp32 - plain) * 100, 4),
+        }
+        if (fp32 - plain) * 100 <= budget:
+            return quantized, {**record, "needed": False, "top1": plain, "reverted": []}
+        validation = nncf.Dataset(_labelled(vx, vy, _batch(model)), lambda item: item[0])
+        try:
+            with _quiet():
+                restored = nncf.quantize_with_accuracy_control(
+                    model, samples, validation, _validate, max_drop=budget / 100,
+                    drop_type=nncf.DropType.ABSOLUTE, **kwargs,
+                )
+        except Exception as e:  # NNCF raises plain exceptions of many kinds
+            raise CompileError(f"NNCF accuracy-controlled int8 for target {target.name!r} failed: {e}") from e
+        still = set(quantized_layers(restored))
+        top1 = _top1(restored, vx, vy)
+        return restored, {**record, "needed": True, "top1": top1,
+                          "drop_points": round((fp32 - top1) * 100, 4),
+                          "reverted": [n for n in quantized_layers(quantized) if n not in still]}
+
+    def load(self, artifact: Artifact, threads: int | None = None) -> OpenVinoRunner:
+        self.require("run")
+        return OpenVinoRunner(artifact.path, threads)
+
+
+def _batch(model: ov.Model) -> int:
+    """The model's fixed batch size, or 1 when the batch is dynamic."""
+    dim = model.inputs[0].get_partial_shape()[0]
+    return dim.get_length() if dim.is_static else 1
+
+
+def _chunks(x: np.ndarray, n: int) -> list[np.ndarray]:
+    """``x`` in batches of ``n``; a short last batch is padded with copies of its last sample."""
+    out = []
+    for i in range(0, len(x), n):
+        xb = x[i : i + n]
+        if len(xb) < n:
+            xb = np.concatenate([xb, np.repeat(xb[-1:], n - len(xb), axis=0)])
+        out.append(np.ascontiguousarray(xb, dtype=np.float32))
+    return out
+
+
+def _validate(compiled: Any, items: Any) -> tuple[float, list[float]]:
+    """NNCF's validation function: top-1 over (samples, labels) items, and each item's share of hits."""
+    request = compiled.create_infer_request()
+    hits, per_item = [], []
+    for xb, yb in items:
+        h = request.infer({0: xb}, share_inputs=False)[0][: len(yb)].argmax(1) == yb
+        hits.append(h)
+        per_item.append(float(h.mean()))
+    return float(np.concatenate(hits).mean()), per_item
+
+
+def _labelled(x: np.ndarray, y: np.ndarray, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return list(zip(_chunks(x, n), [y[i : i + n] for i in range(0, len(y), n)], strict=True))
+
+
+def _top1(model: ov.Model, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 of an in-memory OpenVINO model at f32 (as NNCF's accuracy control measures it)."""
+    ov = _openvino()
+    compiled = ov.Core().compile_model(model, DEVICE, {"INFERENCE_PRECISION_HINT": "f32"})
+    n = _batch(model)
+    return _validate(compiled, _labelled(x, y, n if n > 1 else 64))[0]
+
+
+__all__ = ["OpenVinoBackend", "OpenVinoOptions", "OpenVinoRunner", "quantized_layers"]
