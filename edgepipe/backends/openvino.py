@@ -157,6 +157,36 @@ def _layers(model: ov.Model) -> list[str]:
     return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in _LAYER_TYPES]
 
 
+def _onnx_names(path: Path) -> set[str]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = {n.name for n in graph.node} | {i.name for i in graph.initializer}
+    names |= {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    return names | {o for n in graph.node for o in n.output}
+
+
+def _stable_names(model: ov.Model, source_names: set[str]) -> None:
+    """Rename the operations OpenVINO named from a process-wide counter (``Reshape_27152``).
+
+    They get their type and position instead, so that the same inputs give a byte-identical IR
+    whatever else the process converted before. Names that came from the ONNX model are kept.
+    """
+    ops = model.get_ordered_ops()
+
+    def counted(name: str) -> bool:
+        return name not in source_names and re.fullmatch(r"[A-Z][A-Za-z0-9]*_\d+", name) is not None
+
+    taken = {op.get_friendly_name() for op in ops if not counted(op.get_friendly_name())}
+    for i, op in enumerate(ops):
+        if counted(op.get_friendly_name()):
+            name = f"{op.get_type_name()}_{i}"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            op.set_friendly_name(name)
+
+
 def _runtime_config(precision: str, hint: str, threads: int | None) -> dict[str, Any]:
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint.upper()}
     if threads:
@@ -189,12 +219,13 @@ class OpenVinoRunner:
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         # share_inputs=False copies each array into the request's own tensor: the caller's memory is
-        # never bound to the request, so no later inference can write into it.
+        # never bound to the compiled model, so no later inference can write into it.
+        # share_outputs=False returns fresh arrays that the next inference does not overwrite.
         result = self.request.infer(
             {name: np.asarray(x, dtype=np.float32) for name, x in feeds.items()},
             share_inputs=False, share_outputs=False,
         )
-        return [np.array(result[o], copy=True) for o in self._outputs]
+        return [result[o] for o in self._outputs]
 
 
 def _rt_info(model: ov.Model, key: str, default: str) -> str:
@@ -271,6 +302,7 @@ class OpenVinoBackend(Backend):
             model, metadata["quantization"] = self._quantize(model, target, calibration, opts)
         for key, value in runtime.items():
             model.set_rt_info(value, [RT_INFO, key])
+        _stable_names(model, _onnx_names(onnx.path))
         xml, bins = workdir / "model.xml", workdir / "model.bin"
         with tempfile.TemporaryDirectory(dir=workdir, prefix=".ir-") as tmp:
             ov.save_model(model, str(Path(tmp) / xml.name), compress_to_fp16=target.precision == "fp16")
@@ -358,9 +390,11 @@ class OpenVinoBackend(Backend):
         validation = nncf.Dataset(_labelled(vx, vy, _batch(model)), lambda item: item[0])
         try:
             with _quiet():
+                args = {k: v for k, v in kwargs.items() if k != "advanced_parameters"}
                 restored = nncf.quantize_with_accuracy_control(
                     model, samples, validation, _validate, max_drop=budget / 100,
-                    drop_type=nncf.DropType.ABSOLUTE, **kwargs,
+                    drop_type=nncf.DropType.ABSOLUTE,
+                    advanced_quantization_parameters=kwargs["advanced_parameters"], **args,
                 )
         except Exception as e:  # NNCF raises plain exceptions of many kinds
             raise CompileError(f"NNCF accuracy-controlled int8 for target {target.name!r} failed: {e}") from e
