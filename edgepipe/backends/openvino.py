@@ -197,12 +197,15 @@ def _runtime_config(precision: str, hint: str, threads: int | None) -> dict[str,
 class OpenVinoRunner:
     """One compiled model and one infer request of its own; inputs and outputs are copied.
 
-    The runtime settings (inference precision, performance hint) come from the IR's ``rt_info``,
-    written at compile time; an IR made elsewhere runs at f32 with the latency hint.
+    Each input is copied into a tensor that OpenVINO allocated for this request (re-made when the
+    shape changes), so the caller's array is never bound to the compiled model, and each output is
+    copied out, so the next inference cannot overwrite what a caller holds. The runtime settings
+    (inference precision, performance hint) come from the IR's ``rt_info``, written at compile time;
+    an IR made elsewhere runs at f32 with the latency hint.
     """
 
     def __init__(self, path: Path, threads: int | None) -> None:
-        ov = _openvino()
+        ov = self._ov = _openvino()
         core = ov.Core()
         model = core.read_model(str(path))
         precision = _rt_info(model, "inference_precision", "f32")
@@ -215,17 +218,20 @@ class OpenVinoRunner:
                        p.get_element_type().get_type_name())
             for p in self.compiled.inputs
         ]
-        self._outputs = list(self.compiled.outputs)
+        self._n_outputs = len(self.compiled.outputs)
+        self._tensors: dict[str, tuple[Any, np.ndarray]] = {}  # input name -> (its tensor, a view of its memory)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        # share_inputs=False copies each array into the request's own tensor: the caller's memory is
-        # never bound to the compiled model, so no later inference can write into it.
-        # share_outputs=False returns fresh arrays that the next inference does not overwrite.
-        result = self.request.infer(
-            {name: np.asarray(x, dtype=np.float32) for name, x in feeds.items()},
-            share_inputs=False, share_outputs=False,
-        )
-        return [result[o] for o in self._outputs]
+        for name, x in feeds.items():
+            x = np.asarray(x, dtype=np.float32)
+            held = self._tensors.get(name)
+            if held is None or held[1].shape != x.shape:
+                tensor = self._ov.Tensor(self._ov.Type.f32, self._ov.Shape(list(x.shape)))
+                self.request.set_tensor(name, tensor)
+                held = self._tensors[name] = (tensor, tensor.data)
+            np.copyto(held[1], x)
+        self.request.infer()
+        return [self.request.get_output_tensor(i).data.copy() for i in range(self._n_outputs)]
 
 
 def _rt_info(model: ov.Model, key: str, default: str) -> str:
