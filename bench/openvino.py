@@ -1,19 +1,20 @@
 """OpenVINO int8 vs fp32 on this CPU, and edgepipe's harness against OpenVINO's own benchmark_app.
 
-One run prints one table. For the bundled example (1x1x32x32) and a ResNet-18-sized model (plain
-torch, random weights, batch-norm statistics re-estimated on images so that activations have
+One run prints one table. For the bundled example (1x1x32x32) and ResNet-18 (``edgepipe.models.zoo``,
+plain torch, random weights, batch-norm statistics re-estimated on images so that activations have
 realistic ranges; 1x3x224x224 unless --resnet-size says otherwise), at batch 1:
 
 - top-1 of the fp32 and int8 IRs: on the example's evaluation split; for ResNet-18 (no trained
   weights, no labels) the share of held-out images where int8 picks the same class as fp32;
 - latency: the harness's median (a fresh worker process timing edgepipe's Runner call from Python)
   and benchmark_app's median on the same IR with the same properties (PERFORMANCE_HINT,
-  INFERENCE_NUM_THREADS and INFERENCE_PRECISION_HINT=f32 through -load_config; -shape, -ip f32,
-  -infer_precision f32; synchronous API), and their ratio. benchmark_app records each infer
-  request's own ``latency`` (timed inside OpenVINO), which leaves out the Python call and the
-  copies in and out; so the table also shows the median of the same ``request.latency`` read after
-  each call of edgepipe's Runner ("infer-only"), to tell a fixed per-call cost from a difference in
-  configuration;
+  INFERENCE_NUM_THREADS and INFERENCE_PRECISION_HINT=f32 through -load_config; -ip f32,
+  -infer_precision f32; synchronous API; -data_shape for the shipped targets' dynamic batch, since
+  -shape would make benchmark_app reshape the IR to a static one first), and their ratio.
+  benchmark_app records each infer request's own ``latency`` (timed inside OpenVINO), which leaves
+  out the Python call and the copies in and out; so the table also shows the median of the same
+  ``request.latency`` read after each call of edgepipe's Runner ("infer-only"), to tell a fixed
+  per-call cost from a difference in configuration;
 - int8 speed-up over fp32 by each tool.
 
 The machine is shared: every configuration is measured --rounds times, interleaved (harness and
@@ -53,35 +54,6 @@ BENCHMARK_APP = ("import sys; sys.modules['openvino_telemetry'] = None; sys.argv
                  "from openvino.tools.benchmark.main import main; sys.exit(main())")
 PROPERTIES = ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "NUM_STREAMS",
               "ENABLE_CPU_PINNING", "ENABLE_HYPER_THREADING")
-
-
-def resnet18(num_classes: int = 1000):
-    """ResNet-18 (11.7 M parameters, 1.8 GFLOPs at 224x224) in plain torch: torchvision is not usable here."""
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.relu = nn.ReLU()
-            self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                         if stride != 1 or cin != cout else nn.Identity())
-
-        def forward(self, x):
-            out = self.relu(self.bn1(self.conv1(x)))
-            return self.relu(self.bn2(self.conv2(out)) + self.down(x))
-
-    layers, cin = [], 64
-    for i, w in enumerate((64, 128, 256, 512)):
-        layers += [Block(cin, w, 1 if i == 0 else 2), Block(w, w, 1)]
-        cin = w
-    return nn.Sequential(
-        nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
-        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes),
-    )
 
 
 @dataclass
@@ -124,10 +96,10 @@ def resnet_case(work: Path, size: int) -> Case:
     import torch
 
     from edgepipe.export import export
+    from edgepipe.models.zoo import resnet18
 
     shape = (1, 3, size, size)
-    torch.manual_seed(0)
-    model = resnet18()
+    model = resnet18(seed=0)
     d = digits((1, 8, 8))
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(d))
@@ -150,14 +122,19 @@ def resnet_case(work: Path, size: int) -> Case:
     return case
 
 
-def run_benchmark_app(ir: Path, shape: tuple[int, ...], threads: int, iterations: int,
-                      workdir: Path) -> tuple[float, dict[str, str]]:
-    """benchmark_app's median latency (ms) and the compiled model's properties it reports."""
+def run_benchmark_app(ir: Path, shape: tuple[int, ...], threads: int, iterations: int, workdir: Path,
+                      static: bool) -> tuple[float, dict[str, str]]:
+    """benchmark_app's median latency (ms) and the compiled model's properties it reports.
+
+    A dynamic-batch IR gets ``-data_shape`` (run as it is, like edgepipe's Runner does); ``-shape``
+    would reshape it to a static model first, which is faster and so not like for like.
+    """
     cfg = workdir / "benchmark_app.json"
     cfg.write_text(json.dumps({"CPU": {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads),
                                        "INFERENCE_PRECISION_HINT": "f32"}}))
     cmd = [sys.executable, "-c", BENCHMARK_APP, "-m", str(ir), "-d", "CPU", "-load_config", str(cfg),
-           "-shape", "[" + ",".join(map(str, shape)) + "]", "-ip", "f32", "-infer_precision", "f32",
+           "-shape" if static else "-data_shape", "[" + ",".join(map(str, shape)) + "]",
+           "-ip", "f32", "-infer_precision", "f32",
            "-api", "sync", "-niter", str(iterations)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -218,7 +195,8 @@ def main() -> None:
                     m = measure(case.irs[p], BenchSettings(threads=args.threads, warmup=max(10, n // 20), iterations=n))
                     case.harness.setdefault(p, []).append(m.p50_ms)
                     case.infer_only.setdefault(p, []).append(runner_infer_only(case.irs[p], case.shape, args.threads, n))
-                    med, props = run_benchmark_app(case.irs[p].path, case.shape, args.threads, n, work)
+                    static = not _target(p, case.shape).dynamic_batch
+                    med, props = run_benchmark_app(case.irs[p].path, case.shape, args.threads, n, work, static)
                     case.bapp.setdefault(p, []).append(med)
                     if r == 0:
                         case.mismatches[p] = config_mismatches(case.irs[p], args.threads, props)

@@ -243,8 +243,7 @@ def test_targets_show_what_openvino_reports_about_this_cpu():
 def test_build_intel_cpu_int8_end_to_end(tmp_path):
     result = api.build(None, ["intel-cpu-int8"], out=tmp_path, iterations=20)
     d = tmp_path / "intel-cpu-int8"
-    assert sorted(p.name for p in d.iterdir()) == ["calibration.json", "manifest.json", "model.bin", "model.xml",
-                                                   "source.onnx"]
+    assert {"calibration.json", "manifest.json", "model.bin", "model.xml", "source.onnx"} <= {p.name for p in d.iterdir()}
     m = json.loads((d / "manifest.json").read_text())
     assert m["artifact"]["backend"] == "openvino" and [f["name"] for f in m["artifact"]["files"]] == ["model.xml",
                                                                                                         "model.bin"]
