@@ -19,7 +19,8 @@ realistic ranges; 1x3x224x224 unless --resnet-size says otherwise), at batch 1:
 
 The machine is shared: every configuration is measured --rounds times, interleaved (harness and
 benchmark_app, fp32 and int8, alternating order each round), and the table shows the median of the
-rounds. Usage: ``PYTHONPATH=. python bench/openvino.py [--rounds 3] [--threads 1] [--resnet-size 224]``
+rounds, and ratios are the median over rounds of each round's ratio.
+Usage: ``PYTHONPATH=. python bench/openvino.py [--rounds 5] [--threads 1] [--resnet-size 224]``
 """
 
 from __future__ import annotations
@@ -176,11 +177,11 @@ def config_mismatches(art: Artifact, threads: int, bapp_props: dict[str, str]) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resnet-size", type=int, default=224)
     ap.add_argument("--example-iterations", type=int, default=2000)
-    ap.add_argument("--resnet-iterations", type=int, default=60)
+    ap.add_argument("--resnet-iterations", type=int, default=100)
     args = ap.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
@@ -216,13 +217,18 @@ def print_table(cases: list[Case], args: argparse.Namespace, seconds: float) -> 
             f"{'harness/bapp':>13} {'infer-only/bapp':>16} {'int8 speed-up h/b':>18}")
     print(head)
     print("-" * len(head))
+    def ratio(a: list[float], b: list[float]) -> float:
+        """Median over rounds of a/b: each round's two figures were measured next to each other."""
+        return med([x / y for x, y in zip(a, b, strict=True)])
+
     for c in cases:
         for p in ("fp32", "int8"):
             h, i, b = med(c.harness[p]), med(c.infer_only[p]), med(c.bapp[p])
-            speed = f"{med(c.harness['fp32']) / h:.2f}x/{med(c.bapp['fp32']) / b:.2f}x" if p == "int8" else ""
+            speed = (f"{ratio(c.harness['fp32'], c.harness[p]):.2f}x/{ratio(c.bapp['fp32'], c.bapp[p]):.2f}x"
+                     if p == "int8" else "")
             acc = f"{c.top1[p]:.2%}" if p in c.top1 else "ref"
-            print(f"{c.model:<36} {p:<5} {acc:>8} {h:>11.3f} {i:>14.3f} {b:>13.3f} {h / b:>13.3f} "
-                  f"{i / b:>16.3f} {speed:>18}")
+            print(f"{c.model:<36} {p:<5} {acc:>8} {h:>11.3f} {i:>14.3f} {b:>13.3f} "
+                  f"{ratio(c.harness[p], c.bapp[p]):>13.3f} {ratio(c.infer_only[p], c.bapp[p]):>16.3f} {speed:>18}")
         for p in ("fp32", "int8"):
             rounds = ", ".join(f"{h:.3f}/{i:.3f}/{b:.3f}" for h, i, b in
                                zip(c.harness[p], c.infer_only[p], c.bapp[p], strict=True))
@@ -235,13 +241,15 @@ def print_table(cases: list[Case], args: argparse.Namespace, seconds: float) -> 
     ex, rn = cases
     drop = (ex.top1["fp32"] - ex.top1["int8"]) * 100
     for c in cases:
-        s = med(c.harness["fp32"]) / med(c.harness["int8"])
+        s = ratio(c.harness["fp32"], c.harness["int8"])
         print(f"goal int8 >= 2x faster than fp32, {c.model}: {s:.2f}x (harness) -> {'met' if s >= 2 else 'MISSED'}")
     print(f"goal <= 0.5 pt top-1 drop on the example: {drop:+.2f} pt -> {'met' if drop <= 0.5 else 'MISSED'}")
     print(f"top-1 column: example = {ex.top1_kind}; ResNet-18 = {rn.top1_kind}")
     print("goal harness within +-5% of benchmark_app: " + ", ".join(
-        f"{c.model.split(' (')[0]} {p} {med(c.harness[p]) / med(c.bapp[p]) - 1:+.1%} "
-        f"({(med(c.harness[p]) - med(c.bapp[p])) * 1e3:+.0f} us)" for c in cases for p in ("fp32", "int8")))
+        f"{c.model.split(' (')[0]} {p} {ratio(c.harness[p], c.bapp[p]) - 1:+.1%} "
+        f"({med([(h - b) * 1e3 for h, b in zip(c.harness[p], c.bapp[p], strict=True)]):+.0f} us)"
+        for c in cases for p in ("fp32", "int8")))
+    print("medians: of the rounds; ratios and differences: median over rounds of those within a round (side by side)")
     print("harness = a Python call of the Runner (copy in, infer, copy out) timed in a fresh worker; "
           "benchmark_app and infer-only = OpenVINO's request.latency, which leaves the Python call out")
 
