@@ -255,3 +255,129 @@ def remove_toolchain(name: str) -> bool:
     from edgepipe import toolchains as tc
 
     return tc.remove(name)
+
+
+def pack(
+    model: str | None = None,
+    *,
+    out: str | Path = "model.epk",
+    weights: Path | None = None,
+    recipe: str | Path | None = None,
+    data: str = "digits",
+    input_shape: tuple[int, ...] = (1, 1, 32, 32),
+    reporter: Reporter | None = None,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Write a compact, Huffman-coded archive of a model's weights for over-the-air delivery.
+
+    Args:
+        model: the ``package.module:factory`` that builds the architecture (``None``: the example).
+        out: the ``.epk`` file to write (atomically).
+        weights: a ``.safetensors`` file, a state dict, or a ``.pt2`` (from ``edgepipe compress``) whose
+            weights fit the factory's model.
+        recipe: a compression recipe applied first (in-process, so hashed layers keep their seeds).
+        data: fine-tuning and evaluation data for the recipe.
+        input_shape: recorded in the archive, so ``unpack`` can write a ``.pt2``.
+
+    Returns:
+        The :class:`edgepipe.compress.archive.PackReport` (bytes per stage and per tensor) and the
+        recipe's step records (empty without a recipe).
+    """
+    from edgepipe.compress import archive
+    from edgepipe.models import EXAMPLE, load_model
+
+    spec = model or EXAMPLE
+    if Path(spec).suffix in (".onnx", ".pt2", ".pt", ".ts", ".pth") or ":" not in spec:
+        raise ConfigError(f"pack needs MODEL as package.module:factory (the archive names the factory that "
+                          f"rebuilds the architecture), not {spec!r}; pass a compressed .pt2 as --weights")
+    hints: dict[str, Any] = {}
+    if weights is not None and Path(weights).suffix == ".pt2":
+        src = load_model(spec)
+        _load_pt2_weights(src.module, Path(weights))
+    else:
+        src = load_model(spec, weights)
+        if weights is not None and Path(weights).suffix == ".safetensors":
+            hints = _hash_hints(Path(weights))
+    assert src.module is not None
+    records: list[dict[str, Any]] = []
+    module = src.module
+    if recipe:
+        from edgepipe.compress import apply_recipe, load_recipe
+        from edgepipe.data import load_dataset, split
+
+        rec = load_recipe(recipe)
+        splits = split(load_dataset(data, tuple(input_shape[1:])))  # type: ignore[arg-type]
+        module, records = apply_recipe(module, rec, splits, reporter)
+    reference = load_model(spec).module
+    report = archive.pack(module, spec, Path(out), input_shape=tuple(input_shape), reference=reference, hints=hints)
+    return report, records
+
+
+def _load_pt2_weights(module: Any, path: Path) -> None:
+    import torch
+
+    from edgepipe.errors import ModelLoadError
+
+    try:
+        state = torch.export.load(str(path)).state_dict
+    except Exception as e:
+        raise ModelLoadError(f"weights {str(path)!r} are not a torch.export .pt2 program ({e})") from e
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(
+            f"the weights in {str(path)!r} do not fit the factory's model ({str(e).strip().splitlines()[0]}); "
+            "a model whose layers a recipe replaced (lowrank) is packed with `edgepipe pack FACTORY --recipe R`"
+        ) from e
+
+
+def _hash_hints(path: Path) -> dict[str, Any]:
+    """Hashed-layer seeds that `edgepipe unpack` wrote into a safetensors file's metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    from edgepipe.compress.hashing import HashSpec
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return {k: HashSpec(*v) for k, v in json.loads(meta.get("edgepipe.hashed", "{}")).items()}
+
+
+def unpack(archive: str | Path, out: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Restore an archive's exact weights (checked by hash) as a ``.pt2`` program or a ``.safetensors`` file.
+
+    Returns:
+        The written path and what was restored (factory, tensors, hash).
+    """
+    import json
+
+    import torch
+
+    from edgepipe._fs import atomic_path
+    from edgepipe.compress import archive as ar
+
+    out = Path(out)
+    if out.suffix not in (".pt2", ".safetensors"):
+        raise ConfigError(f"unpack --out {str(out)!r}: give a .pt2 (a model) or a .safetensors (weights) path")
+    unpacked = ar.read(Path(archive))
+    module = ar.restore(unpacked)
+    if out.suffix == ".safetensors":
+        if unpacked.edits:
+            raise ConfigError(f"archive {str(archive)!r} holds layers its factory does not build "
+                              f"({', '.join(unpacked.edits)} were factorised): unpack it to a .pt2 instead")
+        from safetensors.torch import save_file
+
+        meta = {"edgepipe.spec": unpacked.spec, "edgepipe.sha256": unpacked.sha256,
+                "edgepipe.hashed": json.dumps(unpacked.hashed)}
+        with atomic_path(out) as tmp:
+            save_file({k: v.contiguous() for k, v in unpacked.state.items()}, str(tmp), metadata=meta)
+    else:
+        if not unpacked.input_shape:
+            raise ConfigError(f"archive {str(archive)!r} records no input shape; unpack it to .safetensors")
+        example = torch.zeros((2, *unpacked.input_shape[1:]))
+        program = torch.export.export(module, (example,),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+        with atomic_path(out) as tmp:
+            torch.export.save(program, str(tmp))
+    return out, {"spec": unpacked.spec, "tensors": len(unpacked.state), "sha256": unpacked.sha256,
+                 "edits": sorted(unpacked.edits), "hashed": sorted(unpacked.hashed)}

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from edgepipe.data import Splits
 
 _MODULES: tuple[str, ...] = (
+    "edgepipe.compress.lowrank",
+    "edgepipe.compress.share",
+    "edgepipe.compress.hashing",
 )
 
 
