@@ -370,7 +370,9 @@ def unpack(archive: str | Path, out: str | Path) -> tuple[Path, dict[str, Any]]:
         meta = {"edgepipe.spec": unpacked.spec, "edgepipe.sha256": unpacked.sha256,
                 "edgepipe.hashed": json.dumps(unpacked.hashed)}
         with atomic_path(out) as tmp:
+            mode = tmp.stat().st_mode
             save_file({k: v.contiguous() for k, v in unpacked.state.items()}, str(tmp), metadata=meta)
+            tmp.chmod(mode)  # safetensors writes a fresh, owner-only file
     else:
         if not unpacked.input_shape:
             raise ConfigError(f"archive {str(archive)!r} records no input shape; unpack it to .safetensors")

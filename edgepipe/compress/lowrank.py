@@ -194,8 +194,12 @@ def _factorise_linear(m: nn.Linear, r: int) -> nn.Sequential:
 
 
 def _factorise_conv(m: nn.Conv2d, r_out: int, r_in: int, iterations: int) -> nn.Sequential:
-    import tensorly as tl
-    from tensorly.decomposition import partial_tucker
+    try:
+        import tensorly as tl
+        from tensorly.decomposition import partial_tucker
+    except ImportError as e:
+        raise CompressionError("low-rank factorisation of Conv2d layers needs tensorly: "
+                               "pip install 'edgepipe[lowrank]'") from e
 
     w = m.weight.detach().double().numpy()
     cout, cin = w.shape[:2]

@@ -137,7 +137,28 @@ def _project(module: nn.Module, state: _Shared) -> None:
         w.copy_(new.reshape(w.shape))
 
 
-@register("weight_share", ShareConfig, finalize=lambda model: finalize(model))
+def finalize(model: nn.Module) -> nn.Module:
+    """Make sharing permanent: centroids written back, gradient hooks removed, halves applied if asked."""
+    shared_weights = set()
+    for m in model.modules():
+        state = getattr(m, "edgepipe_share", None)
+        if isinstance(state, _Shared):
+            _project(m, state)
+            state.handle.remove()
+            del m.edgepipe_share
+            shared_weights.add(id(m.weight))
+    if getattr(model, "edgepipe_share_others", "float32") == "float16":
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                if t.is_floating_point() and id(t) not in shared_weights:
+                    half = t.half().float()
+                    t.copy_(torch.where(torch.isfinite(half), half, t))
+    if hasattr(model, "edgepipe_share_others"):
+        del model.edgepipe_share_others
+    return model
+
+
+@register("weight_share", ShareConfig, finalize=finalize)
 def weight_share(model: nn.Module, cfg: ShareConfig, ctx: CompressContext) -> nn.Module:
     """Weight sharing: per-layer k-means into 2^bits shared values, centroids trained by grouped gradients."""
     mods = dict(model.named_modules())
@@ -162,25 +183,4 @@ def weight_share(model: nn.Module, cfg: ShareConfig, ctx: CompressContext) -> nn
         raise ConfigError(f"weight_share: no layer matched bits = {cfg.bits}")
     model.edgepipe_share_others = cfg.others  # type: ignore[assignment]
     ctx.reporter.note(f"weight sharing: {shared} layers clustered")
-    return model
-
-
-def finalize(model: nn.Module) -> nn.Module:
-    """Make sharing permanent: centroids written back, gradient hooks removed, halves applied if asked."""
-    shared_weights = set()
-    for m in model.modules():
-        state = getattr(m, "edgepipe_share", None)
-        if isinstance(state, _Shared):
-            _project(m, state)
-            state.handle.remove()
-            del m.edgepipe_share
-            shared_weights.add(id(m.weight))
-    if getattr(model, "edgepipe_share_others", "float32") == "float16":
-        with torch.no_grad():
-            for t in [*model.parameters(), *model.buffers()]:
-                if t.is_floating_point() and id(t) not in shared_weights:
-                    half = t.half().float()
-                    t.copy_(torch.where(torch.isfinite(half), half, t))
-    if hasattr(model, "edgepipe_share_others"):
-        del model.edgepipe_share_others
     return model
