@@ -47,6 +47,17 @@ def test_huffman_edge_cases():
         hf.decode(hf.Reader(hf.encode(np.arange(100))[:-3]))
 
 
+@pytest.mark.parametrize("width", [1, 2, 3, 5])
+def test_relative_offsets_with_filler_zeros(width):
+    rng = np.random.default_rng(width)
+    positions = np.sort(rng.choice(5000, 60, replace=False))
+    gaps, filler = archive._gaps(positions, width)
+    assert gaps.max() <= (1 << width) - 1  # every offset fits the width ...
+    assert filler.sum() > 0  # ... thanks to filler entries at zero positions
+    back = archive._positions(gaps)
+    assert np.array_equal(back[~filler], positions) and not np.isin(back[filler], positions).any()
+
+
 def _pruned_shared(model: nn.Module, sparsity: float = 0.9, bits: int = 4) -> nn.Module:
     """A pruned and shared model, made directly (no fine-tune): what the recipe steps leave behind."""
     with torch.no_grad():
