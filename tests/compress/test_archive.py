@@ -200,3 +200,14 @@ def test_cli_pack_unpack_and_compile(tmp_path, monkeypatch):
         main(["compile", "m.pt2", "--target", "cpu-int8", "--out", "dist", "--allow-accuracy-drop", "--json"])
     assert e.value.code == 0
     assert (tmp_path / "dist" / "cpu-int8" / "manifest.json").is_file()
+
+
+def test_pack_and_unpack_arguments_are_checked(tmp_path):
+    from edgepipe import api
+    from edgepipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pack needs MODEL as package.module:factory .* pass a compressed .pt2 as --weights"):
+        api.pack(str(tmp_path / "model.pt2"), out=tmp_path / "m.epk")
+    with pytest.raises(ConfigError, match=r"give a .pt2 \(a model\) or a .safetensors \(weights\) path"):
+        api.unpack(tmp_path / "m.epk", tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
