@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# run as a script, bench/ would be first on sys.path and its files could shadow packages (bench/openvino.py)
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from edgepipe.compress import apply_recipe, archive, recipe_from_dict, techniques  # noqa: E402
 from edgepipe.compress._stats import count_macs, top1  # noqa: E402
