@@ -43,6 +43,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(arg, value, where)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # `X | None`: X's own message says more (e.g. a table's bad field)
+            raise errors[0]
         raise ConfigError(f"{where} = {value!r}: expected {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from edgepipe.data import Splits
 
 _MODULES: tuple[str, ...] = (
+    "edgepipe.compress.prune",
+    "edgepipe.compress.structured",
     "edgepipe.compress.lowrank",
     "edgepipe.compress.share",
     "edgepipe.compress.hashing",
@@ -109,7 +111,8 @@ class CompressContext:
         """Run the shared fine-tune loop on the training split with the recipe's objective."""
         from edgepipe.compress.finetune import finetune
 
-        kwargs.setdefault("objective", self.objective(model))
+        if kwargs.get("objective") is None:  # not setdefault: building an unused objective leaves its hooks behind
+            kwargs["objective"] = self.objective(model)
         return finetune(model, self.splits.train, cfg or self.finetune_config, reporter=self.reporter, **kwargs)
 
     def top1(self, model: nn.Module) -> float:
@@ -168,7 +171,9 @@ def apply_recipe(model: nn.Module, recipe: Recipe, splits: Splits,
         with rep.stage(f"compress {i + 1}/{len(recipe.steps)}: {step.technique}"):
             try:
                 model = tech.apply(model, cfg, ctx)
-            except (ConfigError, CompressionError):
+            except ConfigError as e:  # a value only the model can refute (a layer name): say which step
+                raise ConfigError(f"steps[{i}] ({step.technique}): {e}") from None
+            except CompressionError:
                 raise
             except Exception as e:
                 raise CompressionError(f"steps[{i}] ({step.technique}) failed: {type(e).__name__}: {e}") from e

@@ -156,11 +156,16 @@ def load_recipe(spec: str | Path) -> Recipe:
     """Load a recipe TOML by path, or by name from the recipes shipped with edgepipe (``recipes/``)."""
     path = Path(spec)
     if not path.is_file():
-        shipped = Path(__file__).resolve().parents[2] / "recipes" / f"{spec}.toml"
-        if path.suffix != ".toml" and shipped.is_file():
-            path = shipped
+        here = Path(__file__).resolve().parents[1]  # the edgepipe package
+        shipped = [d / f"{spec}.toml" for d in (here.parent / "recipes", here / "_recipes")]  # checkout, wheel
+        found = [p for p in shipped if p.is_file()]
+        if path.suffix != ".toml" and found:
+            path = found[0]
         else:
-            raise ConfigError(f"recipe {str(spec)!r} not found: give a path to a .toml recipe")
+            names = sorted({p.stem for d in (here.parent / "recipes", here / "_recipes") if d.is_dir()
+                            for p in d.glob("*.toml")})
+            raise ConfigError(f"recipe {str(spec)!r} not found: give a path to a .toml recipe, or the name of a "
+                              f"shipped one: {', '.join(names) or '(none)'}")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
