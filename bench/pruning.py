@@ -146,8 +146,8 @@ def _measure(cfgs: list[Config], names: list[str], rounds: int, iterations: int)
 
 def _table(cfgs: list[Config], names: list[str]) -> str:
     base = cfgs[0]
-    head = ["backend", "technique", "params", "non-zero", "MACs", "top-1", "Δ top-1 (pts)", "p50 ms",
-            "speed-up", "ONNX KB", "gzip KB"]
+    head = ["backend", "technique", "params", "non-zero", "MACs", "top-1", "drop (pts)", "p50 ms",
+            "rounds min-max", "speed-up", "ONNX KB", "gzip KB"]
     rows = []
     for name in names:
         if name not in base.p50s:
@@ -161,6 +161,7 @@ def _table(cfgs: list[Config], names: list[str]) -> str:
             rows.append([
                 name, c.name, f"{c.stats['params']:,}", f"{c.stats['nonzero_params']:,}", f"{c.stats['macs'] / 1e6:.1f} M",
                 f"{c.top1[name]:.2%}", "—" if c is base else f"{drop:+.2f}", f"{p50:.3f}",
+                f"{min(c.p50s[name]):.3f}-{max(c.p50s[name]):.3f}",
                 "1.00×" if c is base else f"{b50 / p50:.2f}×",
                 f"{c.onnx.path.stat().st_size / 1024:.0f}" if c.onnx else "?", f"{c.gzip_bytes / 1024:.0f}",
             ])
@@ -219,7 +220,8 @@ def main() -> int:
     print(f"host: {os.cpu_count()} cores, shared with other jobs while this ran (timings are noisy; the "
           f"ratios compare configurations measured interleaved in the same rounds). p50 = median over "
           f"{args.rounds} rounds of each round's p50 ({args.iterations} iterations, fresh worker process).")
-    print("top-1 on the held-out digits split (359 samples: one sample = 0.28 points), per backend's artifact.")
+    print("top-1 on the held-out digits split (359 samples: one sample = 0.28 points), per backend's artifact; "
+          "drop = baseline minus this row, negative = better than the baseline.")
     print("Unstructured sparsity (magnitude 80 %) gives NO speed-up on these runtimes: the zeros are stored and "
           "multiplied densely. What it buys is size after generic compression (gzip KB column; zip, Huffman "
           "packing likewise). Structured pruning removes channels: fewer params, MACs and milliseconds.")

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from edgepipe.compress import CompressContext, register
-from edgepipe.compress._layers import ModuleType, pick, prunable
+from edgepipe.compress._layers import ModuleType, classifier_layers, pick, prunable
 from edgepipe.errors import ConfigError
 
 
@@ -90,7 +90,7 @@ class RegularizedPruneConfig(MagnitudePruneConfig):
 
     ``l1``/``l2`` penalise the weights (then unstructured pruning by magnitude); ``group_lasso`` penalises
     the L2 norm of each output channel (then whole output channels are zeroed: ``sparsity`` is the
-    fraction of channels, ``threshold`` a bound on a channel's RMS weight). ``epochs`` overrides the
+    fraction of channels, ``threshold`` a bound on a channel's RMS weight; the classifier is left out). ``epochs`` overrides the
     recipe's ``[finetune].epochs`` for the regularised training.
     """
 
@@ -256,6 +256,10 @@ def regularized_prune(model: nn.Module, cfg: RegularizedPruneConfig, ctx: Compre
     """Sparsity-inducing fine-tune (L1/L2 on weights or group lasso on channels), then threshold pruning."""
     layers = _layers(model, cfg)
     pick(layers, cfg.layers, "layers", "prunable layers")
+    if cfg.penalty == "group_lasso":  # a zeroed output channel of the classifier would silence a class
+        with torch.no_grad():
+            outputs = int(model.eval()(ctx.example).shape[-1])
+        layers = {n: m for n, m in layers.items() if n not in classifier_layers(model, outputs)}
     ft = ctx.finetune_config if cfg.epochs is None else dataclasses.replace(ctx.finetune_config, epochs=cfg.epochs)
     model = ctx.finetune(model, ft, regularizer=_penalty(layers, cfg), desc=f"{cfg.penalty}-regularised training")
     if cfg.penalty == "group_lasso":

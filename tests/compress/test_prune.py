@@ -154,8 +154,9 @@ def test_l1_regularised_training_shrinks_weights_then_prunes(splits):
 
 
 def test_group_lasso_zeroes_whole_output_channels(splits):
-    model = _apply("regularized_prune", {"penalty": "group_lasso", "strength": 1e-3, "sparsity": 0.3,
-                                         "ignored_layers": ["fc"]}, splits, max_batches=2)
+    model = _apply("regularized_prune", {"penalty": "group_lasso", "strength": 1e-3, "sparsity": 0.3},
+                   splits, max_batches=2)
+    assert not hasattr(model.fc, "weight_orig")  # the classifier is left out: every class keeps its row
     convs = [m for n, m in _convs_and_linears(model).items() if n != "fc"]
     dead = sum(int((m.weight.flatten(1).abs().sum(1) == 0).sum()) for m in convs)
     total = sum(m.out_channels for m in convs)
@@ -333,3 +334,15 @@ def test_build_with_recipe_carries_compression_records(tmp_path):
     assert manifest["inputs"]["recipe"] and manifest["accuracy"]["top1"] > 0.5
     src = onnx.load(str(tmp_path / "dist" / "cpu-int8" / "source.onnx"))
     assert max(i.dims[0] for i in src.graph.initializer if len(i.dims) == 4) == 32  # the shrunk graph shipped
+
+
+def test_compress_writes_a_pt2_of_the_shrunk_model(tmp_path):
+    from edgepipe import api
+    from edgepipe.models import load_model
+
+    recipe = tmp_path / "s.toml"
+    recipe.write_text('[[steps]]\ntechnique = "structured_prune"\nratio = 0.5\nround_to = 8\n')
+    path, [rec] = api.compress(None, recipe, out=tmp_path / "small.pt2")
+    module = load_model(str(path)).module
+    assert module is not None
+    assert sum(p.numel() for p in module.parameters()) == rec["after"]["params"] < 0.3 * rec["before"]["params"]
