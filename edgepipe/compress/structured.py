@@ -9,7 +9,7 @@ residual add. The classifier's outputs are left alone (the classes stay). The re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -61,7 +61,8 @@ class StructuredPruneConfig:
             raise ConfigError(f"batches = {self.batches}, batch_size = {self.batch_size}: both must be >= 1")
 
 
-def _importance(name: Importance):  # noqa: ANN202 - a torch_pruning Importance
+def _importance(name: Importance) -> Any:
+    """The torch_pruning ``Importance`` for ``name``."""
     import torch_pruning as tp
 
     imp = tp.pruner.importance
