@@ -104,7 +104,7 @@ def test_intermediate_hint_loss_is_zero_for_an_identical_student(splits):
     obj = make_objective(cfg, student.eval(), teacher, x[:1])
     assert obj.adapters == [None]  # same channels: no adapter
     loss = obj(student, x, torch.from_numpy(splits.evaluation.y[:8]))
-    assert float(loss) == pytest.approx(0.0, abs=1e-6)  # same logits (KL 0) and same features (hint 0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # same logits (KL 0) and same features (hint 0)
     obj.close()
 
 
