@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 from pathlib import Path
+
+# run as a script, bench/ would be first on sys.path and its files could shadow packages (bench/openvino.py)
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from edgepipe import backends
 from edgepipe.backends.base import Artifact, CalibrationSet
