@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from edgepipe.errors import ConfigError
@@ -116,3 +117,20 @@ def to_dict(obj: Any) -> dict[str, Any]:
         return v
 
     return clean(obj)
+
+
+def load_toml(path: Path, kind: str) -> dict[str, Any]:
+    """Read a TOML file as a dict, with ``name`` defaulting to the file's stem.
+
+    Args:
+        path: the file.
+        kind: what it is, for the error message ("target", "recipe").
+    """
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{kind} file {str(path)!r} is not valid TOML: {e}") from None
+    data.setdefault("name", path.stem)
+    return data

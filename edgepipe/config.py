@@ -8,13 +8,12 @@ benchmark on over SSH.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from edgepipe._hashing import sha256_json
-from edgepipe._schema import from_dict, to_dict
+from edgepipe._schema import from_dict, load_toml, to_dict
 from edgepipe.errors import ConfigError
 
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
@@ -177,9 +176,4 @@ def load_target(spec: str | Path) -> Target:
         path = files[str(spec)]
     if not path.is_file():
         raise ConfigError(f"target file {str(path)!r} not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"target file {str(path)!r} is not valid TOML: {e}") from None
-    data.setdefault("name", path.stem)
-    return target_from_dict(data, f"target file {str(path)!r}")
+    return target_from_dict(load_toml(path, "target"), f"target file {str(path)!r}")

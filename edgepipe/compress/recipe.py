@@ -14,13 +14,12 @@ finetune = true
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from edgepipe._hashing import sha256_json
-from edgepipe._schema import from_dict, to_dict
+from edgepipe._schema import from_dict, load_toml, to_dict
 from edgepipe.errors import ConfigError
 
 
@@ -166,9 +165,4 @@ def load_recipe(spec: str | Path) -> Recipe:
                             for p in d.glob("*.toml")})
             raise ConfigError(f"recipe {str(spec)!r} not found: give a path to a .toml recipe, or the name of a "
                               f"shipped one: {', '.join(names) or '(none)'}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"recipe file {str(path)!r} is not valid TOML: {e}") from None
-    data.setdefault("name", path.stem)
-    return recipe_from_dict(data, f"recipe file {str(path)!r}")
+    return recipe_from_dict(load_toml(path, "recipe"), f"recipe file {str(path)!r}")
