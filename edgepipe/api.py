@@ -101,12 +101,9 @@ def compress(
     Returns:
         The written path and one record per step (params, non-zero params, MACs, top-1 before and after).
     """
-    import torch
-
-    from edgepipe._fs import atomic_path
     from edgepipe.compress import apply_recipe, load_recipe
     from edgepipe.data import load_dataset, split
-    from edgepipe.models import load_model
+    from edgepipe.models import load_model, save_program
 
     rec = load_recipe(recipe)
     src = load_model(model, weights)
@@ -114,15 +111,7 @@ def compress(
         raise ConfigError(f"model {src.spec!r} is ONNX; compression needs the torch model")
     splits = split(load_dataset(data, tuple(input_shape[1:])))  # type: ignore[arg-type]
     module, records = apply_recipe(src.module, rec, splits, reporter)
-    example = torch.zeros((2, *input_shape[1:]))
-    try:
-        program = torch.export.export(module, (example,),
-                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
-    except Exception as e:
-        raise ConfigError(f"the compressed model does not export with torch.export: {e}") from e
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        torch.export.save(program, str(tmp))
+    out = save_program(module, tuple(input_shape), Path(out))
     return out, records
 
 
@@ -289,14 +278,8 @@ def pack(
     if Path(spec).suffix in (".onnx", ".pt2", ".pt", ".ts", ".pth") or ":" not in spec:
         raise ConfigError(f"pack needs MODEL as package.module:factory (the archive names the factory that "
                           f"rebuilds the architecture), not {spec!r}; pass a compressed .pt2 as --weights")
-    hints: dict[str, Any] = {}
-    if weights is not None and Path(weights).suffix == ".pt2":
-        src = load_model(spec)
-        _load_pt2_weights(src.module, Path(weights))
-    else:
-        src = load_model(spec, weights)
-        if weights is not None and Path(weights).suffix == ".safetensors":
-            hints = _hash_hints(Path(weights))
+    src = load_model(spec, weights)
+    hints = _hash_hints(Path(weights)) if weights is not None and Path(weights).suffix == ".safetensors" else {}
     assert src.module is not None
     records: list[dict[str, Any]] = []
     module = src.module
@@ -310,24 +293,6 @@ def pack(
     reference = load_model(spec).module
     report = archive.pack(module, spec, Path(out), input_shape=tuple(input_shape), reference=reference, hints=hints)
     return report, records
-
-
-def _load_pt2_weights(module: Any, path: Path) -> None:
-    import torch
-
-    from edgepipe.errors import ModelLoadError
-
-    try:
-        state = torch.export.load(str(path)).state_dict
-    except Exception as e:
-        raise ModelLoadError(f"weights {str(path)!r} are not a torch.export .pt2 program ({e})") from e
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ModelLoadError(
-            f"the weights in {str(path)!r} do not fit the factory's model ({str(e).strip().splitlines()[0]}); "
-            "a model whose layers a recipe replaced (lowrank) is packed with `edgepipe pack FACTORY --recipe R`"
-        ) from e
 
 
 def _hash_hints(path: Path) -> dict[str, Any]:
@@ -351,10 +316,9 @@ def unpack(archive: str | Path, out: str | Path) -> tuple[Path, dict[str, Any]]:
     """
     import json
 
-    import torch
-
     from edgepipe._fs import atomic_path
     from edgepipe.compress import archive as ar
+    from edgepipe.models import save_program
 
     out = Path(out)
     if out.suffix not in (".pt2", ".safetensors"):
@@ -376,10 +340,6 @@ def unpack(archive: str | Path, out: str | Path) -> tuple[Path, dict[str, Any]]:
     else:
         if not unpacked.input_shape:
             raise ConfigError(f"archive {str(archive)!r} records no input shape; unpack it to .safetensors")
-        example = torch.zeros((2, *unpacked.input_shape[1:]))
-        program = torch.export.export(module, (example,),
-                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
-        with atomic_path(out) as tmp:
-            torch.export.save(program, str(tmp))
+        save_program(module, tuple(unpacked.input_shape), out)
     return out, {"spec": unpacked.spec, "tensors": len(unpacked.state), "sha256": unpacked.sha256,
                  "edits": sorted(unpacked.edits), "hashed": sorted(unpacked.hashed)}

@@ -109,7 +109,7 @@ def resolve_targets(specs: list[str], input_shape: tuple[int, ...] | None = None
             t = t.with_input_shape(tuple(input_shape))
         backend = backends.get(t.backend)
         backend.validate(t)
-        avail = backend.check()
+        avail = backend.check_target(t)
         if not avail.compile:
             raise BackendUnavailable(f"target {t.name!r} needs backend {t.backend!r}, which cannot compile here: {avail.reason}")
         out.append(t)

@@ -60,20 +60,41 @@ def _load_weights(module: nn.Module, weights: Path) -> None:
             from safetensors.torch import load_file
 
             state = load_file(str(weights))
+        elif weights.suffix == ".pt2":  # e.g. the output of `edgepipe compress`
+            state = torch.export.load(str(weights)).state_dict
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state:
                 state = state["state_dict"]
     except Exception as e:
         raise ModelLoadError(
-            f"weights file {str(weights)!r} could not be read ({e}); give a .safetensors file or a "
-            "torch.save'd state_dict"
+            f"weights file {str(weights)!r} could not be read ({e}); give a .safetensors file, a "
+            "torch.save'd state_dict or a .pt2 program"
         ) from e
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise ModelLoadError(f"weights {str(weights)!r} do not fit the model: {first}") from e
+        hint = ("; a .pt2 whose layers a recipe replaced (lowrank) no longer fits its factory: build or pack "
+                "it with the recipe instead" if weights.suffix == ".pt2" else "")
+        raise ModelLoadError(f"weights {str(weights)!r} do not fit the model: {first}{hint}") from e
+
+
+def save_program(module: nn.Module, input_shape: tuple[int, ...], out: Path) -> Path:
+    """Save ``module`` as a torch.export ``.pt2`` program with a dynamic batch, atomically."""
+    import torch
+
+    from edgepipe._fs import atomic_path
+
+    example = torch.zeros((2, *input_shape[1:]))
+    try:
+        program = torch.export.export(module, (example,),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    except Exception as e:
+        raise ModelLoadError(f"the model does not export with torch.export, so no .pt2 was written: {e}") from e
+    with atomic_path(Path(out)) as tmp:
+        torch.export.save(program, str(tmp))
+    return Path(out)
 
 
 def _from_factory(spec: str, weights: Path | None) -> Any:

@@ -79,3 +79,17 @@ def test_pt2_exported_program(tmp_path, example_model, splits):
     src = load_model(str(tmp_path / "m.pt2"))
     with torch.no_grad():
         assert np.allclose(src.module(x).numpy(), example_model(x).numpy(), atol=1e-5)
+
+
+def test_pt2_program_as_weights_for_a_factory(tmp_path):
+    """`edgepipe compress` writes a .pt2; its weights load into the factory's model like a state dict."""
+    from edgepipe.models import save_program
+
+    trained = load_model(None).module
+    save_program(trained, (1, 1, 32, 32), tmp_path / "m.pt2")
+    src = load_model(EXAMPLE, tmp_path / "m.pt2")
+    assert src.weights_sha256 == state_dict_sha256(trained)
+    small = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 10))
+    save_program(small, (1, 1, 32, 32), tmp_path / "small.pt2")
+    with pytest.raises(ModelLoadError, match="do not fit the model.*no longer fits its factory"):
+        load_model(EXAMPLE, tmp_path / "small.pt2")
