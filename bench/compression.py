@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # run as a script, bench/ would be first on sys.path and its files could shadow packages (bench/openvino.py)
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from edgepipe.compress import apply_recipe, archive, recipe_from_dict, techniques  # noqa: E402
+from edgepipe.compress import apply_recipe, recipe_from_dict, techniques  # noqa: E402
+from edgepipe.package import archive  # noqa: E402
 from edgepipe.compress._stats import count_macs, top1  # noqa: E402
 from edgepipe.data import Splits, digits, split  # noqa: E402
 
@@ -110,7 +111,7 @@ class Row:
 def train_lenet(splits: Splits, epochs: int = 40) -> nn.Module:
     """LeNet-300-100 on the flattened 32x32 digits, seeded."""
     from edgepipe.compress.finetune import finetune
-    from edgepipe.compress.recipe import FinetuneConfig
+    from edgepipe.config.recipe import FinetuneConfig
     from edgepipe.models.lenet import lenet_300_100
 
     torch.manual_seed(0)
@@ -142,7 +143,7 @@ def _evaluate(name: str, technique: str, model: nn.Module, spec: str, splits: Sp
 
 
 def _measure(rows: list[Row], rounds: int, iterations: int) -> None:
-    from edgepipe.backends.base import Artifact
+    from edgepipe.types import Artifact
     from edgepipe.harness import BenchSettings, measure
 
     settings = BenchSettings(threads=1, iterations=iterations, warmup=20)

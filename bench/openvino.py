@@ -43,7 +43,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 from edgepipe import backends  # noqa: E402
-from edgepipe.backends.base import Artifact, CalibrationSet, OnnxModel  # noqa: E402
+from edgepipe.types import Artifact, OnnxModel  # noqa: E402
 from edgepipe.config import Target, load_target  # noqa: E402
 from edgepipe.data import digits, fit_to_shape, split  # noqa: E402
 from edgepipe.evaluate import predict  # noqa: E402

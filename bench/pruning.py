@@ -40,7 +40,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 from edgepipe import backends  # noqa: E402
-from edgepipe.backends.base import Artifact, CalibrationSet, OnnxModel  # noqa: E402
+from edgepipe.types import Artifact, OnnxModel  # noqa: E402
 from edgepipe.config import Runtime, Target  # noqa: E402
 from edgepipe.harness import BenchSettings, measure  # noqa: E402
 

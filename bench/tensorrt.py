@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from edgepipe import backends  # noqa: E402
-from edgepipe.backends._tensorrt_engine import runtime_problem  # noqa: E402
-from edgepipe.backends.base import Artifact, CalibrationSet  # noqa: E402
+from edgepipe.backends.tensorrt.engine import runtime_problem  # noqa: E402
+from edgepipe.types import Artifact, CalibrationSet  # noqa: E402
 from edgepipe.config import load_target, target_from_dict  # noqa: E402
 from edgepipe.data import digits, split  # noqa: E402
 from edgepipe.evaluate import top1  # noqa: E402

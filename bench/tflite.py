@@ -26,7 +26,7 @@ sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
     p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from edgepipe import backends
-from edgepipe.backends.base import Artifact, CalibrationSet
+from edgepipe.types import Artifact, CalibrationSet
 from edgepipe.config import target_from_dict
 from edgepipe.data import digits, split
 from edgepipe.evaluate import top1

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from edgepipe import backends
 from edgepipe._progress import Reporter
-from edgepipe.backends.base import Artifact, OnnxModel
 from edgepipe.config import Board, Target, load_target, target_files
+from edgepipe.config.recipe import Recipe
 from edgepipe.errors import ConfigError
 from edgepipe.harness import BenchSettings, Measurement, measure
 from edgepipe.pipeline import BuildOptions, BuildResult
 from edgepipe.pipeline import build as _build
+from edgepipe.types import DEFAULT_INPUT_SHAPE, Artifact, OnnxModel
 
 if TYPE_CHECKING:
     from edgepipe.toolchains import ToolchainStatus
@@ -51,7 +52,7 @@ def export(
     model: str | None = None,
     out: str | Path = "model.onnx",
     *,
-    input_shape: tuple[int, ...] = (1, 1, 32, 32),
+    input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE,
     weights: Path | None = None,
     dynamic_batch: bool = True,
     data: str = "digits",
@@ -63,15 +64,15 @@ def export(
         The ONNX model and the parity figures (max abs error, top-1 agreement).
     """
     from edgepipe import export as ex
-    from edgepipe.data import load_dataset, split
     from edgepipe.models import load_model
+    from edgepipe.pipeline.stages import data_splits
 
     src = load_model(model, weights)
     if src.is_onnx:
         raise ConfigError(f"model {src.spec!r} is already ONNX; nothing to export")
     assert src.module is not None
     onnx = ex.export(src.module, tuple(input_shape), Path(out), dynamic_batch=dynamic_batch)
-    p = ex.parity(src.module, onnx, split(load_dataset(data, tuple(input_shape[1:]))).evaluation.x)  # type: ignore[arg-type]
+    p = ex.parity(src.module, onnx, data_splits(data, tuple(input_shape)).validation.x)
     try:
         ex.check_parity(p, atol=parity_atol)
     except Exception:
@@ -88,12 +89,12 @@ def compile(model: str, target: str, *, out: str | Path = "dist", data: str = "d
 
 def compress(
     model: str | None = None,
-    recipe: str | Path = "",
+    recipe: str | Path | Recipe = "",
     *,
     out: str | Path = "model.pt2",
     weights: Path | None = None,
     data: str = "digits",
-    input_shape: tuple[int, ...] = (1, 1, 32, 32),
+    input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE,
     reporter: Reporter | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Apply a compression recipe to a torch model and save it as a ``.pt2`` ExportedProgram.
@@ -101,18 +102,18 @@ def compress(
     Returns:
         The written path and one record per step (params, non-zero params, MACs, top-1 before and after).
     """
-    from edgepipe.compress import apply_recipe, load_recipe
-    from edgepipe.data import load_dataset, split
+    from edgepipe.config.recipe import load_recipe
     from edgepipe.models import load_model, save_program
+    from edgepipe.pipeline import stages
+    from edgepipe.pipeline.cache import Cache
 
-    rec = load_recipe(recipe)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     src = load_model(model, weights)
     if src.module is None:
         raise ConfigError(f"model {src.spec!r} is ONNX; compression needs the torch model")
-    splits = split(load_dataset(data, tuple(input_shape[1:])))  # type: ignore[arg-type]
-    module, records = apply_recipe(src.module, rec, splits, reporter)
-    out = save_program(module, tuple(input_shape), Path(out))
-    return out, records
+    compressed, _ = stages.compress(src, rec, stages.data_splits(data, tuple(input_shape)), Cache(), reporter)
+    out = save_program(compressed.module, tuple(input_shape), Path(out))
+    return out, compressed.records
 
 
 def resolve_artifact(path: str | Path) -> Artifact:
@@ -251,9 +252,9 @@ def pack(
     *,
     out: str | Path = "model.epk",
     weights: Path | None = None,
-    recipe: str | Path | None = None,
+    recipe: str | Path | Recipe | None = None,
     data: str = "digits",
-    input_shape: tuple[int, ...] = (1, 1, 32, 32),
+    input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE,
     reporter: Reporter | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Write a compact, Huffman-coded archive of a model's weights for over-the-air delivery.
@@ -268,11 +269,11 @@ def pack(
         input_shape: recorded in the archive, so ``unpack`` can write a ``.pt2``.
 
     Returns:
-        The :class:`edgepipe.compress.archive.PackReport` (bytes per stage and per tensor) and the
+        The :class:`edgepipe.package.archive.PackReport` (bytes per stage and per tensor) and the
         recipe's step records (empty without a recipe).
     """
-    from edgepipe.compress import archive
     from edgepipe.models import EXAMPLE, load_model
+    from edgepipe.package import archive
 
     spec = model or EXAMPLE
     if Path(spec).suffix in (".onnx", ".pt2", ".pt", ".ts", ".pth") or ":" not in spec:
@@ -284,12 +285,13 @@ def pack(
     records: list[dict[str, Any]] = []
     module = src.module
     if recipe:
-        from edgepipe.compress import apply_recipe, load_recipe
-        from edgepipe.data import load_dataset, split
+        from edgepipe.compress import apply_recipe
+        from edgepipe.config.recipe import load_recipe
+        from edgepipe.pipeline.stages import data_splits
 
-        rec = load_recipe(recipe)
-        splits = split(load_dataset(data, tuple(input_shape[1:])))  # type: ignore[arg-type]
-        module, records = apply_recipe(module, rec, splits, reporter)
+        # in-process, not from the cache: a hashed layer's seeds live on the module, not in a .pt2
+        rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        module, records = apply_recipe(module, rec, data_splits(data, tuple(input_shape)), reporter)
     reference = load_model(spec).module
     report = archive.pack(module, spec, Path(out), input_shape=tuple(input_shape), reference=reference, hints=hints)
     return report, records
@@ -317,8 +319,8 @@ def unpack(archive: str | Path, out: str | Path) -> tuple[Path, dict[str, Any]]:
     import json
 
     from edgepipe._fs import atomic_path
-    from edgepipe.compress import archive as ar
     from edgepipe.models import save_program
+    from edgepipe.package import archive as ar
 
     out = Path(out)
     if out.suffix not in (".pt2", ".safetensors"):

@@ -13,8 +13,10 @@ import click
 
 from edgepipe import __version__
 from edgepipe.errors import EdgepipeError
+from edgepipe.types import DEFAULT_INPUT_SHAPE
 
 _STATE = {"debug": False}
+_DEFAULT_SHAPE = ",".join(map(str, DEFAULT_INPUT_SHAPE))
 MODEL_HELP = ("MODEL is package.module:factory, a .pt2 ExportedProgram, a TorchScript .pt, or an .onnx "
               "file; without it, the bundled digits example is used.")
 
@@ -136,7 +138,8 @@ def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | 
                            cache=not no_cache, allow_accuracy_drop=allow_accuracy_drop, local_bench=local_bench)
     if as_json:
         _emit_json({"model": result.model, "notes": result.notes,
-                    "targets": {r.target.name: {"release_dir": str(r.release_dir), **r.manifest} for r in result.results}})
+                    "targets": {r.manifest.name: {"release_dir": str(r.release_dir), **r.manifest.to_dict()}
+                                for r in result.results}})
         return
     _build_table(result)
 
@@ -155,26 +158,25 @@ def _build_table(result: Any) -> None:
     shown_ref: set[str] = set()
     for r in result.results:
         m = r.manifest
-        ref_lat = m["reference_latency"]
-        src = m["source_onnx"]
-        if src["sha256"] not in shown_ref:
-            shown_ref.add(src["sha256"])
+        ref_lat, src, acc, art = m.reference_latency, m.source_onnx, m.accuracy, m.artifact
+        ref_key = f"{acc.reference_top1}{ref_lat}"
+        if ref_key not in shown_ref:
+            shown_ref.add(ref_key)
             mem = f"{ref_lat['peak_rss_above_baseline_mb']:.1f}" if ref_lat else "-"
-            t.add_row("fp32 reference", "onnxruntime", "fp32", f"{m['accuracy']['reference_top1']:.2%}", "-",
+            t.add_row("fp32 original", "onnxruntime", "fp32", f"{acc.reference_top1:.2%}", "-",
                       _ms(ref_lat, "p50_ms"), _ms(ref_lat, "p99_ms"), "1.00x" if ref_lat else "-", mem,
-                      f"{src['bytes'] / 1024:.0f}", style="dim")
-        lat = m["latency"]
+                      f"{src.bytes / 1024:.0f}" if src and not m.compression else "-", style="dim")
+        lat = m.latency
         speed = f"{ref_lat['p50_ms'] / lat['p50_ms']:.2f}x" if lat and ref_lat else "-"
         mem = f"{lat['peak_rss_above_baseline_mb']:.1f}" if lat else "-"
-        t.add_row(r.target.name, m["artifact"]["backend"], m["artifact"]["precision"], f"{m['accuracy']['top1']:.2%}",
-                  f"{m['accuracy']['drop_points']:+.2f}", _ms(lat, "p50_ms"), _ms(lat, "p99_ms"), speed, mem,
-                  f"{m['artifact']['size_bytes'] / 1024:.0f}")
+        t.add_row(m.name, art.backend, art.precision, f"{acc.top1:.2%}", f"{acc.drop_points:+.2f}",
+                  _ms(lat, "p50_ms"), _ms(lat, "p99_ms"), speed, mem, f"{art.size_bytes / 1024:.0f}")
     console = _console()
     console.print(t)
     console.print("mem MB: peak resident memory of the bench worker above its baseline; drop pts: top-1 points "
-                  "below the fp32 reference; speed-up: reference p50 / target p50.", style="dim")
+                  "below the original model in fp32 (test split); speed-up: reference p50 / target p50.", style="dim")
     for r in result.results:
-        console.print(f"released [bold]{r.target.name}[/] -> {r.release_dir}/", highlight=False)
+        console.print(f"released [bold]{r.manifest.name}[/] -> {r.release_dir}/", highlight=False)
     for n in result.notes:
         console.print(f"[yellow]note:[/] {n}", highlight=False)
 
@@ -183,7 +185,7 @@ def _build_table(result: Any) -> None:
 @click.argument("model", required=False)
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("model.onnx"), show_default=True)
 @click.option("-w", "--weights", type=click.Path(path_type=Path), help="Weights for a module:factory model.")
-@click.option("--input-shape", default="1,1,32,32", show_default=True, help="N,C,H,W of one input batch.")
+@click.option("--input-shape", default=_DEFAULT_SHAPE, show_default=True, help="N,C,H,W of one input batch.")
 @click.option("--static-batch", is_flag=True, help="Fix the batch dimension instead of making it dynamic.")
 @click.option("-d", "--data", default="digits", show_default=True, help="Samples for the parity check.")
 @click.option("--atol", type=float, default=1e-3, show_default=True, help="Largest allowed |torch - onnx| on the logits.")
@@ -215,7 +217,7 @@ def export(model: str | None, out: Path, weights: Path | None, input_shape: str,
               help="Where the compressed model goes (a torch.export .pt2 program).")
 @click.option("-w", "--weights", type=click.Path(path_type=Path), help="Weights for a module:factory model.")
 @click.option("-d", "--data", default="digits", show_default=True, help="Fine-tuning/evaluation data.")
-@click.option("--input-shape", default="1,1,32,32", show_default=True, help="N,C,H,W of one input batch.")
+@click.option("--input-shape", default=_DEFAULT_SHAPE, show_default=True, help="N,C,H,W of one input batch.")
 @click.option("--list", "list_", is_flag=True, help="List the compression techniques and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the step records as JSON.")
 def compress(model: str | None, recipe: str | None, out: Path, weights: Path | None, data: str, input_shape: str,
@@ -284,7 +286,7 @@ def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: str 
                              allow_accuracy_drop=allow_accuracy_drop)
     r = result.results[0]
     if as_json:
-        _emit_json({"release_dir": str(r.release_dir), **r.manifest})
+        _emit_json({"release_dir": str(r.release_dir), **r.manifest.to_dict()})
     else:
         _build_table(result)
 
@@ -463,7 +465,7 @@ def toolchain_remove(name: str) -> None:
               help="Weights for the factory: .safetensors, a state dict, or a compressed .pt2.")
 @click.option("-r", "--recipe", help="Compression recipe applied before packing (e.g. prune + weight_share).")
 @click.option("-d", "--data", default="digits", show_default=True, help="Fine-tuning/evaluation data for the recipe.")
-@click.option("--input-shape", default="1,1,32,32", show_default=True, help="N,C,H,W recorded for unpack.")
+@click.option("--input-shape", default=_DEFAULT_SHAPE, show_default=True, help="N,C,H,W recorded for unpack.")
 @click.option("--json", "as_json", is_flag=True, help="Print sizes per stage and per tensor as JSON.")
 def pack(model: str | None, out: Path, weights: Path | None, recipe: str | None, data: str, input_shape: str,
          as_json: bool) -> None:

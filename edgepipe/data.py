@@ -1,8 +1,8 @@
 """Calibration and evaluation data: digits (default), an ``.npz`` with ``x`` and ``y``, or an image folder.
 
 Every dataset is brought to the model's input shape (N, C, H, W) as float32 in [0, 1] and split
-deterministically: the evaluation split is held out first, and calibration and training samples are
-drawn only from what remains, so calibration never sees an evaluation sample.
+deterministically into test (20 %), validation (20 %) and train (the rest), with calibration samples drawn
+from train: nothing is chosen on the split that is reported, and calibration never sees either.
 """
 
 from __future__ import annotations
@@ -48,21 +48,39 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Splits:
+    """Four disjoint parts of one dataset, fixed by seed.
+
+    ``test`` (the reported figures only), ``validation`` (every choice: candidate selection, accuracy
+    control, layer fallback), ``train`` (fine-tuning) and ``calibration`` (quantization statistics,
+    drawn from ``train``).
+    """
+
     train: Dataset
     calibration: Dataset
-    evaluation: Dataset
+    validation: Dataset
+    test: Dataset
+
+    @property
+    def evaluation(self) -> Dataset:
+        """The held-out split figures are reported on (``test``)."""
+        return self.test
+
+    def counts(self) -> dict[str, int]:
+        return {"train": len(self.train), "calibration": len(self.calibration),
+                "validation": len(self.validation), "test": len(self.test)}
 
 
 def split(data: Dataset, calibration_samples: int = 256, calibration_seed: int = 0) -> Splits:
-    """Hold out ``EVAL_FRACTION`` for evaluation; draw calibration samples from the rest.
+    """Hold out ``EVAL_FRACTION`` for test and as much again for validation; calibrate from the rest.
 
-    The evaluation split depends only on the dataset (a fixed seed), so every target of a build is
-    evaluated on the same samples; ``calibration_seed`` only changes which training samples calibrate.
+    The test and validation splits depend only on the dataset (a fixed seed), so every target and every
+    candidate is judged on the same samples; ``calibration_seed`` only changes which training samples
+    calibrate. With fewer than 3 samples there is no validation split: validation is the test split.
 
     Args:
         data: the whole dataset.
-        calibration_samples: how many samples calibration gets (at most the non-evaluation part).
-        calibration_seed: which of the non-evaluation samples are drawn for calibration.
+        calibration_samples: how many samples calibration gets (at most the training part).
+        calibration_seed: which of the training samples are drawn for calibration.
     """
     if calibration_samples < 1:
         raise DataError(
@@ -73,13 +91,17 @@ def split(data: Dataset, calibration_samples: int = 256, calibration_seed: int =
         raise DataError(f"dataset {data.name!r} has {n} sample(s); at least 2 are needed to split it")
     perm = np.random.default_rng(0).permutation(n)
     n_eval = max(1, int(round(n * EVAL_FRACTION)))
-    eval_idx, rest = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+    n_val = n_eval if n - 2 * n_eval >= 1 else 0
+    test_idx = np.sort(perm[:n_eval])
+    val_idx = np.sort(perm[n_eval:n_eval + n_val]) if n_val else test_idx
+    rest = np.sort(perm[n_eval + n_val:])
     drawn = np.random.default_rng(calibration_seed).permutation(rest)
     calib_idx = np.sort(drawn[: min(calibration_samples, len(rest))])
     return Splits(
         train=data.subset(rest, "train"),
         calibration=data.subset(calib_idx, "calibration"),
-        evaluation=data.subset(eval_idx, "evaluation"),
+        validation=data.subset(val_idx, "validation"),
+        test=data.subset(test_idx, "test"),
     )
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edgepipe.backends.base import Runner
+from edgepipe.types import Runner
 
 
 def predict(runner: Runner, x: np.ndarray, batch: int = 64,

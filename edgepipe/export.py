@@ -18,8 +18,8 @@ import numpy as np
 
 from edgepipe._fs import atomic_path
 from edgepipe._hashing import sha256_file
-from edgepipe.backends.base import OnnxModel
 from edgepipe.errors import ExportError
+from edgepipe.types import OnnxModel
 
 if TYPE_CHECKING:
     from torch import nn

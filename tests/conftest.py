@@ -63,7 +63,7 @@ def example_onnx(tmp_path_factory: pytest.TempPathFactory, example_model):
 
 @pytest.fixture
 def calibration(splits):
-    from edgepipe.backends.base import CalibrationSet
+    from edgepipe.types import CalibrationSet
 
     return CalibrationSet(splits.calibration.x, "minmax", "digits:calibration")
 

@@ -5,18 +5,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from edgepipe.backends.base import (
-    Artifact,
-    Availability,
-    Backend,
-    CalibrationSet,
-    Capabilities,
-    OnnxModel,
-    Runner,
-    StandIn,
-    TensorSpec,
-)
+from edgepipe.backends.base import Availability, Backend, Capabilities
 from edgepipe.errors import ConfigError
+from edgepipe.types import Artifact, CalibrationSet, OnnxModel, Runner, StandIn, TensorSpec
 
 _MODULES = (
     "edgepipe.backends.onnxruntime",

@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import abc
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
-import numpy as np
-
-from edgepipe._hashing import sha256_arrays
-from edgepipe._schema import from_dict
 from edgepipe.config import Target
 from edgepipe.errors import BackendUnavailable, CompileError, ConfigError
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int | str | None, ...]
-    dtype: str
+from edgepipe.types import Artifact, CalibrationSet, OnnxModel, Runner, StandIn
 
 
 @dataclass(frozen=True)
@@ -48,81 +38,6 @@ class Capabilities:
     needs_gpu: bool = False
     artifact_suffixes: tuple[str, ...] = ()  # how `edgepipe bench FILE` recognises its artifacts
     platforms: tuple[str, ...] = ()  # what the artifact runs on, for `edgepipe targets`
-
-
-@dataclass(frozen=True)
-class OnnxModel:
-    """An exported float ONNX model on disk (single file, weights inside)."""
-
-    path: Path
-    input_name: str
-    input_shape: tuple[int | str | None, ...]
-    sha256: str
-
-
-@dataclass(frozen=True)
-class CalibrationSet:
-    """NCHW float32 samples from the calibration split, and the target's method.
-
-    ``validation_x``/``validation_y`` (optional) are labelled samples for backends that check accuracy
-    while compiling (OpenVINO's accuracy-controlled int8); ``edgepipe build`` passes the evaluation split.
-    """
-
-    x: np.ndarray
-    method: str = "minmax"
-    source: str = ""
-    validation_x: np.ndarray | None = None
-    validation_y: np.ndarray | None = None
-    validation_source: str = ""
-
-    @property
-    def sha256(self) -> str:
-        return sha256_arrays(self.x)
-
-    @property
-    def validation_sha256(self) -> str | None:
-        if self.validation_x is None or self.validation_y is None:
-            return None
-        return sha256_arrays(self.validation_x, self.validation_y)
-
-    def record(self) -> dict[str, Any]:
-        return {"source": self.source, "method": self.method, "samples": len(self.x), "sha256": self.sha256}
-
-
-@dataclass
-class Artifact:
-    """A compiled model: its main file, every file that belongs with it, and what compile recorded."""
-
-    backend: str
-    precision: str
-    path: Path
-    files: list[Path] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.path = Path(self.path)
-        if not self.files:
-            self.files = [self.path]
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files if p.is_file())
-
-
-@dataclass(frozen=True)
-class StandIn:
-    """What a machine that cannot run an artifact evaluates in its place: a model of another backend that
-    computes the same function (e.g. a TensorRT bundle's Q/DQ ONNX on onnxruntime), and what that means."""
-
-    artifact: Artifact
-    evaluates: str  # what the accuracy measured on the stand-in stands for
-    bench: str  # why it is not benchmarked, and where the artifact itself gets timed
-
-
-class Runner(Protocol):
-    inputs: list[TensorSpec]
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -165,11 +80,11 @@ class Backend(abc.ABC):
         return {}
 
     def options(self, target: Target) -> Any:
-        """The target's ``[options]`` table parsed into this backend's ``Options`` dataclass."""
-        try:
-            return from_dict(self.Options, target.options, "options")
-        except ConfigError as e:
-            raise ConfigError(f"target {target.name!r} (backend {self.name}): {e}") from None
+        """The target's ``[options]``: typed when the target was loaded (``edgepipe.config.options``)."""
+        if not isinstance(target.options, self.Options):
+            raise ConfigError(f"target {target.name!r}: its options are {type(target.options).__name__}, "
+                              f"not backend {self.name!r}'s {self.Options.__name__}")
+        return target.options
 
     def validate(self, target: Target) -> None:
         """Check a target against this backend's capabilities; raises ``ConfigError``."""
@@ -185,7 +100,6 @@ class Backend(abc.ABC):
                 f"target {target.name!r}: backend {self.name!r} does not support calibration method "
                 f"{target.calibration.method!r}; supported: {', '.join(caps.calibration_methods)}"
             )
-        self.options(target)
 
     def compile(self, onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path) -> Artifact:
         """Compile ``onnx`` for ``target`` into ``workdir``; returns the artifact."""

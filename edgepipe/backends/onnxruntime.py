@@ -11,33 +11,19 @@ import contextlib
 import io
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from edgepipe.backends import register
-from edgepipe.backends.base import (
-    Artifact,
-    Backend,
-    CalibrationSet,
-    Capabilities,
-    OnnxModel,
-    TensorSpec,
-)
+from edgepipe.backends.base import Backend, Capabilities
 from edgepipe.config import Target
+from edgepipe.config.options import OrtOptions
 from edgepipe.errors import CompileError
+from edgepipe.types import Artifact, CalibrationSet, OnnxModel, TensorSpec
 
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-
-
-@dataclass(frozen=True)
-class OrtOptions:
-    activation_type: Literal["uint8", "int8"] = "uint8"
-    per_channel: bool = True
-    reduce_range: bool = False
-    calibration_batch: int = 32
 
 
 class OrtRunner:
@@ -87,9 +73,10 @@ class OnnxRuntimeBackend(Backend):
         if target.precision == "fp32":
             shutil.copyfile(onnx.path, out)
             return Artifact(self.name, "fp32", out)
-        return Artifact(self.name, "int8", out, metadata=self._quantize(onnx, calibration, opts, out))
+        return Artifact(self.name, "int8", out, metadata=self._quantize(onnx, calibration, target.calibration.method, opts, out))
 
-    def _quantize(self, onnx: OnnxModel, calibration: CalibrationSet, opts: OrtOptions, out: Path) -> dict[str, Any]:
+    def _quantize(self, onnx: OnnxModel, calibration: CalibrationSet, method: str, opts: OrtOptions,
+                  out: Path) -> dict[str, Any]:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -108,7 +95,7 @@ class OnnxRuntimeBackend(Backend):
                     reduce_range=opts.reduce_range,
                     activation_type=act,
                     weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, _METHODS[calibration.method]),
+                    calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
                 )
             except Exception as e:  # onnxruntime raises plain exceptions of many kinds
@@ -119,7 +106,7 @@ class OnnxRuntimeBackend(Backend):
             "activation_type": opts.activation_type,
             "weight_type": "int8",
             "per_channel": opts.per_channel,
-            "calibration": calibration.record(),
+            "calibration": {**calibration.record(), "method": method},
         }
 
     def load(self, artifact: Artifact, threads: int | None = None) -> OrtRunner:

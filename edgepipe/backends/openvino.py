@@ -25,23 +25,17 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgepipe.backends import register
-from edgepipe.backends.base import (
-    Artifact,
-    Backend,
-    CalibrationSet,
-    Capabilities,
-    OnnxModel,
-    TensorSpec,
-)
+from edgepipe.backends.base import Backend, Capabilities
 from edgepipe.config import Target
+from edgepipe.config.options import OpenVinoOptions
 from edgepipe.errors import CompileError, ConfigError
+from edgepipe.types import Artifact, CalibrationSet, OnnxModel, TensorSpec
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -56,36 +50,6 @@ _LAYER_TYPES = {"Convolution", "GroupConvolution", "ConvolutionBackpropData", "G
                 "MatMul"}
 _LOW_PRECISION = {"i8", "u8", "i4", "u4"}
 _ABSENT = object()
-
-
-@dataclass(frozen=True)
-class OpenVinoOptions:
-    """The ``[options]`` of an openvino target.
-
-    Attributes:
-        preset: NNCF quantization preset: ``performance`` (symmetric activations) or ``mixed``
-            (asymmetric activations, for activations that are far from zero-centred).
-        ignored_scope: OpenVINO operation names kept in float by int8 (the manifest lists the
-            quantized ones under ``quantization.quantized_layers``).
-        ignored_patterns: regular expressions over the same names, for the same purpose.
-        performance_hint: OpenVINO's ``PERFORMANCE_HINT`` for loading: ``latency`` or ``throughput``.
-        accuracy_control: int8 only: if plain int8 misses ``budgets.max_accuracy_drop`` on the
-            evaluation data, revert the layers that cost most accuracy to float until it does not
-            (``nncf.quantize_with_accuracy_control``).
-    """
-
-    preset: Literal["performance", "mixed"] = "performance"
-    ignored_scope: tuple[str, ...] = ()
-    ignored_patterns: tuple[str, ...] = ()
-    performance_hint: Literal["latency", "throughput"] = "latency"
-    accuracy_control: bool = False
-
-    def __post_init__(self) -> None:
-        for p in self.ignored_patterns:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ConfigError(f"options.ignored_patterns: {p!r} is not a regular expression ({e})") from None
 
 
 def _no_telemetry() -> None:
@@ -339,7 +303,7 @@ class OpenVinoBackend(Backend):
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-        estimator = _RANGE_ESTIMATORS[calibration.method]
+        estimator = _RANGE_ESTIMATORS[target.calibration.method]
         kwargs = dict(
             subset_size=len(calibration.x),
             preset=nncf.QuantizationPreset.PERFORMANCE if opts.preset == "performance" else nncf.QuantizationPreset.MIXED,
@@ -357,11 +321,11 @@ class OpenVinoBackend(Backend):
         record: dict[str, Any] = {
             "tool": "nncf.quantize (post-training)",
             "preset": opts.preset,
-            "activation_range": f"{calibration.method} -> nncf {estimator}",
+            "activation_range": f"{target.calibration.method} -> nncf {estimator}",
             "weights": "symmetric int8, per channel, min/max",
             "ignored_scope": list(opts.ignored_scope),
             "ignored_patterns": list(opts.ignored_patterns),
-            "calibration": calibration.record(),
+            "calibration": {**calibration.record(), "method": target.calibration.method},
             "quantized_layers": quantized_layers(quantized),
         }
         if opts.accuracy_control:

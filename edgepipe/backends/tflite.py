@@ -24,26 +24,19 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from edgepipe import toolchains
 from edgepipe._fs import atomic_path
 from edgepipe.backends import register
-from edgepipe.backends.base import (
-    Artifact,
-    Availability,
-    Backend,
-    CalibrationSet,
-    Capabilities,
-    OnnxModel,
-    TensorSpec,
-)
+from edgepipe.backends.base import Availability, Backend, Capabilities
 from edgepipe.config import Target
+from edgepipe.config.options import GPU_DELEGATE, TFLiteOptions
 from edgepipe.errors import BackendUnavailable, CompileError, ConfigError
+from edgepipe.types import Artifact, CalibrationSet, OnnxModel, TensorSpec
 
 DRIVER = Path(__file__).with_name("_tflite_driver.py")
 TOOLCHAIN = "tflite"
@@ -60,18 +53,6 @@ OFFLINE_PROXY = "http://127.0.0.1:9"
 CONVERT_TIMEOUT_S = 3600
 RUNTIMES = {"litert": "ai_edge_litert", "tflite_runtime": "tflite_runtime"}
 RUNTIME_DISTS = {"litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}
-GPU_DELEGATE = "libtensorflowlite_gpu_delegate.so"
-
-
-@dataclass(frozen=True)
-class TFLiteOptions:
-    """A tflite target's ``[options]``: what the board runs, and how int8 is quantized."""
-
-    runtime: Literal["litert", "tflite_runtime"] = "litert"  # the Python runtime on the board
-    delegate: Literal["xnnpack", "gpu", "none"] = "xnnpack"  # none: the builtin kernels only
-    delegate_library: str = GPU_DELEGATE  # the GPU delegate's shared library (delegate = "gpu")
-    quant_type: Literal["per-channel", "per-tensor"] = "per-channel"  # int8 weights
-    io_dtype: Literal["int8", "uint8"] = "int8"  # int8 input and output tensors
 
 
 def _runtime_available(runtime: str) -> bool:
@@ -261,7 +242,7 @@ class TFLiteBackend(Backend):
         if target.precision == "int8":
             metadata["quantization"] = {
                 "kind": "full-integer", "weights": f"int8 {opts.quant_type}", "io_dtype": opts.io_dtype,
-                "calibration": calibration.record(), "normalization": {"mean": 0.0, "std": 1.0},
+                "calibration": {**calibration.record(), "method": target.calibration.method}, "normalization": {"mean": 0.0, "std": 1.0},
             }
         return Artifact(self.name, target.precision, out, metadata=metadata)
 

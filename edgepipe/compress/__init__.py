@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgepipe._progress import NullReporter, Reporter
-from edgepipe._schema import from_dict
-from edgepipe.compress.recipe import (
+from edgepipe.config._schema import from_dict
+from edgepipe.config.recipe import (
     DistillConfig,
     FinetuneConfig,
     Recipe,
@@ -23,6 +23,7 @@ from edgepipe.compress.recipe import (
     load_recipe,
     recipe_from_dict,
 )
+from edgepipe.config.techniques import config_class
 from edgepipe.errors import CompressionError, ConfigError
 
 if TYPE_CHECKING:
@@ -64,6 +65,10 @@ _REGISTRY: dict[str, Technique] = {}
 def register(name: str, config: type, *, finalize: Callable[[nn.Module], nn.Module] | None = None,
              summary: str = "") -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register ``fn(model, config, ctx) -> model`` as technique ``name`` with its config type."""
+
+    if config_class(name) is not config:
+        raise TypeError(f"technique {name!r}: {config.__name__} is not the config registered for it in "
+                        "edgepipe.config.techniques")
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _REGISTRY[name] = Technique(name, config, fn, finalize, summary or (fn.__doc__ or "").strip().split("\n")[0])
@@ -118,7 +123,7 @@ class CompressContext:
     def top1(self, model: nn.Module) -> float:
         from edgepipe.compress._stats import top1
 
-        return top1(model, self.splits.evaluation.x, self.splits.evaluation.y)
+        return top1(model, self.splits.validation.x, self.splits.validation.y)
 
 
 def _load_teacher(cfg: DistillConfig, original: nn.Module) -> nn.Module:
@@ -154,19 +159,19 @@ def apply_recipe(model: nn.Module, recipe: Recipe, splits: Splits,
     from edgepipe.compress._stats import stats
 
     rep = reporter or NullReporter()
-    example = torch.from_numpy(splits.evaluation.x[:1])
+    example = torch.from_numpy(splits.validation.x[:1])
     model = model.eval()
     teacher = None
     if recipe.distill is not None:
         teacher = _load_teacher(recipe.distill, model)
         _check_teacher(teacher, model, example)
     ctx = CompressContext(splits, recipe.finetune, example, recipe.distill, teacher, rep)
-    ev = splits.evaluation
+    ev = splits.validation
     before = stats(model, example, ev.x, ev.y)
     records = []
     for i, step in enumerate(recipe.steps):
         tech = technique(step.technique, where=f"steps[{i}]")
-        cfg = tech.parse(step.params, where=f"steps[{i}]")
+        cfg = step.config
         t0 = time.perf_counter()
         with rep.stage(f"compress {i + 1}/{len(recipe.steps)}: {step.technique}"):
             try:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
 
 from torch import nn
 
+from edgepipe.config.techniques import ModuleType  # noqa: F401  (re-exported)
 from edgepipe.errors import ConfigError
 
-ModuleType = Literal["Conv1d", "Conv2d", "Conv3d", "Linear"]
 MODULE_TYPES: dict[str, type[nn.Module]] = {
     "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear,
 }

@@ -19,7 +19,7 @@ from torch import nn
 
 from edgepipe.compress._layers import resolve
 from edgepipe.compress.finetune import Objective
-from edgepipe.compress.recipe import DistillConfig
+from edgepipe.config.recipe import DistillConfig
 from edgepipe.errors import ConfigError
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from edgepipe._progress import NullReporter, Reporter
-from edgepipe.compress.recipe import FinetuneConfig
+from edgepipe.config.recipe import FinetuneConfig
 from edgepipe.data import Dataset
 
 

@@ -5,7 +5,7 @@ A hashed layer keeps ``ratio`` of its weights as real parameters ("buckets"); ea
 finaliser, in numpy, so every platform draws the same). Buckets start as the least-squares fit of the
 trained dense weights and are trained by the step's fine-tune. ``finalize`` expands the virtual weights
 into an ordinary ``Linear``/``Conv2d`` so every backend runs the model; the packed archive
-(:mod:`edgepipe.compress.archive`) stores only the buckets and the seed.
+(:mod:`edgepipe.package.archive`) stores only the buckets and the seed.
 
 ```toml
 [[steps]]
@@ -25,24 +25,10 @@ import torch
 from torch import nn
 
 from edgepipe.compress import CompressContext, register
+from edgepipe.config.techniques import HashingConfig
 from edgepipe.errors import ConfigError
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-@dataclass(frozen=True)
-class HashingConfig:
-    """Which layers are hashed and how many real parameters each keeps."""
-
-    ratio: float = 0.125  # real parameters / virtual weights, per layer
-    conv: bool = True  # hash Conv2d layers too (Linear layers always)
-    layers: tuple[str, ...] = ()  # only these layers (default: every Linear, and Conv2d if conv)
-    ignored_layers: tuple[str, ...] = ()
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.ratio <= 1.0:
-            raise ConfigError(f"ratio = {self.ratio}: the fraction of real parameters must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -21,46 +21,15 @@ finetune = true
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from edgepipe.compress import CompressContext, register
+from edgepipe.config.techniques import LowRankConfig
 from edgepipe.errors import CompressionError, ConfigError
-
-
-@dataclass(frozen=True)
-class LowRankConfig:
-    """Which layers to factorise and how their ranks are chosen."""
-
-    rank: Literal["energy", "vbmf"] = "energy"
-    energy: float = 0.95  # fraction of squared singular values kept per layer (rank = "energy", no budget)
-    ranks: dict[str, int | tuple[int, ...]] = field(default_factory=dict)  # per layer: r, or [r_out, r_in] for a conv
-    macs: float | None = None  # global budget: keep at most this fraction of the model's MACs
-    params: float | None = None  # global budget: keep at most this fraction of the model's parameters
-    layers: tuple[str, ...] = ()  # only these layers (default: every Linear and Conv2d)
-    ignored_layers: tuple[str, ...] = ()
-    min_rank: int = 1
-    tucker_iterations: int = 50
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.energy <= 1.0:
-            raise ConfigError(f"energy = {self.energy}: must be in (0, 1], the fraction of energy kept")
-        for name, value in (("macs", self.macs), ("params", self.params)):
-            if value is not None and not 0.0 < value <= 1.0:
-                raise ConfigError(f"{name} = {value}: a budget is a fraction of the model's {name}, in (0, 1]")
-        if (self.macs is not None or self.params is not None) and self.rank != "energy":
-            raise ConfigError('a macs/params budget searches an energy threshold: set rank = "energy"')
-        if self.min_rank < 1:
-            raise ConfigError(f"min_rank = {self.min_rank}: must be >= 1")
-        for name, r in self.ranks.items():
-            rs = r if isinstance(r, tuple) else (r,)
-            if not 1 <= len(rs) <= 2 or min(rs) < 1:
-                raise ConfigError(f"ranks.{name} = {r!r}: give a rank >= 1, or [r_out, r_in] for a conv")
-
 
 # ---------------------------------------------------------------------------------------------------------
 # rank selection

@@ -19,95 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
 from edgepipe.compress import CompressContext, register
-from edgepipe.compress._layers import ModuleType, classifier_layers, pick, prunable
+from edgepipe.compress._layers import classifier_layers, pick, prunable
+from edgepipe.config.techniques import MagnitudePruneConfig, RegularizedPruneConfig, TaylorPruneConfig
 from edgepipe.errors import ConfigError
-
-
-def _check_ratio(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"{name} = {value}: must be in [0, 1) (the fraction of weights set to zero)")
-
-
-@dataclass(frozen=True)
-class MagnitudePruneConfig:
-    """Which weights become zero: a target ``sparsity`` or an absolute ``threshold``, over chosen layers.
-
-    ``scope = "global"`` ranks all chosen layers' weights together (one threshold; layers that matter
-    less lose more); ``"layer"`` gives every layer the same sparsity. ``layers`` sets a ratio per named
-    layer (it overrides ``sparsity`` there; layers not named get ``sparsity``, or are left alone if
-    only ``layers`` is given). ``ignored_layers`` are never touched.
-    """
-
-    sparsity: float | None = None
-    threshold: float | None = None
-    scope: Literal["global", "layer"] = "global"
-    layers: dict[str, float] = field(default_factory=dict)
-    ignored_layers: tuple[str, ...] = ()
-    module_types: tuple[ModuleType, ...] = ("Conv2d", "Linear")
-
-    def __post_init__(self) -> None:
-        if self.sparsity is not None and self.threshold is not None:
-            raise ConfigError("sparsity and threshold: give one, not both")
-        if self.sparsity is None and self.threshold is None and not self.layers:
-            raise ConfigError("give sparsity (fraction of weights set to zero, in [0, 1)), threshold "
-                              "(absolute magnitude below which weights become zero) or layers (ratio per layer)")
-        if self.sparsity is not None:
-            _check_ratio("sparsity", self.sparsity)
-        if self.threshold is not None and self.threshold < 0:
-            raise ConfigError(f"threshold = {self.threshold}: must be >= 0 (an absolute weight magnitude)")
-        for name, ratio in self.layers.items():
-            _check_ratio(f"layers.{name!r}", ratio)
-        if not self.module_types:
-            raise ConfigError("module_types is empty: choose from Conv1d, Conv2d, Conv3d, Linear")
-
-
-@dataclass(frozen=True)
-class TaylorPruneConfig(MagnitudePruneConfig):
-    """Like ``magnitude_prune`` (sparsity, scope, layers), ranked by |w · ∂L/∂w| over ``batches`` batches."""
-
-    batches: int = 8
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.threshold is not None:
-            raise ConfigError("threshold: Taylor scores have no natural scale; give sparsity instead")
-        if self.batches < 1 or self.batch_size < 1:
-            raise ConfigError(f"batches = {self.batches}, batch_size = {self.batch_size}: both must be >= 1")
-
-
-@dataclass(frozen=True)
-class RegularizedPruneConfig(MagnitudePruneConfig):
-    """A fine-tune with a sparsity-inducing ``penalty`` times ``strength``, then pruning.
-
-    ``l1``/``l2`` penalise the weights (then unstructured pruning by magnitude); ``group_lasso`` penalises
-    the L2 norm of each output channel (then whole output channels are zeroed: ``sparsity`` is the
-    fraction of channels, ``threshold`` a bound on a channel's RMS weight; the classifier is left out). ``epochs`` overrides the
-    recipe's ``[finetune].epochs`` for the regularised training.
-    """
-
-    penalty: Literal["l1", "l2", "group_lasso"] = "l1"
-    strength: float = 1e-4
-    epochs: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.strength <= 0:
-            raise ConfigError(f"strength = {self.strength}: must be > 0")
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"epochs = {self.epochs}: must be >= 1")
-        if self.penalty == "group_lasso" and self.layers:
-            raise ConfigError("layers: per-layer ratios are for unstructured penalties; "
-                              "group_lasso takes sparsity or threshold")
-
 
 # ---------------------------------------------------------------------------------------------------------
 # shared mechanics

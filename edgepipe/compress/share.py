@@ -5,7 +5,7 @@ linearly between the smallest and largest weight, as in the paper) into ``2**bit
 zeros stay zero and take no cluster. While the step's fine-tune runs, each weight's gradient is replaced by
 the sum of the gradients of its cluster (the paper's grouped gradient): members of a cluster start equal
 and get equal updates, so training moves the centroids. ``finalize`` writes the centroids back, so every
-layer's dense weights take exactly its shared values (and zero), which :mod:`edgepipe.compress.archive`
+layer's dense weights take exactly its shared values (and zero), which :mod:`edgepipe.package.archive`
 then stores as a codebook plus Huffman-coded indices.
 
 ```toml
@@ -18,34 +18,17 @@ finetune = true
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from edgepipe.compress import CompressContext, register
+from edgepipe.config.techniques import ShareConfig
 from edgepipe.errors import ConfigError
 
 _KINDS = {"conv": nn.Conv2d, "linear": nn.Linear}
-
-
-@dataclass(frozen=True)
-class ShareConfig:
-    """Bits per layer kind (``conv``, ``linear``) or per layer name; layers with no entry stay as they are."""
-
-    bits: dict[str, int] = field(default_factory=lambda: {"conv": 8, "linear": 5})
-    ignored_layers: tuple[str, ...] = ()
-    init: Literal["linear", "density", "random"] = "linear"
-    seed: int = 0
-    codebook: Literal["float32", "float16"] = "float32"  # float16: round the shared values to halves
-    others: Literal["float32", "float16"] = "float32"  # float16: round biases and norm layers to halves too
-
-    def __post_init__(self) -> None:
-        for key, b in self.bits.items():
-            if not 1 <= b <= 16:
-                raise ConfigError(f"bits.{key} = {b}: weight sharing takes 1 to 16 bits (2 to 65,536 shared values)")
 
 
 @dataclass

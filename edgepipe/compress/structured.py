@@ -8,57 +8,15 @@ residual add. The classifier's outputs are left alone (the classes stay). The re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from edgepipe.compress import CompressContext, register
 from edgepipe.compress._layers import classifier_layers, pick, resolve
+from edgepipe.config.techniques import Importance, StructuredPruneConfig
 from edgepipe.errors import ConfigError
-
-Importance = Literal["magnitude", "taylor", "bn_scale", "lamp"]
-
-
-@dataclass(frozen=True)
-class StructuredPruneConfig:
-    """Remove a fraction of channels from every prunable group (Conv/Linear outputs and what depends on them).
-
-    ``ratio`` is the fraction of channels removed (0.5 halves every layer's width, about 4x fewer MACs).
-    ``scope = "global"`` ranks channels of all groups together, so layers that matter less lose more
-    (capped per group by ``max_ratio``); ``"layer"`` removes the same fraction everywhere. ``layers``
-    sets a ratio per named layer. ``round_to`` keeps channel counts multiples of it (8 suits SIMD and
-    tensor cores). ``importance``: ``magnitude`` (group L2 norm of the weights), ``taylor`` (|w · dL/dw|
-    from ``batches`` training batches), ``bn_scale`` (|gamma| of the BatchNorm after each conv, as in
-    network slimming), ``lamp`` (layer-adaptive magnitude). ``ignored_layers`` keep their output
-    channels; the classifier (layers with as many outputs as the model) is ignored unless
-    ``ignore_classifier = false``.
-    """
-
-    ratio: float = 0.5
-    scope: Literal["global", "layer"] = "layer"
-    layers: dict[str, float] = field(default_factory=dict)
-    round_to: int = 1
-    importance: Importance = "magnitude"
-    ignored_layers: tuple[str, ...] = ()
-    ignore_classifier: bool = True
-    max_ratio: float = 0.9
-    batches: int = 4
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
-            raise ConfigError(f"ratio = {self.ratio}: must be in [0, 1) (the fraction of channels removed)")
-        for name, r in self.layers.items():
-            if not 0.0 <= r < 1.0:
-                raise ConfigError(f"layers.{name!r} = {r}: must be in [0, 1) (the fraction of channels removed)")
-        if self.round_to < 1:
-            raise ConfigError(f"round_to = {self.round_to}: must be >= 1 (1: no rounding)")
-        if not 0.0 < self.max_ratio <= 1.0:
-            raise ConfigError(f"max_ratio = {self.max_ratio}: must be in (0, 1]")
-        if self.batches < 1 or self.batch_size < 1:
-            raise ConfigError(f"batches = {self.batches}, batch_size = {self.batch_size}: both must be >= 1")
 
 
 def _importance(name: Importance) -> Any:

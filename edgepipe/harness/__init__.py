@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepipe.backends.base import Artifact
 from edgepipe.errors import BenchmarkError
+from edgepipe.types import Artifact
 
 
 @dataclass(frozen=True)

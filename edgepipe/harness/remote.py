@@ -15,10 +15,10 @@ import zipfile
 from pathlib import Path
 
 from edgepipe._fs import atomic_path
-from edgepipe.backends.base import Artifact
 from edgepipe.config import Board
 from edgepipe.errors import BenchmarkError
 from edgepipe.harness import BenchSettings, Measurement, _settings, parse_worker_output
+from edgepipe.types import Artifact
 
 _MAIN = "from edgepipe.harness.worker import main\nmain()\n"
 

@@ -47,7 +47,7 @@ def _input(shape: tuple[Any, ...], batch: int, seed: int) -> np.ndarray:
 def measure(settings: dict[str, Any]) -> dict[str, Any]:
     """Load, warm up and time one artifact; returns the figures as a dict."""
     from edgepipe import backends
-    from edgepipe.backends.base import Artifact
+    from edgepipe.types import Artifact
 
     baseline = _rss_mb()
     backend = backends.get(settings["backend"])

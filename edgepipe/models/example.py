@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgepipe.types import DEFAULT_INPUT_SHAPE
+
 WEIGHTS = Path(__file__).with_name("digits_resnet.safetensors")
-INPUT_SHAPE = (1, 1, 32, 32)
+INPUT_SHAPE = DEFAULT_INPUT_SHAPE
 NUM_CLASSES = 10
 
 

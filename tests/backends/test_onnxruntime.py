@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 from edgepipe import backends
-from edgepipe.backends.base import Artifact
+from edgepipe.types import Artifact
 from edgepipe.config import target_from_dict
 from edgepipe.evaluate import predict, top1
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgepipe import api, backends
-from edgepipe.backends.base import Artifact, CalibrationSet
+from edgepipe.types import Artifact, CalibrationSet
 from edgepipe.config import target_from_dict
 from edgepipe.errors import ConfigError
 from edgepipe.evaluate import predict, top1
@@ -217,7 +217,7 @@ def test_compiling_int8_sends_no_telemetry_and_writes_nothing_under_home(example
         import numpy as np
         from pathlib import Path
         from edgepipe import backends
-        from edgepipe.backends.base import CalibrationSet
+        from edgepipe.types import CalibrationSet
         from edgepipe.config import target_from_dict
         from edgepipe.export import onnx_model
         t = target_from_dict({{"name": "t", "backend": "openvino", "precision": "int8"}}, "test")

@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepipe import backends
-from edgepipe.backends import _tensorrt_preflight as preflight
-from edgepipe.backends.base import Artifact, CalibrationSet
+from edgepipe.backends.tensorrt import preflight as preflight
+from edgepipe.types import Artifact, CalibrationSet
 from edgepipe.backends.tensorrt import BUNDLE_MANIFEST, TrtOptions, plan_for
 from edgepipe.config import load_target, target_from_dict
 from edgepipe.errors import BackendUnavailable, CompileError, ConfigError

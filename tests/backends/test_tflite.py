@@ -20,7 +20,7 @@ import pytest
 
 from edgepipe import backends, toolchains
 from edgepipe.backends import tflite
-from edgepipe.backends.base import Artifact, CalibrationSet
+from edgepipe.types import Artifact, CalibrationSet
 from edgepipe.config import target_from_dict
 from edgepipe.errors import BackendUnavailable, BudgetError, CompileError
 from edgepipe.evaluate import predict

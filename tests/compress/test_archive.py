@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgepipe.compress import _huffman as hf
-from edgepipe.compress import archive
+from edgepipe.package import _huffman as hf
+from edgepipe.package import archive
 from edgepipe.compress.share import cluster
 from edgepipe.errors import ModelLoadError
 from edgepipe.models import state_dict_sha256

@@ -11,7 +11,7 @@ from torch import nn
 
 from edgepipe.compress import CompressContext, apply_recipe, recipe_from_dict, technique
 from edgepipe.compress.distill import HardDistill, HintDistill, SoftDistill, make_objective
-from edgepipe.compress.recipe import DistillConfig, FinetuneConfig
+from edgepipe.config.recipe import DistillConfig, FinetuneConfig
 from edgepipe.errors import ConfigError
 
 

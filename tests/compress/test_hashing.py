@@ -66,7 +66,7 @@ def _train_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def test_hashed_model_fine_tunes_and_exports(tmp_path, splits):
     from edgepipe.compress import CompressContext
-    from edgepipe.compress.recipe import FinetuneConfig
+    from edgepipe.config.recipe import FinetuneConfig
     from edgepipe.export import export, parity
 
     model = _fresh()

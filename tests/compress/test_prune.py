@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from edgepipe.compress import CompressContext, apply_recipe, recipe_from_dict, technique
-from edgepipe.compress.recipe import FinetuneConfig, load_recipe
+from edgepipe.config.recipe import FinetuneConfig, load_recipe
 from edgepipe.errors import ConfigError
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

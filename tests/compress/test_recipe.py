@@ -9,7 +9,7 @@ import torch
 
 from edgepipe.compress import apply_recipe, recipe_from_dict, register, techniques
 from edgepipe.compress.finetune import finetune
-from edgepipe.compress.recipe import FinetuneConfig, load_recipe
+from edgepipe.config.recipe import FinetuneConfig, load_recipe
 from edgepipe.errors import ConfigError
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgepipe.backends.base import Artifact
+from edgepipe.types import Artifact
 from edgepipe.errors import BenchmarkError
 from edgepipe.harness import BenchSettings, measure
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepipe.backends.base import Artifact
+from edgepipe.types import Artifact
 from edgepipe.config import Board
 from edgepipe.errors import BenchmarkError, ConfigError
 from edgepipe.harness import BenchSettings

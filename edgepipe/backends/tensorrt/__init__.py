@@ -18,7 +18,7 @@ need them, on any machine, and writes a **build bundle**:
   hashes, the Q/DQ summary and the exact commands to finish on the board: ``edgepipe engine build DIR``,
   or the equivalent ``trtexec`` line).
 
-Every graph passes a preflight (:mod:`edgepipe.backends._tensorrt_preflight`) before it is written: the
+Every graph passes a preflight (:mod:`edgepipe.backends.tensorrt.preflight`) before it is written: the
 operators TensorRT's parser supports and the explicit-quantization rules, with errors naming the node.
 
 Where ``tensorrt`` imports and a GPU is present, ``compile`` also builds the engine (``.engine``) and
@@ -30,60 +30,25 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from edgepipe._fs import atomic_path, write_text_atomic
 from edgepipe._hashing import sha256_file
-from edgepipe.backends import _tensorrt_modelopt as modelopt
-from edgepipe.backends import _tensorrt_preflight as preflight
 from edgepipe.backends import register
-from edgepipe.backends._tensorrt_engine import EnginePlan, TrtRunner, build_engine, runtime_problem
-from edgepipe.backends.base import (
-    Artifact,
-    Availability,
-    Backend,
-    CalibrationSet,
-    Capabilities,
-    OnnxModel,
-    StandIn,
-)
-from edgepipe.config import Target, load_target
+from edgepipe.backends.base import Availability, Backend, Capabilities
+from edgepipe.backends.tensorrt import modelopt as modelopt
+from edgepipe.backends.tensorrt import preflight as preflight
+from edgepipe.backends.tensorrt.engine import EnginePlan, TrtRunner, build_engine, runtime_problem
+from edgepipe.config import Target
+from edgepipe.config import load_target
+from edgepipe.config.options import TrtOptions
 from edgepipe.errors import BackendUnavailable, CompileError, ConfigError
+from edgepipe.types import Artifact, CalibrationSet, OnnxModel, StandIn
 
 BUNDLE_MANIFEST = "tensorrt-bundle.json"
 BUNDLE_SCHEMA = 1
 _METHODS = {"minmax": "max", "entropy": "entropy"}  # edgepipe name -> modelopt name
-
-
-@dataclass(frozen=True)
-class TrtOptions:
-    """The target's ``[options]`` for TensorRT."""
-
-    workspace_mb: int = 1024  # builder workspace pool limit
-    min_batch: int = 1  # optimization profile (dynamic-batch models)
-    opt_batch: int | None = None  # None: the target's runtime.batch
-    max_batch: int = 32
-    dla_core: int | None = None  # Jetson AGX/NX: run on this DLA core
-    gpu_fallback: bool = True  # layers DLA cannot run go to the GPU
-    typing: Literal["strong", "weak"] = "strong"  # weak: TensorRT 10.x builder precision flags
-    high_precision: Literal["fp16", "fp32"] = "fp16"  # int8: type of the layers left unquantized
-    optimization_level: int = 3  # builderOptimizationLevel, 0..5
-
-    def __post_init__(self) -> None:
-        if self.workspace_mb < 1:
-            raise ConfigError(f"options.workspace_mb = {self.workspace_mb}: must be >= 1 (MiB)")
-        if not 1 <= self.min_batch <= self.max_batch:
-            raise ConfigError(f"options: min_batch = {self.min_batch}, max_batch = {self.max_batch}: need "
-                              "1 <= min_batch <= max_batch")
-        if self.opt_batch is not None and not self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ConfigError(f"options.opt_batch = {self.opt_batch}: must lie in [min_batch, max_batch] = "
-                              f"[{self.min_batch}, {self.max_batch}]")
-        if self.dla_core is not None and self.dla_core < 0:
-            raise ConfigError(f"options.dla_core = {self.dla_core}: DLA cores are numbered from 0")
-        if not 0 <= self.optimization_level <= 5:
-            raise ConfigError(f"options.optimization_level = {self.optimization_level}: TensorRT takes 0 to 5")
 
 
 def plan_for(target: Target, opts: TrtOptions, input_name: str, onnx_shape: tuple[Any, ...]) -> EnginePlan:
@@ -176,13 +141,13 @@ class TensorRTBackend(Backend):
         plan = plan_for(target, opts, onnx.input_name, onnx.input_shape)
         preflight.check(onnx_lib.load(str(onnx.path)), f"{onnx.path.name}")
         quantization: dict[str, Any] = {"precision": target.precision}
-        model = self._precision_graph(onnx, target.precision, calibration, opts)
+        model = self._precision_graph(onnx, target.precision, calibration, target.calibration.method, opts)
         if target.precision == "int8":
             quantization.update({
                 "tool": "nvidia-modelopt ONNX PTQ (modelopt.onnx.quantization), onnxruntime CPU calibration",
-                "method": _METHODS[calibration.method], "activations": "int8, per tensor, symmetric",
+                "method": _METHODS[target.calibration.method], "activations": "int8, per tensor, symmetric",
                 "weights": "int8, per output channel, symmetric", "zero_points": 0,
-                "unquantized_layers": opts.high_precision, "calibration": calibration.record(),
+                "unquantized_layers": opts.high_precision, "calibration": {**calibration.record(), "method": target.calibration.method},
             })
         elif target.precision == "fp16":
             quantization["tool"] = "nvidia-modelopt AutoCast (fp16, fp32 inputs and outputs)"
@@ -225,7 +190,8 @@ class TensorRTBackend(Backend):
         return Artifact(self.name, target.precision, path, files, metadata)
 
     @staticmethod
-    def _precision_graph(onnx: OnnxModel, precision: str, calibration: CalibrationSet, opts: TrtOptions) -> Any:
+    def _precision_graph(onnx: OnnxModel, precision: str, calibration: CalibrationSet, method: str,
+                         opts: TrtOptions) -> Any:
         """The graph with the precision in it: Q/DQ int8, AutoCast fp16, or the fp32 export as it is."""
         import onnx as onnx_lib
 
@@ -234,7 +200,7 @@ class TensorRTBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="edgepipe-trt-") as tmp:
             out = Path(tmp) / "converted.onnx"
             modelopt.convert(precision, onnx.path, out, onnx.input_name, calibration.x,
-                             method=_METHODS[calibration.method], high_precision=opts.high_precision)
+                             method=_METHODS[method], high_precision=opts.high_precision)
             return onnx_lib.load(str(out))
 
     @staticmethod

@@ -6,7 +6,7 @@ epochs = 3
 lr = 1e-3
 
 [[steps]]
-technique = "magnitude_prune"   # any registered technique: `edgepipe compress --list`
+technique = "magnitude_prune"   # any technique: `edgepipe compress --list`
 sparsity = 0.8
 finetune = true
 ```
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgepipe._hashing import sha256_json
-from edgepipe._schema import from_dict, load_toml, to_dict
+from edgepipe.config._schema import from_dict, load_toml, to_dict
+from edgepipe.config.techniques import config_class, technique_of
 from edgepipe.errors import ConfigError
 
 
@@ -68,11 +69,21 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class Step:
-    """One recipe step: a technique name and its parameters (validated by the technique's config)."""
+    """One recipe step: a technique's config object (which names the technique) and its fine-tuning."""
 
-    technique: str
-    params: dict[str, Any] = field(default_factory=dict)
+    config: Any
     finetune: bool | FinetuneConfig = False
+
+    def __post_init__(self) -> None:
+        technique_of(self.config)  # a ConfigError when it is not a registered technique's config
+
+    @property
+    def technique(self) -> str:
+        return technique_of(self.config)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return to_dict(self.config)
 
     def finetune_config(self, default: FinetuneConfig) -> FinetuneConfig | None:
         if self.finetune is True:
@@ -82,7 +93,10 @@ class Step:
 
 @dataclass(frozen=True)
 class Recipe:
-    """An ordered list of steps sharing one fine-tuning loop and an optional distillation objective."""
+    """An ordered list of steps sharing one fine-tuning loop and an optional distillation objective.
+
+    Steps may be given as technique configs: ``Recipe([MagnitudePrune(sparsity=0.8)])``.
+    """
 
     steps: tuple[Step, ...]
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -90,18 +104,17 @@ class Recipe:
     name: str = "recipe"
 
     def __post_init__(self) -> None:
-        from edgepipe.compress import technique
-
-        for i, s in enumerate(self.steps):
-            t = technique(s.technique, where=f"steps[{i}]")
-            t.parse(s.params, where=f"steps[{i}]")
+        steps = tuple(s if isinstance(s, Step) else Step(s) for s in self.steps)
+        if not steps:
+            raise ConfigError("a recipe needs at least one step")
+        object.__setattr__(self, "steps", steps)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "finetune": to_dict(self.finetune)}
         if self.distill:
             out["distill"] = to_dict(self.distill)
         out["steps"] = [
-            {"technique": s.technique, **to_dict(s.params),
+            {"technique": s.technique, **s.params,
              **({"finetune": to_dict(s.finetune) if isinstance(s.finetune, FinetuneConfig) else s.finetune}
                 if s.finetune else {})}
             for s in self.steps
@@ -130,15 +143,19 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
             if not isinstance(raw, dict) or "technique" not in raw:
                 raise ConfigError(f"steps[{i}] needs a technique = \"...\" key")
             raw = dict(raw)
-            tech = raw.pop("technique")
+            tech = str(raw.pop("technique"))
             ft = raw.pop("finetune", False)
             if isinstance(ft, dict):
                 ft = from_dict(FinetuneConfig, ft, f"steps[{i}].finetune")
             elif not isinstance(ft, bool):
                 raise ConfigError(f"steps[{i}].finetune = {ft!r}: expected true/false or a table")
-            steps.append(Step(technique=str(tech), params=raw, finetune=ft))
-        fields = {k: v for k, v in data.items()}
-        rest = from_dict(_RecipeTop, fields)
+            cls = config_class(tech, where=f"steps[{i}]")
+            try:
+                cfg = from_dict(cls, raw, "")
+            except ConfigError as e:
+                raise ConfigError(f"steps[{i}] ({tech}): {e}") from None
+            steps.append(Step(cfg, finetune=ft))
+        rest = from_dict(_RecipeTop, dict(data))
         return Recipe(steps=tuple(steps), finetune=rest.finetune, distill=rest.distill, name=rest.name)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None

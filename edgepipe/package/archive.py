@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgepipe.compress import _huffman as hf
 from edgepipe.errors import CompressionError, ConfigError, ModelLoadError
+from edgepipe.package import _huffman as hf
 
 if TYPE_CHECKING:
     import torch

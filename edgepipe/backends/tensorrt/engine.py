@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from edgepipe._fs import write_bytes_atomic
-from edgepipe.backends.base import TensorSpec
 from edgepipe.errors import BackendUnavailable, BenchmarkError, CompileError
+from edgepipe.types import TensorSpec
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,17 @@ benchmark on over SSH.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from edgepipe._hashing import sha256_json
-from edgepipe._schema import from_dict, load_toml, to_dict
+from edgepipe.config._schema import from_dict, load_toml, to_dict
+from edgepipe.config.options import parse_options
 from edgepipe.errors import ConfigError
+from edgepipe.types import DEFAULT_INPUT_SHAPE
 
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
@@ -40,12 +43,13 @@ class Calibration:
 class Budgets:
     """What the artifact must meet. ``None`` means no budget."""
 
-    max_accuracy_drop: float | None = 1.0  # top-1 points against the fp32 reference
+    max_accuracy_drop: float | None = 1.0  # top-1 points below the original model's fp32 top-1
     max_latency_ms: float | None = None  # p50 at batch 1 on the measuring machine
     max_memory_mb: float | None = None  # peak resident memory above the worker's baseline
+    max_size_mb: float | None = None  # the artifact's files, in MB (10^6 bytes)
 
     def __post_init__(self) -> None:
-        for name in ("max_accuracy_drop", "max_latency_ms", "max_memory_mb"):
+        for name in ("max_accuracy_drop", "max_latency_ms", "max_memory_mb", "max_size_mb"):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ConfigError(f"budgets.{name} = {v}: must be >= 0")
@@ -99,16 +103,17 @@ class Target:
     name: str
     backend: str
     precision: Precision
-    input_shape: tuple[int, ...] = (1, 1, 32, 32)
+    input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE
     description: str = ""
     dynamic_batch: bool = True
     calibration: Calibration = field(default_factory=Calibration)
     budgets: Budgets = field(default_factory=Budgets)
     runtime: Runtime = field(default_factory=Runtime)
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = field(default_factory=dict)  # the backend's typed options (a dict is parsed on construction)
     board: Board | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "options", parse_options(self.backend, self.options))
         if len(self.input_shape) != 4 or any(d < 1 for d in self.input_shape):
             raise ConfigError(
                 f"input_shape = {list(self.input_shape)}: give four positive sizes, N C H W (e.g. [1, 3, 224, 224])"
@@ -127,9 +132,7 @@ class Target:
         return sha256_json(self.to_dict())
 
     def with_input_shape(self, shape: tuple[int, ...]) -> Target:
-        data = self.to_dict()
-        data["input_shape"] = list(shape)
-        return target_from_dict(data, f"target {self.name!r}")
+        return dataclasses.replace(self, input_shape=tuple(shape))
 
 
 def target_from_dict(data: dict[str, Any], where: str) -> Target:
@@ -146,7 +149,7 @@ def targets_dirs() -> list[Path]:
     """
     dirs = [Path(p) for p in os.environ.get("EDGEPIPE_TARGETS", "").split(os.pathsep) if p]
     dirs.append(Path.cwd() / "targets")
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the edgepipe package
     dirs += [here / "_targets", here.parent / "targets"]
     seen, out = set(), []
     for d in dirs:

@@ -3,7 +3,7 @@
 ``modelopt.onnx.quantization`` monkeypatches onnxruntime's calibrators for the whole process
 (``ort_patching.patch_ort_modules``): after it ran, onnxruntime's own ``quantize_static`` fails in that
 process. edgepipe builds several targets in one process (say ``cpu-int8`` and a TensorRT target), so
-modelopt runs in a fresh interpreter: ``python -m edgepipe.backends._tensorrt_modelopt SPEC.json``. The
+modelopt runs in a fresh interpreter: ``python -m edgepipe.backends.tensorrt.modelopt SPEC.json``. The
 child also keeps modelopt's GPU probes and progress output out of the build's terminal.
 """
 
@@ -80,7 +80,7 @@ def convert(mode: str, src: Path, out: Path, input_name: str, x: np.ndarray, *, 
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            proc = subprocess.run([sys.executable, "-m", "edgepipe.backends._tensorrt_modelopt", str(work / "spec.json")],
+            proc = subprocess.run([sys.executable, "-m", "edgepipe.backends.tensorrt.modelopt", str(work / "spec.json")],
                                   capture_output=True, text=True, timeout=timeout_s, env=env)
         except subprocess.TimeoutExpired as e:
             raise CompileError(f"{what} of {Path(src).name} ran past {timeout_s:.0f} s") from e

@@ -1,0 +1,153 @@
+"""One candidate on one target: the stages composed, and the manifest assembled from their records.
+
+``build`` runs one candidate per target; ``release`` runs many per target and keeps the best; both call
+:func:`run` and write what it returns with :func:`edgepipe.release.write_release`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepipe import backends
+from edgepipe._progress import NullReporter, Reporter
+from edgepipe.config import Target
+from edgepipe.data import Splits
+from edgepipe.harness import Measurement
+from edgepipe.models import ModelSource
+from edgepipe.pipeline import stages
+from edgepipe.pipeline.cache import Cache
+from edgepipe.pipeline.stages import BuildOptions, Compressed
+from edgepipe.types import Accuracy, Artifact, CalibrationSet, Manifest, OnnxModel, StageRecord
+from edgepipe.versions import tool_versions
+
+
+@dataclass
+class Reference:
+    """The original (uncompressed) model in fp32 on onnxruntime: what every budget is measured against."""
+
+    validation_top1: float
+    test_top1: float
+    latency: Measurement | None
+
+
+@dataclass
+class CandidateResult:
+    target: Target
+    manifest: Manifest
+    artifact: Artifact
+    onnx: OnnxModel
+    calibration: CalibrationSet
+    measurement: Measurement | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def qualifies(self) -> bool:
+        return self.manifest.budgets_ok
+
+
+@dataclass
+class Session:
+    """What the candidates of one build or release share: the source, options, cache, progress, scratch."""
+
+    source: ModelSource
+    options: BuildOptions
+    cache: Cache
+    scratch: Path
+    reporter: Reporter = field(default_factory=NullReporter)
+    _compressed: dict[tuple[str, str], tuple[Compressed, StageRecord]] = field(default_factory=dict)
+    _references: dict[tuple[Any, ...], Reference] = field(default_factory=dict)
+
+    def compressed(self, recipe: Any, splits: Splits) -> tuple[Compressed, StageRecord]:
+        key = (recipe.sha256 if recipe else "", stages.data_sha256(splits))
+        if key not in self._compressed:
+            with self.reporter.stage(f"compress ({recipe.name if recipe else 'none'})"):
+                self._compressed[key] = stages.compress(self.source, recipe, splits, self.cache, self.reporter)
+        return self._compressed[key]
+
+    def reference(self, target: Target, splits: Splits) -> Reference:
+        """The original model's fp32 figures for this target's input, threads and bench settings."""
+        key = (target.input_shape, target.dynamic_batch, target.runtime, stages.data_sha256(splits),
+               self.options.bench, self.options.iterations)
+        if key not in self._references:
+            ref_target = dataclasses.replace(target, name=f"{target.name}-reference", backend="onnxruntime",
+                                             precision="fp32", options={}, board=None)
+            work = self.scratch / f"reference-{len(self._references)}"
+            with self.reporter.stage(f"{target.name}: export fp32 reference"):
+                onnx, _ = stages.export(stages.original(self.source), ref_target, splits, work, self.cache,
+                                        self.options.parity_atol)
+            art = Artifact("onnxruntime", "fp32", onnx.path)
+            ev, _ = stages.evaluate(art, ref_target, splits, self.cache, self.reporter)
+            m = None
+            if self.options.bench:
+                with self.reporter.stage(f"{target.name}: bench fp32 reference"):
+                    m, _ = stages.bench(art, ref_target, stages.bench_settings(target, self.options.iterations),
+                                        self.cache, on_board=False)
+            self._references[key] = Reference(ev.validation_top1, ev.test_top1, m)
+        return self._references[key]
+
+
+def run(session: Session, target: Target, recipe: Any = None, candidate: dict[str, Any] | None = None,
+        workdir: Path | None = None) -> CandidateResult:
+    """Compress → export → compile → evaluate → bench one candidate for ``target``; budgets checked."""
+    opts, cache, rep = session.options, session.cache, session.reporter
+    work = workdir or session.scratch / target.name
+    splits = stages.load_splits(opts.data, target)
+    compressed, compress_rec = session.compressed(recipe, splits)
+    ref = session.reference(target, splits)
+    with rep.stage(f"{target.name}: export"):
+        onnx, export_rec = stages.export(compressed, target, splits, work, cache, opts.parity_atol)
+    calib = stages.calibration_set(splits)
+    with rep.stage(f"{target.name}: compile ({target.backend} {target.precision})"):
+        artifact, compile_rec = stages.compile(onnx, target, calib, work, cache)
+    ev, eval_rec = stages.evaluate(artifact, target, splits, cache, rep)
+    notes = []
+    m, records = None, [compress_rec, export_rec, compile_rec, eval_rec]
+    if ev.evaluated_on:
+        notes.append(f"{target.name}: top-1 measured on {ev.evaluated_on}")
+        if opts.bench:
+            notes.append(f"{target.name}: not benchmarked: {ev.bench_skipped}")
+    elif opts.bench:
+        on_board = target.board is not None and not opts.local_bench
+        with rep.stage(f"{target.name}: bench ({'board ' + target.board.host if on_board and target.board else 'here'})"):
+            m, bench_rec = stages.bench(artifact, target, stages.bench_settings(target, opts.iterations), cache,
+                                        on_board=on_board)
+        records.append(bench_rec)
+    for n in notes:
+        rep.note(n)
+    val_drop = round((ref.validation_top1 - ev.validation_top1) * 100, 4)
+    test_drop = round((ref.test_top1 - ev.test_top1) * 100, 4)
+    budgets = stages.budgets(target, val_drop, m, artifact.size_bytes)
+    manifest = Manifest(
+        target={**target.to_dict(), "sha256": target.sha256},
+        inputs={
+            "model": {"spec": session.source.spec, "kind": session.source.kind,
+                      "sha256": session.source.weights_sha256},
+            "data": {"name": opts.data, "sha256": stages.data_sha256(splits), "splits": splits.counts()},
+            "target": target.sha256,
+            "recipe": recipe.sha256 if recipe is not None and not session.source.is_onnx else None,
+            "calibration_method": target.calibration.method,
+        },
+        tools=tool_versions(),
+        stages=records,
+        accuracy=Accuracy(
+            top1=ev.test_top1, reference_top1=ref.test_top1, drop_points=test_drop, dataset=splits.test.name,
+            samples=ev.test_samples, compressed_top1=compressed.fp32_validation_top1 if recipe else None,
+            validation_top1=ev.validation_top1, validation_reference_top1=ref.validation_top1,
+            validation_drop_points=val_drop, validation_samples=ev.validation_samples,
+            evaluated_on=ev.evaluated_on,
+        ),
+        budgets=budgets,
+        latency=m.to_dict() if m else None,
+        reference_latency=ref.latency.to_dict() if ref.latency else None,
+        bench_skipped=ev.bench_skipped if opts.bench else None,
+        compression=compressed.records if compressed.recipe is not None else None,
+        candidate=candidate,
+    )
+    return CandidateResult(target, manifest, artifact, onnx, calib, m, notes)
+
+
+def backend_can_run(target: Target) -> bool:
+    return backends.get(target.backend).check().run

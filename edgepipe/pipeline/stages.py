@@ -1,0 +1,399 @@
+"""The stages: plain functions from typed values to a typed value and a :class:`StageRecord`.
+
+load → compress → export → compile → evaluate → bench. Each stage that costs time looks itself up in the
+verified cache first (key: the hash of everything that went in), so a rerun, a second target or another
+search candidate that shares a prefix reuses its work. ``build``, ``release``, the api, the bench scripts
+and the cluster executors all compose these; none of them re-implements one.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgepipe import backends
+from edgepipe._hashing import sha256_file, sha256_json
+from edgepipe._progress import NullReporter, Reporter
+from edgepipe.config import Target, load_target
+from edgepipe.config.recipe import Recipe
+from edgepipe.data import Dataset, Splits, load_dataset, split
+from edgepipe.errors import BackendUnavailable, ConfigError
+from edgepipe.harness import BenchSettings, Measurement
+from edgepipe.models import ModelSource, load_model
+from edgepipe.pipeline.cache import Cache
+from edgepipe.types import Artifact, Budget, CalibrationSet, OnnxModel, StageRecord, StandIn
+from edgepipe.versions import tool_versions
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How a build runs, beyond the model and the targets."""
+
+    out: Path = Path("dist")
+    data: str = "digits"
+    input_shape: tuple[int, ...] | None = None
+    recipe: str | Recipe | None = None
+    weights: Path | None = None
+    bench: bool = True
+    iterations: int | None = None
+    allow_accuracy_drop: bool = False
+    cache: bool = True
+    parity_atol: float = 1e-3
+    local_bench: bool = False  # measure here even when the target names a [board]
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def resolve_targets(specs: list[str] | list[str | Target], input_shape: tuple[int, ...] | None = None) -> list[Target]:
+    """Load and validate targets, and check that this machine can compile each, before any work."""
+    if not specs:
+        raise ConfigError("no target given: pass --target NAME (see `edgepipe targets`)")
+    out = []
+    for spec in specs:
+        t = spec if isinstance(spec, Target) else load_target(spec)
+        if input_shape is not None:
+            t = t.with_input_shape(tuple(input_shape))
+        backend = backends.get(t.backend)
+        backend.validate(t)
+        avail = backend.check_target(t)
+        if not avail.compile:
+            raise BackendUnavailable(f"target {t.name!r} needs backend {t.backend!r}, which cannot compile here: {avail.reason}")
+        out.append(t)
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"target given twice: {names}")
+    return out
+
+
+_DATASETS: dict[tuple[str, tuple[int, int, int]], Dataset] = {}
+
+
+def data_splits(data: str, input_shape: tuple[int, ...], calibration_samples: int = 256,
+                calibration_seed: int = 0) -> Splits:
+    """The dataset ``data`` fitted to ``input_shape`` (N, C, H, W) and split (train, calibration,
+    validation, test).
+
+    Datasets are kept in memory per (spec, shape) for the life of the process: a search over many
+    candidates reads and resizes its data once.
+    """
+    chw = (int(input_shape[1]), int(input_shape[2]), int(input_shape[3]))
+    key = (data, chw)
+    if key not in _DATASETS:
+        _DATASETS[key] = load_dataset(data, chw)
+    return split(_DATASETS[key], calibration_samples, calibration_seed)
+
+
+def load_splits(data: str, target: Target) -> Splits:
+    """:func:`data_splits` for the target's input shape and calibration settings."""
+    return data_splits(data, target.input_shape, target.calibration.samples, target.calibration.seed)
+
+
+def calibration_set(splits: Splits) -> CalibrationSet:
+    """Calibration samples, with the validation split for backends that check accuracy while compiling."""
+    return CalibrationSet(splits.calibration.x, splits.calibration.name, validation_x=splits.validation.x,
+                          validation_y=splits.validation.y, validation_source=splits.validation.name)
+
+
+def data_sha256(splits: Splits) -> str:
+    return sha256_json({k: getattr(splits, k).sha256 for k in ("train", "calibration", "validation", "test")})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compress
+
+
+@dataclass
+class Compressed:
+    """The model the rest of the flow sees: the source itself, or the source after a recipe.
+
+    ``sha256`` names it for every later cache key; the torch module is loaded only when a stage needs it
+    (a cached export never does).
+    """
+
+    source: ModelSource
+    sha256: str
+    recipe: Recipe | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    fp32_validation_top1: float | None = None
+    _module: nn.Module | None = None
+    _loader: Callable[[], nn.Module] | None = None
+
+    @property
+    def is_onnx(self) -> bool:
+        return self.source.is_onnx
+
+    @property
+    def module(self) -> nn.Module:
+        if self._module is None:
+            if self._loader is None:
+                assert self.source.module is not None
+                self._module = self.source.module
+            else:
+                self._module = self._loader()
+        return self._module
+
+
+def original(src: ModelSource) -> Compressed:
+    """The uncompressed model as a :class:`Compressed` (no recipe)."""
+    return Compressed(src, sha256_json({"weights": src.weights_sha256, "spec": src.spec}), _module=src.module)
+
+
+def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cache,
+             reporter: Reporter | None = None) -> tuple[Compressed, StageRecord]:
+    """Apply ``recipe`` to the source model (cached by source, recipe and data)."""
+    rep = reporter or NullReporter()
+    timer = _Timer()
+    base = original(src)
+    if recipe is None:
+        return base, StageRecord("compress", {"model": src.weights_sha256}, base.sha256, skipped="no recipe")
+    if src.is_onnx:
+        rep.note("model is ONNX: compression recipe skipped (compress the torch model instead)")
+        return base, StageRecord("compress", {"model": src.weights_sha256}, base.sha256,
+                                 skipped="model is already ONNX")
+    inputs = {"model": base.sha256, "recipe": recipe.sha256, "data": data_sha256(splits),
+              "tools": sha256_json(tool_versions())}
+    key = sha256_json(inputs)
+    hit = cache.get("compress", key)
+    if hit is not None:
+        from edgepipe.models import load_model as _load
+
+        path = hit.file("model.pt2")
+        out = Compressed(src, key, recipe, hit.record["steps"], hit.record.get("fp32_validation_top1"),
+                         _loader=lambda: _load(str(path)).module)  # type: ignore[return-value, arg-type]
+    else:
+        import tempfile
+
+        from edgepipe.compress import apply_recipe
+        from edgepipe.compress._stats import top1
+        from edgepipe.models import save_program
+
+        module, steps = apply_recipe(src.module, recipe, splits, rep)  # type: ignore[arg-type]
+        acc = top1(module, splits.validation.x, splits.validation.y)
+        out = Compressed(src, key, recipe, steps, acc, _module=module)
+        with tempfile.TemporaryDirectory(prefix="edgepipe-compress-") as tmp:
+            pt2 = save_program(module, (1, *splits.validation.x.shape[1:]), Path(tmp) / "model.pt2")
+            cache.put("compress", key, [pt2], {"steps": steps, "fp32_validation_top1": acc})
+    return out, StageRecord("compress", inputs, key, timer.seconds, hit is not None,
+                            {"recipe": recipe.name, "steps": len(recipe.steps)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export
+
+
+def check_onnx_shape(onnx: OnnxModel, target: Target) -> None:
+    for want, have in zip(target.input_shape[1:], onnx.input_shape[1:], strict=False):
+        if isinstance(have, int) and have > 0 and have != want:
+            raise ConfigError(
+                f"input shape {list(target.input_shape)} does not match the ONNX model's input "
+                f"{list(onnx.input_shape)}; set the target's input_shape or pass --input-shape"
+            )
+
+
+def export(model: Compressed, target: Target, splits: Splits, workdir: Path, cache: Cache,
+           parity_atol: float = 1e-3) -> tuple[OnnxModel, StageRecord]:
+    """Torch → ONNX for the target's input shape, parity-checked on the validation split (cached)."""
+    from edgepipe import export as ex
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    dest = workdir / "source.onnx"
+    timer = _Timer()
+    if model.is_onnx:
+        assert model.source.onnx_path is not None
+        onnx = ex.onnx_model(model.source.onnx_path)
+        check_onnx_shape(onnx, target)
+        shutil.copyfile(model.source.onnx_path, dest)
+        return ex.onnx_model(dest), StageRecord("export", {"model": model.sha256}, onnx.sha256,
+                                                skipped="model is already ONNX")
+    inputs = {"model": model.sha256, "shape": sha256_json([list(target.input_shape), target.dynamic_batch]),
+              "tools": sha256_json({"tools": tool_versions(), "opset": ex.DEFAULT_OPSET})}
+    key = sha256_json(inputs)
+    hit = cache.get("export", key)
+    if hit is not None:
+        shutil.copyfile(hit.file("source.onnx"), dest)
+        record = hit.record
+        onnx = ex.onnx_model(dest)
+    else:
+        onnx = ex.export(model.module, target.input_shape, dest, dynamic_batch=target.dynamic_batch)
+        p = ex.parity(model.module, onnx, splits.validation.x)
+        ex.check_parity(p, atol=parity_atol)
+        record = {"parity": p.to_dict(), "opset": ex.DEFAULT_OPSET, "dynamic_batch": target.dynamic_batch}
+        cache.put("export", key, [dest], record)
+    return onnx, StageRecord("export", inputs, onnx.sha256, timer.seconds, hit is not None, dict(record))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compile
+
+
+def compile(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path,
+            cache: Cache) -> tuple[Artifact, StageRecord]:
+    """Compile for the target with its backend, calibrating on ``calibration`` (cached)."""
+    backend = backends.get(target.backend)
+    inputs = {"onnx": onnx.sha256, "target": target.sha256, "calibration": calibration.sha256,
+              "validation": calibration.validation_sha256, "tools": sha256_json(tool_versions())}
+    key = sha256_json(inputs)
+    timer = _Timer()
+    out = workdir / "artifact"
+    out.mkdir(parents=True, exist_ok=True)
+    kind = f"compile-{target.backend}"
+    hit = cache.get(kind, key)
+    if hit is not None:
+        rec = hit.record
+        for name in rec["files"]:
+            shutil.copy2(hit.file(name), out / name)
+        artifact = Artifact(backend.name, rec["precision"], out / rec["path"], [out / n for n in rec["files"]],
+                            rec["metadata"])
+    else:
+        artifact = backend.compile(onnx, target, calibration, out)
+        rec = {"precision": artifact.precision, "path": artifact.path.name,
+               "files": [p.name for p in artifact.files], "metadata": artifact.metadata}
+        cache.put(kind, key, artifact.files, rec)
+    return artifact, StageRecord("compile", inputs, artifact_sha256(artifact), timer.seconds, hit is not None,
+                                 {"backend": backend.name, "precision": artifact.precision})
+
+
+def artifact_sha256(artifact: Artifact) -> str:
+    return sha256_json({p.name: sha256_file(p) for p in artifact.files if p.is_file()})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Top-1 on the validation split (for choices) and on the test split (for the report)."""
+
+    validation_top1: float
+    test_top1: float
+    validation_samples: int
+    test_samples: int
+    evaluated_on: str | None = None  # what stood in for the artifact, when this machine cannot run it
+    bench_skipped: str | None = None  # why the artifact itself cannot be benchmarked here
+
+
+def runnable(artifact: Artifact) -> tuple[Artifact, StandIn | None]:
+    """The artifact itself when this machine runs it; else its backend's stand-in (``BackendUnavailable``
+    when it has none)."""
+    backend = backends.get(artifact.backend)
+    if backend.check().run:
+        return artifact, None
+    stand_in = backend.stand_in(artifact)
+    if stand_in is None:
+        backend.require("run")
+    assert stand_in is not None
+    return stand_in.artifact, stand_in
+
+
+def evaluate(artifact: Artifact, target: Target, splits: Splits, cache: Cache,
+             reporter: Reporter | None = None) -> tuple[Evaluation, StageRecord]:
+    """Top-1 of ``artifact`` on validation and test (cached by artifact and data)."""
+    from edgepipe.evaluate import top1
+
+    rep = reporter or NullReporter()
+    timer = _Timer()
+    evaluated, stand_in = runnable(artifact)
+    inputs = {"artifact": artifact_sha256(evaluated), "validation": splits.validation.sha256,
+              "test": splits.test.sha256}
+    key = sha256_json(inputs)
+    hit = cache.get("evaluate", key)
+    if hit is not None:
+        val, test = hit.record["validation_top1"], hit.record["test_top1"]
+    else:
+        n = len(splits.validation) + len(splits.test)
+        with rep.stage(f"{target.name}: evaluate {artifact.backend} {artifact.precision}", total=n) as adv:
+            runner = backends.get(evaluated.backend).load(evaluated, target.runtime.threads)
+            val = top1(runner, splits.validation.x, splits.validation.y, adv)
+            test = top1(runner, splits.test.x, splits.test.y, adv)
+        cache.put("evaluate", key, [], {"validation_top1": val, "test_top1": test})
+    ev = Evaluation(val, test, len(splits.validation), len(splits.test),
+                    stand_in.evaluates if stand_in else None, stand_in.bench if stand_in else None)
+    return ev, StageRecord("evaluate", inputs, sha256_json([val, test]), timer.seconds, hit is not None,
+                           {"validation_top1": val, "test_top1": test})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench
+
+
+def bench_settings(target: Target, iterations: int | None = None) -> BenchSettings:
+    r = target.runtime
+    return BenchSettings(threads=r.threads, batch=r.batch, warmup=r.warmup, iterations=iterations or r.iterations)
+
+
+def bench(artifact: Artifact, target: Target, settings: BenchSettings, cache: Cache, *,
+          on_board: bool = True) -> tuple[Measurement, StageRecord]:
+    """Latency and memory in a fresh worker, here or on the target's board (cached per machine)."""
+    from dataclasses import asdict
+
+    from edgepipe.harness import measure
+
+    board = target.board if on_board else None
+    where = f"{board.user or ''}@{board.host}:{board.port}" if board else f"{platform.node()} {platform.machine()}"
+    inputs = {"artifact": artifact_sha256(artifact), "settings": sha256_json(asdict(settings)), "where": where}
+    key = sha256_json(inputs)
+    timer = _Timer()
+    hit = cache.get("bench", key)
+    if hit is not None:
+        m = Measurement(**hit.record["measurement"])
+    else:
+        if board is not None:
+            from edgepipe.harness.remote import measure_remote
+
+            m = measure_remote(artifact, board, settings)
+        else:
+            m = measure(artifact, settings)
+        cache.put("bench", key, [], {"measurement": m.to_dict()})
+    return m, StageRecord("bench", inputs, sha256_json(m.to_dict()), timer.seconds, hit is not None,
+                          {"where": "board " + board.host if board else "here", "p50_ms": m.p50_ms})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# budgets
+
+
+def budgets(target: Target, drop_points: float, m: Measurement | None, size_bytes: int) -> dict[str, Budget]:
+    """Each of the target's budgets against what was measured (accuracy drop on validation)."""
+    b = target.budgets
+    out: dict[str, Budget] = {}
+    if b.max_accuracy_drop is not None:
+        out["max_accuracy_drop"] = Budget(b.max_accuracy_drop, drop_points, drop_points <= b.max_accuracy_drop)
+    if m is not None and b.max_latency_ms is not None:
+        out["max_latency_ms"] = Budget(b.max_latency_ms, m.p50_ms, m.p50_ms <= b.max_latency_ms)
+    if m is not None and b.max_memory_mb is not None:
+        v = m.peak_rss_above_baseline_mb
+        out["max_memory_mb"] = Budget(b.max_memory_mb, v, v <= b.max_memory_mb)
+    if b.max_size_mb is not None:
+        mb = size_bytes / 1e6
+        out["max_size_mb"] = Budget(b.max_size_mb, mb, mb <= b.max_size_mb)
+    return out
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def source(model: str | None, weights: Path | None) -> ModelSource:
+    """Load the model source (``None``: the bundled example)."""
+    return load_model(model, weights)

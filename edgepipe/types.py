@@ -1,0 +1,240 @@
+"""The values that flow between stages, and the manifest that records them.
+
+Every stage is a function from these values to one of them plus a :class:`StageRecord`; the pipeline
+assembles the records into a :class:`Manifest`, which writes and reads ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgepipe._hashing import sha256_arrays
+
+#: The bundled example's input (N, C, H, W): the one place it is written.
+DEFAULT_INPUT_SHAPE: tuple[int, int, int, int] = (1, 1, 32, 32)
+
+MANIFEST_SCHEMA = 2  # 2: typed stage records, three data splits, original-model reference, candidate
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """An exported float ONNX model on disk (single file, weights inside)."""
+
+    path: Path
+    input_name: str
+    input_shape: tuple[int | str | None, ...]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """NCHW float32 samples from the calibration split (the method is the target's ``calibration.method``).
+
+    ``validation_x``/``validation_y`` (optional) are labelled samples for backends that check accuracy
+    while compiling (OpenVINO's accuracy-controlled int8); the pipeline passes the validation split,
+    never the test split the figures are reported on.
+    """
+
+    x: np.ndarray
+    source: str = ""
+    validation_x: np.ndarray | None = None
+    validation_y: np.ndarray | None = None
+    validation_source: str = ""
+
+    @property
+    def sha256(self) -> str:
+        return sha256_arrays(self.x)
+
+    @property
+    def validation_sha256(self) -> str | None:
+        if self.validation_x is None or self.validation_y is None:
+            return None
+        return sha256_arrays(self.validation_x, self.validation_y)
+
+    def record(self) -> dict[str, Any]:
+        return {"source": self.source, "samples": len(self.x), "sha256": self.sha256}
+
+
+@dataclass
+class Artifact:
+    """A compiled model: its main file, every file that belongs with it, and what compile recorded."""
+
+    backend: str
+    precision: str
+    path: Path
+    files: list[Path] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.files:
+            self.files = [self.path]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files if p.is_file())
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """What a machine that cannot run an artifact evaluates in its place: a model of another backend that
+    computes the same function (e.g. a TensorRT bundle's Q/DQ ONNX on onnxruntime), and what that means."""
+
+    artifact: Artifact
+    evaluates: str  # what the accuracy measured on the stand-in stands for
+    bench: str  # why it is not benchmarked, and where the artifact itself gets timed
+
+
+class Runner(Protocol):
+    inputs: list[TensorSpec]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+@dataclass
+class StageRecord:
+    """What one stage did: its inputs and output by hash, how long it took, and whether it was cached."""
+
+    name: str
+    inputs: dict[str, str | None] = field(default_factory=dict)
+    output_sha256: str | None = None
+    seconds: float = 0.0
+    cached: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "inputs": self.inputs, "output_sha256": self.output_sha256,
+                               "cached": self.cached, "seconds": round(self.seconds, 3)}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return {**out, **self.details}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageRecord:
+        known = {"name", "inputs", "output_sha256", "cached", "seconds", "skipped"}
+        return cls(d["name"], d.get("inputs") or {}, d.get("output_sha256"), d.get("seconds", 0.0),
+                   d.get("cached", False), {k: v for k, v in d.items() if k not in known}, d.get("skipped"))
+
+
+@dataclass
+class Accuracy:
+    """Top-1 of the artifact on the test split, against the original (uncompressed) model's fp32 top-1.
+
+    ``drop_points`` is ``reference_top1 - top1`` in points; ``compressed_top1`` is the fp32 top-1 of the
+    compressed model (``None`` without a recipe); ``validation_*`` are the figures choices were made on.
+    """
+
+    top1: float
+    reference_top1: float
+    drop_points: float
+    dataset: str
+    samples: int
+    compressed_top1: float | None = None
+    validation_top1: float | None = None
+    validation_reference_top1: float | None = None
+    validation_drop_points: float | None = None
+    validation_samples: int | None = None
+    evaluated_on: str | None = None
+
+
+@dataclass
+class Budget:
+    limit: float
+    value: float
+    ok: bool
+
+
+@dataclass
+class FileRecord:
+    name: str
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class ArtifactRecord:
+    backend: str
+    precision: str
+    file: str
+    files: list[FileRecord]
+    size_bytes: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """Everything a release directory's ``manifest.json`` says: read it with :meth:`read`, not by key."""
+
+    target: dict[str, Any]
+    inputs: dict[str, Any]
+    tools: dict[str, str]
+    stages: list[StageRecord]
+    accuracy: Accuracy
+    budgets: dict[str, Budget]
+    latency: dict[str, Any] | None = None
+    reference_latency: dict[str, Any] | None = None
+    bench_skipped: str | None = None
+    compression: list[dict[str, Any]] | None = None
+    candidate: dict[str, Any] | None = None  # which search candidate this is (release only)
+    artifact: ArtifactRecord | None = None
+    source_onnx: FileRecord | None = None
+    schema: int = MANIFEST_SCHEMA
+
+    @property
+    def name(self) -> str:
+        return str(self.target["name"])
+
+    @property
+    def budgets_ok(self) -> bool:
+        return all(b.ok for b in self.budgets.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["stages"] = [s.to_dict() for s in self.stages]
+        d["accuracy"] = asdict(self.accuracy)
+        d["budgets"] = {k: asdict(b) for k, b in self.budgets.items()}
+        d["artifact"] = asdict(self.artifact) if self.artifact else None
+        d["source_onnx"] = asdict(self.source_onnx) if self.source_onnx else None
+        return {"schema": d.pop("schema"), **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        a = d.get("artifact")
+        art = None
+        if a:
+            art = ArtifactRecord(**{**a, "files": [FileRecord(**f) for f in a["files"]]})
+        acc = d["accuracy"]
+        return cls(
+            target=d["target"], inputs=d["inputs"], tools=d.get("tools", {}),
+            stages=[StageRecord.from_dict(s) for s in d.get("stages", [])],
+            accuracy=Accuracy(**{k: v for k, v in acc.items() if k in {f.name for f in fields(Accuracy)}}),
+            budgets={k: Budget(**b) for k, b in (d.get("budgets") or {}).items()},
+            latency=d.get("latency"), reference_latency=d.get("reference_latency"),
+            bench_skipped=d.get("bench_skipped"), compression=d.get("compression"), candidate=d.get("candidate"),
+            artifact=art, source_onnx=FileRecord(**d["source_onnx"]) if d.get("source_onnx") else None,
+            schema=d.get("schema", MANIFEST_SCHEMA),
+        )
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        """Read ``manifest.json`` (or the one inside a release directory)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "manifest.json"
+        return cls.from_dict(json.loads(p.read_text()))
