@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 # ``export`` is left out on purpose: ``edgepipe.export`` is the export module; the checked
 # export-with-parity function is ``edgepipe.api.export``.
-_API = ("build", "compile", "bench", "targets", "resolve_artifact")
+_API = ("build", "release", "compile", "bench", "targets", "resolve_artifact")
 
 __all__ = [*_API, "__version__"]
 

@@ -22,6 +22,7 @@ from edgepipe.pipeline import build as _build
 from edgepipe.types import DEFAULT_INPUT_SHAPE, Artifact, OnnxModel
 
 if TYPE_CHECKING:
+    from edgepipe.pipeline.search import ReleaseResult
     from edgepipe.toolchains import ToolchainStatus
 
 
@@ -46,6 +47,43 @@ def build(
         One result per target, with its release directory and manifest.
     """
     return _build(model, list(targets), BuildOptions(out=Path(out), **options), reporter)
+
+
+def release(
+    model: str | None = None,
+    targets: list[str] | tuple[str, ...] = ("cpu-int8",),
+    *,
+    out: str | Path = "release",
+    search: str | Path | None = None,
+    max_trials: int | None = None,
+    reporter: Reporter | None = None,
+    progress: Callable[[str, str, str, str, str], None] | None = None,
+    **options: Any,
+) -> ReleaseResult:
+    """For every target, search the candidates (recipe × quantization settings), keep the best that meets
+    the target's budgets, and write ``out/<target>/``, ``index.json``, ``SHA256SUMS`` and ``report.html``.
+
+    Args:
+        model: as for :func:`build`; ``None`` for the bundled example.
+        targets: target names or paths; ``["all"]`` for every target found.
+        out: the release root.
+        search: a search-space TOML (``None``: the shipped default space).
+        max_trials: caps candidates per target (overrides the file's ``max_trials``).
+        reporter: stage progress; ``progress`` is called as each candidate moves on.
+        **options: fields of :class:`edgepipe.pipeline.BuildOptions` (data, weights, iterations, cache, ...).
+
+    Returns:
+        One outcome per target (released, failed with the closest candidate's misses, or skipped).
+    """
+    import dataclasses as dc
+
+    from edgepipe.config.search import load_search
+    from edgepipe.pipeline.search import release as _release
+
+    space = load_search(search)
+    if max_trials is not None:
+        space = dc.replace(space, max_trials=max_trials)
+    return _release(model, list(targets), space, Path(out), BuildOptions(out=Path(out), **options), reporter, progress)
 
 
 def export(

@@ -99,6 +99,8 @@ def cli(debug: bool) -> None:
     Start here:
       edgepipe targets                           what exists, and what this machine can do
       edgepipe build --target cpu-int8           the whole pipeline on the bundled example
+      edgepipe release --targets cpu-int8,intel-cpu-int8 --out release/v1/
+                                                 search every target's candidates, release the best
     """
     _STATE["debug"] = debug
 
@@ -179,6 +181,117 @@ def _build_table(result: Any) -> None:
         console.print(f"released [bold]{r.manifest.name}[/] -> {r.release_dir}/", highlight=False)
     for n in result.notes:
         console.print(f"[yellow]note:[/] {n}", highlight=False)
+
+
+class ReleaseLive:
+    """One live table of targets x candidates on stderr while a release runs; also the stage Reporter."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.live import Live
+
+        self.quiet = quiet
+        self.rows: dict[tuple[str, str], list[str]] = {}
+        self.current = ""
+        self.notes: list[str] = []
+        self.live = Live(self._table(), console=_console(stderr=True), refresh_per_second=4, transient=False)
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        t = Table(title="edgepipe release", caption=self.current or None, caption_justify="left")
+        for col in ("target", "cand.", "settings", "status", "figures"):
+            t.add_column(col)
+        style = {"ok": "green", "misses": "yellow", "error": "red", "skipped": "dim", "running": "cyan"}
+        for (target, cid), (label, status, detail) in self.rows.items():
+            t.add_row(target, cid, label, f"[{style.get(status, '')}]{status}[/]", detail)
+        return t
+
+    def __enter__(self) -> ReleaseLive:
+        if not self.quiet:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.current = ""
+        if not self.quiet:
+            self.live.update(self._table())
+            self.live.stop()
+
+    def progress(self, target: str, cid: str, label: str, status: str, detail: str) -> None:
+        self.rows[(target, cid)] = [label, status, detail]
+        if not self.quiet:
+            self.live.update(self._table())
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        self.current = name
+        if not self.quiet:
+            self.live.update(self._table())
+        yield lambda n=1: None
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-t", "--targets", "targets", required=True, metavar="T1,T2|all",
+              help="Comma-separated target names or .toml paths, or `all` (targets this machine cannot build are skipped).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("release"), show_default=True,
+              help="Release root: OUT/<target>/, OUT/index.json, OUT/SHA256SUMS, OUT/report.html.")
+@click.option("-s", "--search", "search", type=click.Path(path_type=Path),
+              help="Search space TOML (recipes x per-backend settings); default: the shipped space.")
+@click.option("--max-trials", type=int, help="Cap candidates per target (sampled with Optuna beyond it).")
+@click.option("-w", "--weights", type=click.Path(path_type=Path), help="Weights for a module:factory model.")
+@click.option("-d", "--data", default="digits", show_default=True,
+              help="digits, an .npz with x and y, or an image folder (split into calibration/validation/test).")
+@click.option("--input-shape", help="N,C,H,W overriding the targets' input shape.")
+@click.option("--iterations", type=int, help="Timed iterations per benchmark (default: the target's).")
+@click.option("--local-bench", is_flag=True, help="Measure on this machine even when a target names a [board].")
+@click.option("--no-cache", is_flag=True, help="Recompute every stage instead of reusing cached outputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print index.json and the run's figures as JSON.")
+def release(model: str | None, targets: str, out: Path, search: Path | None, max_trials: int | None,
+            weights: Path | None, data: str, input_shape: str | None, iterations: int | None, local_bench: bool,
+            no_cache: bool, as_json: bool) -> int:
+    """Find the best artifact for every target, by measurement, under its budgets, and release it.
+
+    For each target, every candidate of the search space (recipe x quantization settings) runs
+    compress -> export -> compile -> evaluate -> bench; the fastest candidate that meets all of the
+    target's budgets (accuracy drop on the validation split against the original model, latency,
+    memory, size) is released to OUT/<target>/. A target that cannot meet its budgets fails with the
+    closest candidate and how far it misses; the others are still released, and the exit status is 3.
+    Every stage is cached: a rerun takes seconds, and a killed release resumes.
+
+    \b
+    Examples:
+      edgepipe release --targets cpu-int8,intel-cpu-int8 --out release/v1/
+      edgepipe release --targets all --search search.toml --max-trials 40 --out release/v1/
+    """
+    from edgepipe import api
+
+    specs = [t.strip() for t in targets.split(",") if t.strip()]
+    with ReleaseLive(quiet=as_json) as live:
+        result = api.release(model, specs, out=out, search=search, max_trials=max_trials, reporter=live,
+                             progress=live.progress, weights=weights, data=data, input_shape=_shape(input_shape),
+                             iterations=iterations, cache=not no_cache, local_bench=local_bench)
+    index = json.loads((out / "index.json").read_text())
+    run = {"wall_seconds": round(result.wall_seconds, 1), "stages": result.stages_total,
+           "stages_cached": result.stages_cached}
+    if as_json:
+        _emit_json({**index, "run": run})
+    else:
+        console = _console()
+        for o in result.outcomes:
+            if o.status == "released" and o.chosen is not None:
+                console.print(f"released [bold]{o.target.name}[/] {o.chosen.candidate.id} ({o.chosen.candidate.label}) "
+                              f"-> {o.release_dir}/", highlight=False)
+            elif o.status == "failed":
+                console.print(f"[bold red]failed[/] {o.reason}", highlight=False)
+            else:
+                console.print(f"[dim]skipped {o.target.name}: {o.reason}[/]", highlight=False)
+        console.print(f"{out}/index.json, {out}/SHA256SUMS, {out}/report.html written in {run['wall_seconds']} s; "
+                      f"{result.stages_cached} of {result.stages_total} stages cached.", highlight=False)
+    return 3 if result.failed else 0
 
 
 @cli.command()

@@ -115,3 +115,163 @@ def artifact_from_release(path: Path) -> Artifact | None:
     if a is None:
         return None
     return Artifact(a.backend, a.precision, root / a.file, [root / f.name for f in a.files], a.metadata)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a whole release: index.json, SHA256SUMS and report.html over every target
+
+INDEX = "index.json"
+SUMS = "SHA256SUMS"
+INDEX_SCHEMA = 1
+
+
+def release_index(result: Any) -> dict[str, Any]:
+    """``index.json``: every target's status, choice, figures and every rejected candidate with why.
+
+    It holds no wall times or cache counts, so the same inputs (and cached measurements) give the same
+    bytes; those are printed by the CLI and returned in the result.
+    """
+    targets: dict[str, Any] = {}
+    for o in result.outcomes:
+        t = o.target
+        entry: dict[str, Any] = {"status": o.status, "backend": t.backend, "reason": o.reason,
+                                 "budgets": {k: v for k, v in dataclasses.asdict(t.budgets).items() if v is not None},
+                                 "release_dir": f"{t.name}/" if o.release_dir else None,
+                                 "chosen": o.chosen.candidate.id if o.chosen else None}
+        first = next((x.result for x in o.tried if x.result is not None), None)
+        if first is not None:
+            acc, ref_lat = first.manifest.accuracy, first.manifest.reference_latency
+            entry["reference"] = {"validation_top1": acc.validation_reference_top1, "test_top1": acc.reference_top1,
+                                  "p50_ms": ref_lat["p50_ms"] if ref_lat else None}
+        cands = []
+        for x in o.tried:
+            d = x.to_dict()
+            if o.chosen is not None and x is o.chosen:
+                d["why"] = "chosen: fastest qualifying (ties within noise: smaller, then more accurate)"
+            elif x.result is None:
+                d["why"] = f"could not be built: {x.error}"
+            elif not x.qualifies:
+                d["why"] = "misses " + ", ".join(f"{k} ({m['value']:.3g} > {m['limit']})" for k, m in x.misses().items())
+            else:
+                d["why"] = "qualifies, but slower, larger or less accurate than the chosen one"
+            cands.append(d)
+        entry["candidates"] = cands
+        targets[t.name] = entry
+    return {"schema": INDEX_SCHEMA, "model": result.model, "search": result.space.to_dict(),
+            "search_sha256": result.space.sha256, "targets": targets}
+
+
+def _svg(fig: Any) -> str:
+    import io
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _charts(name: str, entry: dict[str, Any]) -> str:
+    """Accuracy-vs-latency scatter with the Pareto front and budget lines, and a size chart (inline SVG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "edgepipe"  # stable element ids: same inputs, same bytes
+    import matplotlib.pyplot as plt
+
+    cands = [c for c in entry["candidates"] if c.get("validation_top1") is not None]
+    if not cands:
+        return "<p>No candidate could be built, so there is nothing to chart.</p>"
+    budgets, ref = entry["budgets"], entry.get("reference") or {}
+    timed = all(c["p50_ms"] is not None for c in cands)
+    out = []
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    xs = [c["p50_ms"] if timed else c["size_bytes"] / 1024 for c in cands]
+    ys = [c["validation_top1"] * 100 for c in cands]
+    colors = ["tab:green" if c["qualifies"] else "tab:red" for c in cands]
+    ax.scatter(xs, ys, c=colors, s=36, zorder=3, label="candidates (green: within budgets)")
+    front = sorted((x, y) for x, y, c in zip(xs, ys, cands, strict=True) if c["pareto"])
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:blue", zorder=2, label="Pareto front")
+    for x, y, c in zip(xs, ys, cands, strict=True):
+        ax.annotate(c["id"] + (" (chosen)" if c["id"] == entry["chosen"] else ""), (x, y), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    if ref.get("validation_top1") is not None and "max_accuracy_drop" in budgets:
+        ax.axhline(ref["validation_top1"] * 100 - budgets["max_accuracy_drop"], color="grey", ls=":",
+                   label=f"accuracy budget (-{budgets['max_accuracy_drop']} pts)")
+    if timed and "max_latency_ms" in budgets:
+        ax.axvline(budgets["max_latency_ms"], color="grey", ls="-.", label="latency budget")
+    ax.set_xlabel("p50 latency (ms)" if timed else "artifact size (KiB); latency not measured here")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(f"{name}: accuracy vs {'latency' if timed else 'size'}")
+    ax.legend(fontsize=7, loc="lower right")
+    out.append(_svg(fig))
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 + 0.28 * len(cands)))
+    ax.barh([c["id"] for c in cands], [c["size_bytes"] / 1024 for c in cands], color=colors)
+    if "max_size_mb" in budgets:
+        ax.axvline(budgets["max_size_mb"] * 1e6 / 1024, color="grey", ls=":", label="size budget")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("artifact size (KiB)")
+    ax.set_title(f"{name}: size per candidate")
+    ax.invert_yaxis()
+    out.append(_svg(fig))
+    plt.close(fig)
+    return "".join(f"<figure>{s}</figure>" for s in out)
+
+
+def render_release_report(index: dict[str, Any]) -> str:
+    """The release's report.html: per target, the charts and a table of every candidate (no network assets)."""
+    parts = []
+    summary = []
+    for name, e in index["targets"].items():
+        chosen = next((c for c in e["candidates"] if c["id"] == e["chosen"]), None)
+        fig = (f"{chosen['test_top1']:.2%}", f"{chosen['p50_ms']:.3f}" if chosen["p50_ms"] else "-",
+               f"{chosen['size_bytes']:,}") if chosen else ("-", "-", "-")
+        summary.append(f"<tr><td>{html.escape(name)}</td><td>{e['status']}</td><td>{e['chosen'] or '-'}</td>"
+                       f"<td>{fig[0]}</td><td>{fig[1]}</td><td>{fig[2]}</td>"
+                       f"<td>{html.escape(e['reason'] or '')}</td></tr>")
+        rows = "".join(
+            f"<tr><td>{c['id']}</td><td>{html.escape(c['recipe'])}</td>"
+            f"<td>{html.escape(', '.join(f'{k}={v}' for k, v in sorted(c['settings'].items())))}</td>"
+            f"<td>{'' if c.get('validation_top1') is None else format(c['validation_top1'], '.2%')}</td>"
+            f"<td>{'' if c.get('p50_ms') is None else format(c['p50_ms'], '.3f')}</td>"
+            f"<td>{'' if c.get('size_bytes') is None else format(c['size_bytes'], ',')}</td>"
+            f"<td>{html.escape(c['why'])}</td></tr>" for c in e["candidates"])
+        charts = _charts(name, e) if e["candidates"] else f"<p>{html.escape(e['reason'] or '')}</p>"
+        parts.append(f"<h2>{html.escape(name)} ({e['backend']}): {e['status']}</h2>{charts}"
+                     "<table><tr><th>id</th><th>recipe</th><th>settings</th><th>val top-1</th><th>p50 ms</th>"
+                     f"<th>bytes</th><th>why</th></tr>{rows}</table>")
+    head = ("<table><tr><th>target</th><th>status</th><th>chosen</th><th>test top-1</th><th>p50 ms</th>"
+            f"<th>bytes</th><th>note</th></tr>{''.join(summary)}</table>")
+    title = html.escape(f"edgepipe release: {index['model']}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+            "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse;width:100%}"
+            "th,td{border-bottom:1px solid #ddd;padding:3px 6px;text-align:left;font-size:90%}"
+            "figure{display:inline-block;margin:0.5em}</style></head>"
+            f"<body><h1>{title}</h1><p>Search space {html.escape(index['search']['name'])} "
+            f"(sha256 {index['search_sha256'][:16]}). Accuracy is top-1 on the validation split (choices) and "
+            "on the test split (reported); budgets are against the original model in fp32.</p>"
+            f"{head}{''.join(parts)}</body></html>\n")
+
+
+def write_sums(root: Path) -> Path:
+    """``SHA256SUMS`` over every released file under ``root`` (not the ``.work`` area), ``sha256sum -c`` format."""
+    from edgepipe._fs import write_text_atomic
+
+    lines = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.as_posix() != SUMS:
+            lines.append(f"{sha256_file(p)}  {rel.as_posix()}")
+    write_text_atomic(root / SUMS, "\n".join(lines) + "\n")
+    return root / SUMS
+
+
+def write_release_index(result: Any) -> None:
+    """Write ``index.json``, ``report.html`` and then ``SHA256SUMS`` (last: it covers the other two)."""
+    from edgepipe._fs import write_text_atomic
+
+    index = release_index(result)
+    write_text_atomic(result.out / INDEX, json.dumps(index, indent=2, default=str) + "\n")
+    write_text_atomic(result.out / REPORT, render_release_report(index))
+    write_sums(result.out)

@@ -115,9 +115,12 @@ class StageRecord:
     details: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "inputs": self.inputs, "output_sha256": self.output_sha256,
-                               "cached": self.cached, "seconds": round(self.seconds, 3)}
+    def to_dict(self, run: bool = True) -> dict[str, Any]:
+        """As a dict; ``run=False`` leaves out how this run went (seconds, cached), which a manifest omits
+        so that the same inputs give the same bytes whether or not the stage came from the cache."""
+        out: dict[str, Any] = {"name": self.name, "inputs": self.inputs, "output_sha256": self.output_sha256}
+        if run:
+            out.update(cached=self.cached, seconds=round(self.seconds, 3))
         if self.skipped:
             out["skipped"] = self.skipped
         return {**out, **self.details}
@@ -203,7 +206,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["stages"] = [s.to_dict() for s in self.stages]
+        d["stages"] = [s.to_dict(run=False) for s in self.stages]
         d["accuracy"] = asdict(self.accuracy)
         d["budgets"] = {k: asdict(b) for k, b in self.budgets.items()}
         d["artifact"] = asdict(self.artifact) if self.artifact else None

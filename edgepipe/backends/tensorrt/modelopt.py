@@ -77,7 +77,7 @@ def convert(mode: str, src: Path, out: Path, input_name: str, x: np.ndarray, *, 
                 "high_precision": high_precision, "workdir": tmp}
         (work / "spec.json").write_text(json.dumps(spec))
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])
+        root = str(Path(__file__).resolve().parents[3])  # the checkout or site-packages
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
             proc = subprocess.run([sys.executable, "-m", "edgepipe.backends.tensorrt.modelopt", str(work / "spec.json")],

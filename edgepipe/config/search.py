@@ -1,0 +1,222 @@
+"""The release search space: which recipes and which quantization settings ``edgepipe release`` tries.
+
+```toml
+recipes = ["none", "structured-50"]      # "none", shipped recipe names, or paths to recipe .toml files
+max_trials = 40                          # cap on candidates per target (sampled with Optuna beyond it)
+noise = 0.05                             # latencies within 5 % of each other tie (then: smaller, more accurate)
+sampler = "tpe"                          # "tpe" or "nsga2", for ranges or spaces over max_trials
+seed = 0
+
+[onnxruntime]                            # one table per backend; keys: precision, calibration,
+calibration = ["minmax", "percentile"]   # calibration_samples, or any field of the backend's [options]
+activation_type = ["uint8", "int8"]
+calibration_samples = { low = 64, high = 512, step = 64 }    # a range: sampled, not enumerated
+```
+
+Every value is a list (enumerated) or a ``{low, high[, step][, log]}`` range (sampled). Keys are checked
+against the backend's options dataclass and its Literal values when the file is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from edgepipe._hashing import sha256_json
+from edgepipe.config._schema import load_toml
+from edgepipe.config.options import backend_names, options_class
+from edgepipe.config.target import PRECISIONS
+from edgepipe.errors import ConfigError
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+TOP_KEYS = ("name", "recipes", "max_trials", "noise", "sampler", "seed")
+SEARCH_KEYS = ("precision", "calibration", "calibration_samples")
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric range, sampled by Optuna: ``low`` to ``high`` inclusive, on a ``step`` grid or log scale."""
+
+    low: float
+    high: float
+    step: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise ConfigError(f"range low = {self.low} is above high = {self.high}")
+        if self.log and self.low <= 0:
+            raise ConfigError(f"log range low = {self.low}: must be > 0")
+
+
+Values = tuple[Any, ...] | Range
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Recipes × per-backend settings. ``settings[backend][key]`` is a tuple of values or a Range."""
+
+    recipes: tuple[str, ...] = ("none",)
+    settings: dict[str, dict[str, Values]] = field(default_factory=dict)
+    max_trials: int = 40
+    noise: float = 0.05
+    sampler: Literal["tpe", "nsga2"] = "tpe"
+    seed: int = 0
+    name: str = "default"
+
+    def __post_init__(self) -> None:
+        if not self.recipes:
+            raise ConfigError("recipes is empty: list at least one, e.g. recipes = [\"none\"]")
+        if self.max_trials < 1:
+            raise ConfigError(f"max_trials = {self.max_trials}: must be >= 1")
+        if not 0 <= self.noise < 1:
+            raise ConfigError(f"noise = {self.noise}: a fraction of latency in [0, 1), e.g. 0.05")
+
+    def for_backend(self, backend: str) -> dict[str, Values]:
+        return self.settings.get(backend, {})
+
+    def is_sampled(self, backend: str) -> bool:
+        """Whether this backend's space has a range or more combinations than ``max_trials``."""
+        space = self.for_backend(backend)
+        if any(isinstance(v, Range) for v in space.values()):
+            return True
+        return self.size(backend) > self.max_trials
+
+    def size(self, backend: str) -> int:
+        n = len(self.recipes)
+        for v in self.for_backend(backend).values():
+            n *= len(v) if isinstance(v, tuple) else 1
+        return n
+
+    def grid(self, backend: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every (recipe, settings) of a list-only space, in a fixed order."""
+        space = self.for_backend(backend)
+        keys = sorted(space)
+        out = []
+        for recipe in self.recipes:
+            for combo in itertools.product(*(space[k] for k in keys)):  # type: ignore[misc]
+                out.append((recipe, dict(zip(keys, combo, strict=True))))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        def enc(v: Values) -> Any:
+            return dataclasses.asdict(v) if isinstance(v, Range) else list(v)
+
+        return {"name": self.name, "recipes": list(self.recipes), "max_trials": self.max_trials, "noise": self.noise,
+                "sampler": self.sampler, "seed": self.seed,
+                **{b: {k: enc(v) for k, v in sorted(s.items())} for b, s in sorted(self.settings.items())}}
+
+    @property
+    def sha256(self) -> str:
+        return sha256_json(self.to_dict())
+
+
+def _allowed(backend: str) -> dict[str, Any]:
+    """key -> type hint for every searchable key of ``backend``."""
+    cls = options_class(backend)
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {"precision": Literal[PRECISIONS], "calibration": Literal[CALIBRATION_METHODS],
+                           "calibration_samples": int}
+    for f in dataclasses.fields(cls):
+        out[f.name] = hints[f.name]
+    return out
+
+
+def _check_value(where: str, tp: Any, v: Any) -> Any:
+    base = tp
+    if get_origin(tp) in (typing.Union, __import__("types").UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if v is None and len(args) < len(get_args(tp)):
+            return None
+        base = args[0] if len(args) == 1 else tp
+    if get_origin(base) is Literal:
+        allowed = get_args(base)
+        if v not in allowed:
+            raise ConfigError(f"{where} = {v!r}: allowed values: {', '.join(map(repr, allowed))}")
+        return v
+    if base is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{where} = {v!r}: expected true or false")
+        return v
+    if base in (int, float):
+        if isinstance(v, bool) or not isinstance(v, int | float) or (base is int and not isinstance(v, int)):
+            raise ConfigError(f"{where} = {v!r}: expected {base.__name__}")
+        return v
+    if base is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"{where} = {v!r}: expected a string")
+        return v
+    return v  # tuples and tables: the backend's options dataclass checks them when the candidate is built
+
+
+def _values(where: str, tp: Any, raw: Any) -> Values:
+    if isinstance(raw, dict):
+        unknown = set(raw) - {"low", "high", "step", "log"}
+        if unknown or "low" not in raw or "high" not in raw:
+            raise ConfigError(f"{where}: a range is {{ low = ..., high = ...[, step = ...][, log = true] }}; "
+                              f"got keys {sorted(raw)}")
+        base = tp if tp in (int, float) else None
+        if base is None:
+            raise ConfigError(f"{where}: only numeric settings take a range; give a list of values instead")
+        return Range(float(raw["low"]), float(raw["high"]), raw.get("step"), bool(raw.get("log", False)),
+                     integer=base is int)
+    if not isinstance(raw, list):
+        raw = [raw]
+    if not raw:
+        raise ConfigError(f"{where} is an empty list: give at least one value, or leave the key out")
+    return tuple(_check_value(f"{where}[{i}]", tp, v) for i, v in enumerate(raw))
+
+
+def search_from_dict(data: dict[str, Any], where: str = "search space") -> SearchSpace:
+    """Build a SearchSpace from a TOML-shaped dict; errors name ``where``, the key and what is allowed."""
+    try:
+        settings: dict[str, dict[str, Values]] = {}
+        top: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in TOP_KEYS:
+                top[key] = value
+                continue
+            if key not in backend_names():
+                raise ConfigError(f"unknown key {key!r}; allowed: {', '.join(TOP_KEYS)}, or a backend table: "
+                                  f"{', '.join(f'[{b}]' for b in backend_names())}")
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a table ([{key}]) of settings")
+            allowed = _allowed(key)
+            table = {}
+            for k, raw in value.items():
+                if k not in allowed:
+                    raise ConfigError(f"unknown key '{key}.{k}'; allowed keys here: {', '.join(sorted(allowed))}")
+                table[k] = _values(f"{key}.{k}", allowed[k], raw)
+            settings[key] = table
+        recipes = top.get("recipes", ["none"])
+        if not isinstance(recipes, list) or not all(isinstance(r, str) for r in recipes):
+            raise ConfigError(f"recipes = {recipes!r}: give a list of names or paths, e.g. [\"none\", \"structured-50\"]")
+        return SearchSpace(recipes=tuple(recipes), settings=settings, max_trials=int(top.get("max_trials", 40)),
+                           noise=float(top.get("noise", 0.05)), sampler=top.get("sampler", "tpe"),
+                           seed=int(top.get("seed", 0)), name=str(top.get("name", "search")))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def default_search_file() -> Path:
+    here = Path(__file__).resolve().parents[1]  # the edgepipe package
+    for p in (here.parent / "recipes" / "search" / "default.toml", here / "_recipes" / "search" / "default.toml"):
+        if p.is_file():
+            return p
+    raise ConfigError("the default search space (recipes/search/default.toml) is missing from this install")
+
+
+def load_search(spec: str | Path | None = None) -> SearchSpace:
+    """Load a search space TOML (``None``: the default space shipped with edgepipe)."""
+    path = Path(spec) if spec is not None else default_search_file()
+    if not path.is_file():
+        raise ConfigError(f"search file {str(path)!r} not found")
+    data = load_toml(path, "search")
+    if spec is None:
+        data["name"] = "default"
+    return search_from_dict(data, f"search file {str(path)!r}")

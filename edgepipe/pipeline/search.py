@@ -1,0 +1,347 @@
+"""The release search: per target, run candidates (recipe × quantization settings), keep the best.
+
+A candidate qualifies when it meets every budget of its target (accuracy drop on the validation split
+against the original model, latency, memory, size). The choice is the fastest qualifying candidate on
+the target's own runtime; candidates whose p50 is within ``noise`` (a fraction, 5 % by default) of the
+fastest tie, and ties go to the smaller artifact, then the more accurate on validation, then the lower
+candidate id, so the same measurements always choose the same candidate. A list-only space is run
+exhaustively; a space with ranges, or more combinations than ``max_trials``, is sampled by Optuna
+(seeded TPE or NSGA-II over validation accuracy, latency and size), its study kept in a journal file so
+a killed release resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepipe import backends
+from edgepipe.config import Target
+from edgepipe.config.recipe import Recipe, load_recipe
+from edgepipe.config.search import Range, SearchSpace
+from edgepipe.errors import ConfigError, EdgepipeError
+from edgepipe.pipeline import candidate as cand
+from edgepipe.pipeline.candidate import CandidateResult, Session
+
+
+@dataclass
+class Candidate:
+    """One point of the search space for one target."""
+
+    id: str
+    recipe: str
+    settings: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return " ".join([f"recipe={self.recipe}", *(f"{k}={v}" for k, v in sorted(self.settings.items()))])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "recipe": self.recipe, "settings": self.settings}
+
+
+@dataclass
+class Tried:
+    """A candidate and what became of it: its result, or why it could not be built."""
+
+    candidate: Candidate
+    result: CandidateResult | None = None
+    error: str | None = None
+    pareto: bool = False
+
+    @property
+    def qualifies(self) -> bool:
+        return self.result is not None and self.result.qualifies
+
+    @property
+    def p50_ms(self) -> float | None:
+        lat = self.result.manifest.latency if self.result else None
+        return lat["p50_ms"] if lat else None
+
+    @property
+    def size_bytes(self) -> int | None:
+        return self.result.artifact.size_bytes if self.result else None
+
+    @property
+    def validation_top1(self) -> float | None:
+        return self.result.manifest.accuracy.validation_top1 if self.result else None
+
+    def misses(self) -> dict[str, dict[str, float]]:
+        if self.result is None:
+            return {}
+        return {k: {"value": b.value, "limit": b.limit} for k, b in self.result.manifest.budgets.items() if not b.ok}
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {**self.candidate.to_dict(), "qualifies": self.qualifies, "pareto": self.pareto}
+        if self.result is None:
+            return {**d, "error": self.error}
+        acc = self.result.manifest.accuracy
+        lat = self.result.manifest.latency
+        return {**d, "validation_top1": acc.validation_top1, "validation_drop_points": acc.validation_drop_points,
+                "test_top1": acc.top1, "test_drop_points": acc.drop_points, "p50_ms": lat["p50_ms"] if lat else None,
+                "peak_memory_mb": lat["peak_rss_above_baseline_mb"] if lat else None, "size_bytes": self.size_bytes,
+                "missed": self.misses()}
+
+
+@dataclass
+class TargetOutcome:
+    """What the search found for one target."""
+
+    target: Target
+    status: str  # "released", "failed" (no candidate meets the budgets) or "skipped" (cannot build here)
+    tried: list[Tried] = field(default_factory=list)
+    chosen: Tried | None = None
+    reason: str | None = None
+    release_dir: Path | None = None
+
+
+#: Called as a candidate moves on: (target name, candidate id, label, status, detail).
+Progress = Callable[[str, str, str, str, str], None]
+
+
+def candidate_target(target: Target, settings: dict[str, Any]) -> Target:
+    """``target`` with a candidate's settings applied; ``ConfigError`` when the backend refuses them."""
+    kw: dict[str, Any] = {}
+    calib: dict[str, Any] = {}
+    opts: dict[str, Any] = {}
+    for k, v in settings.items():
+        if k == "precision":
+            kw["precision"] = v
+        elif k == "calibration":
+            calib["method"] = v
+        elif k == "calibration_samples":
+            calib["samples"] = int(v)
+        else:
+            opts[k] = tuple(v) if isinstance(v, list) else v
+    if calib:
+        kw["calibration"] = dataclasses.replace(target.calibration, **calib)
+    if opts:
+        kw["options"] = dataclasses.replace(target.options, **opts)
+    t = dataclasses.replace(target, **kw) if kw else target
+    backends.get(t.backend).validate(t)
+    return t
+
+
+def _recipes(space: SearchSpace) -> dict[str, Recipe | None]:
+    return {name: (None if name == "none" else load_recipe(name)) for name in space.recipes}
+
+
+def _run(session: Session, target: Target, c: Candidate, recipes: dict[str, Recipe | None],
+         space: SearchSpace, workroot: Path) -> Tried:
+    try:
+        t = candidate_target(target, c.settings)
+        info = {**c.to_dict(), "search": space.name, "search_sha256": space.sha256}
+        res = cand.run(session, t, recipes[c.recipe], info, workroot / target.name / c.id)
+        return Tried(c, res)
+    except EdgepipeError as e:
+        return Tried(c, error=str(e))
+
+
+def _grid(space: SearchSpace, backend: str) -> list[Candidate]:
+    return [Candidate(f"c{i:02d}", r, s) for i, (r, s) in enumerate(space.grid(backend))]
+
+
+def _sampled(session: Session, target: Target, space: SearchSpace, recipes: dict[str, Recipe | None],
+             workroot: Path, progress: Progress) -> list[Tried]:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space_b = space.for_backend(target.backend)
+    journal = workroot / f"optuna-{target.name}.log"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    sampler = (optuna.samplers.NSGAIISampler(seed=space.seed) if space.sampler == "nsga2"
+               else optuna.samplers.TPESampler(seed=space.seed))
+    study = optuna.create_study(study_name=f"{target.name}-{space.sha256[:12]}", storage=storage, sampler=sampler,
+                                directions=["maximize", "minimize", "minimize"], load_if_exists=True)
+
+    def suggest(trial: Any) -> Candidate:
+        settings: dict[str, Any] = {}
+        for k, v in sorted(space_b.items()):
+            if isinstance(v, Range):
+                if v.integer:
+                    settings[k] = trial.suggest_int(k, int(v.low), int(v.high), step=int(v.step or 1), log=v.log)
+                else:
+                    settings[k] = trial.suggest_float(k, v.low, v.high, step=v.step, log=v.log)
+            else:
+                settings[k] = v[trial.suggest_categorical(k, list(range(len(v))))]
+        recipe = space.recipes[trial.suggest_categorical("recipe", list(range(len(space.recipes))))]
+        return Candidate(f"t{trial.number:02d}", recipe, settings)
+
+    def figures(t: Tried) -> tuple[float, float, float]:
+        if t.result is None:
+            return (0.0, float("inf"), float("inf"))
+        return (t.validation_top1 or 0.0, t.p50_ms if t.p50_ms is not None else 0.0, float(t.size_bytes or 0))
+
+    tried: list[Tried] = []
+    # trials a killed run finished are replayed through the stage cache (seconds), not re-measured
+    for ft in sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                     key=lambda x: x.number):
+        c = suggest(optuna.trial.FixedTrial(ft.params, ft.number))
+        progress(target.name, c.id, c.label, "running", "resumed")
+        tried.append(_run(session, target, c, recipes, space, workroot))
+        _report(progress, target, tried[-1])
+    while len(tried) < space.max_trials:
+        trial = study.ask()
+        c = suggest(trial)
+        progress(target.name, c.id, c.label, "running", "")
+        t = _run(session, target, c, recipes, space, workroot)
+        study.tell(trial, list(figures(t)))
+        tried.append(t)
+        _report(progress, target, t)
+    return tried
+
+
+def _report(progress: Progress, target: Target, t: Tried) -> None:
+    if t.result is None:
+        progress(target.name, t.candidate.id, t.candidate.label, "error", t.error or "")
+        return
+    acc = t.result.manifest.accuracy
+    lat = f", {t.p50_ms:.3f} ms" if t.p50_ms is not None else ""
+    detail = f"val drop {acc.validation_drop_points:+.2f} pts{lat}, {(t.size_bytes or 0) / 1024:.0f} KiB"
+    progress(target.name, t.candidate.id, t.candidate.label, "ok" if t.qualifies else "misses", detail)
+
+
+def pareto_front(tried: list[Tried]) -> None:
+    """Mark the candidates no other candidate beats on validation top-1, latency and size at once."""
+    pts = [(t, (-(t.validation_top1 or 0.0), t.p50_ms if t.p50_ms is not None else 0.0, float(t.size_bytes or 0)))
+           for t in tried if t.result is not None]
+    for t, a in pts:
+        t.pareto = not any(all(x <= y for x, y in zip(b, a, strict=True)) and b != a for _, b in pts)
+
+
+def choose(tried: list[Tried], noise: float) -> Tried | None:
+    """The fastest qualifying candidate; within ``noise`` of it: smaller, then more accurate, then lower id."""
+    ok = [t for t in tried if t.qualifies]
+    if not ok:
+        return None
+    timed = [t.p50_ms for t in ok if t.p50_ms is not None]
+    if timed:
+        fastest = min(timed)
+        ok = [t for t in ok if t.p50_ms is not None and t.p50_ms <= fastest * (1 + noise)]
+    return min(ok, key=lambda t: (t.size_bytes or 0, -(t.validation_top1 or 0.0), t.candidate.id))
+
+
+def closest_miss(tried: list[Tried]) -> str:
+    """A line naming the candidate closest to qualifying and by how much it misses each budget."""
+    built = [t for t in tried if t.result is not None]
+    if not built:
+        errors = sorted({t.error for t in tried if t.error})
+        return "no candidate could be built: " + "; ".join(errors[:3])
+
+    def score(t: Tried) -> float:
+        return sum((m["value"] - m["limit"]) / (m["limit"] or 1.0) for m in t.misses().values())
+
+    best = min(built, key=lambda t: (score(t), t.candidate.id))
+    units = {"max_accuracy_drop": "points", "max_latency_ms": "ms", "max_memory_mb": "MB", "max_size_mb": "MB"}
+    parts = [f"{k} by {m['value'] - m['limit']:.3g} {units.get(k, '')} ({m['value']:.3g} > {m['limit']})"
+             for k, m in best.misses().items()]
+    return f"no candidate meets the budgets; closest is {best.candidate.id} ({best.candidate.label}), which misses " \
+           + ", ".join(parts)
+
+
+def search_target(session: Session, target: Target, space: SearchSpace, workroot: Path,
+                  progress: Progress) -> TargetOutcome:
+    """Run the search space for one target and choose; never raises for a candidate's failure."""
+    try:
+        recipes = _recipes(space)
+    except ConfigError as e:
+        raise ConfigError(f"search {space.name!r}: {e}") from None
+    if space.is_sampled(target.backend):
+        tried = _sampled(session, target, space, recipes, workroot, progress)
+    else:
+        tried = []
+        for c in _grid(space, target.backend):
+            progress(target.name, c.id, c.label, "running", "")
+            tried.append(_run(session, target, c, recipes, space, workroot))
+            _report(progress, target, tried[-1])
+    pareto_front(tried)
+    chosen = choose(tried, space.noise)
+    if chosen is None:
+        return TargetOutcome(target, "failed", tried, None, f"{target.name}: {closest_miss(tried)}")
+    return TargetOutcome(target, "released", tried, chosen)
+
+
+@dataclass
+class ReleaseResult:
+    """A whole release: one outcome per target, where it was written, and how long it took."""
+
+    out: Path
+    model: str
+    space: SearchSpace
+    outcomes: list[TargetOutcome]
+    wall_seconds: float = 0.0
+    stages_total: int = 0
+    stages_cached: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[TargetOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def _resolve(specs: list[str], input_shape: tuple[int, ...] | None) -> list[Target | TargetOutcome]:
+    """Each target, or a skipped outcome saying why it cannot be built here (others go on)."""
+    from edgepipe.config import load_target, target_files
+    from edgepipe.pipeline.stages import resolve_targets
+
+    names = sorted(target_files()) if specs == ["all"] else specs
+    out: list[Target | TargetOutcome] = []
+    for spec in names:
+        t = load_target(spec)  # a bad target file or name stops the release: it is the user's typo
+        try:
+            out.append(resolve_targets([t], input_shape)[0])
+        except EdgepipeError as e:
+            out.append(TargetOutcome(t, "skipped", reason=str(e)))
+    if len({(o.name if isinstance(o, Target) else o.target.name) for o in out}) != len(out):
+        raise ConfigError(f"target given twice: {names}")
+    return out
+
+
+def release(model: str | None, targets: list[str], space: SearchSpace, out: Path, options: Any,
+            reporter: Any = None, progress: Progress | None = None) -> ReleaseResult:
+    """Search every target, write each chosen candidate's release, then index.json, SHA256SUMS, report."""
+    import tempfile
+    import time
+
+    from edgepipe._progress import NullReporter
+    from edgepipe.pipeline.cache import Cache
+    from edgepipe.pipeline.stages import source
+    from edgepipe.release import write_release, write_release_index
+
+    t0 = time.perf_counter()
+    rep = reporter or NullReporter()
+    prog = progress or (lambda *a: None)
+    resolved = _resolve(targets, options.input_shape)
+    src = source(model, options.weights)
+    outcomes: list[TargetOutcome] = []
+    workroot = out / ".work"
+    with tempfile.TemporaryDirectory(prefix="edgepipe-release-") as scratch:
+        session = Session(src, options, Cache(None, enabled=options.cache), Path(scratch), rep)
+        for item in resolved:
+            if isinstance(item, TargetOutcome):
+                rep.note(f"{item.target.name}: skipped: {item.reason}")
+                prog(item.target.name, "-", "", "skipped", item.reason or "")
+                outcomes.append(item)
+                continue
+            o = search_target(session, item, space, workroot, prog)
+            if o.chosen is not None and o.chosen.result is not None:
+                r = o.chosen.result
+                o.release_dir = write_release(out / item.name, r.artifact, r.onnx, r.calibration, r.manifest)
+            else:
+                rep.note(o.reason or f"{item.name}: failed")
+            outcomes.append(o)
+    result = ReleaseResult(out, src.spec, space, outcomes, time.perf_counter() - t0)
+    for o in outcomes:
+        for t in o.tried:
+            if t.result is not None:
+                recs = t.result.manifest.stages
+                result.stages_total += len(recs)
+                result.stages_cached += sum(1 for s in recs if s.cached or s.skipped)
+    write_release_index(result)
+    return result
