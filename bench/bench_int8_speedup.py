@@ -52,15 +52,15 @@ def main() -> None:
                 subjects.append(Subject((n, c), b.artifact, BenchSettings(threads=args.threads, warmup=10,
                                                                          iterations=iters), group=n))
         r = interleave(subjects, args.rounds)
-    print(f"onnxruntime, batch 1, {args.threads} thread(s), median of {args.rounds} interleaved rounds")
-    print(f"{'model':10s} {'config':10s} {'p50 ms':>9s} {'vs fp32':>8s} {'size KiB':>9s} {'top-1':>7s} {'drop pts':>9s}")
-    for (n, c), b in built.items():
-        acc, ref = b.top1, built[(n, "fp32")].top1
-        drop = f"{(ref - acc) * 100:+.2f}" if acc is not None and ref is not None else "-"
-        acc_s = f"{acc:.2%}" if acc is not None else "-"
-        speed = r.ratio((n, "fp32"), (n, c)).median
-        print(f"{n:10s} {c:10s} {r.median((n, c)):9.3f} {speed:7.2f}x {b.artifact.size_bytes / 1024:9.0f} "
-              f"{acc_s:>7s} {drop:>9s}")
+        print(f"onnxruntime, batch 1, {args.threads} thread(s), median of {args.rounds} interleaved rounds")
+        print(f"{'model':10s} {'config':10s} {'p50 ms':>9s} {'vs fp32':>8s} {'size KiB':>9s} {'top-1':>7s} {'drop pts':>9s}")
+        for (n, c), b in built.items():
+            acc, ref = b.top1, built[(n, "fp32")].top1
+            drop = f"{(ref - acc) * 100:+.2f}" if acc is not None and ref is not None else "-"
+            acc_s = f"{acc:.2%}" if acc is not None else "-"
+            speed = r.ratio((n, "fp32"), (n, c)).median
+            print(f"{n:10s} {c:10s} {r.median((n, c)):9.3f} {speed:7.2f}x {b.artifact.size_bytes / 1024:9.0f} "
+                  f"{acc_s:>7s} {drop:>9s}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 One run prints one table. For the bundled example (1x1x32x32) and ResNet-18 (``edgepipe.models.zoo``,
 plain torch, random weights, batch-norm statistics re-estimated on images so that activations have
-realistic ranges; 1x3x224x224 unless --resnet-size says otherwise), at batch 1:
+realistic ranges; 1x3x224x224 unless --resnet-size says otherwise), at batch 1, each exported and compiled
+for the shipped ``intel-cpu-fp32`` and ``intel-cpu-int8`` targets by edgepipe's stages
+(``_measure.Workspace``):
 
-- top-1 of the fp32 and int8 IRs: on the example's evaluation split; for ResNet-18 (no trained
+- top-1 of the fp32 and int8 IRs: on the example's held-out test split; for ResNet-18 (no trained
   weights, no labels) the share of held-out images where int8 picks the same class as fp32;
 - latency: the harness's median (a fresh worker process timing edgepipe's Runner call from Python)
   and benchmark_app's median on the same IR with the same properties (PERFORMANCE_HINT,
@@ -17,10 +19,10 @@ realistic ranges; 1x3x224x224 unless --resnet-size says otherwise), at batch 1:
   per-call cost from a difference in configuration;
 - int8 speed-up over fp32 by each tool.
 
-The machine is shared: every configuration is measured --rounds times, interleaved (harness and
-benchmark_app, fp32 and int8, alternating order each round), and the table shows the median of the
-rounds, and ratios are the median over rounds of each round's ratio.
-Usage: ``PYTHONPATH=. python bench/openvino.py [--rounds 5] [--threads 1] [--resnet-size 224]``
+The machine is shared: every configuration is measured --rounds times, interleaved (harness, infer-only
+and benchmark_app one after the other; fp32 and int8 alternating which goes first each round), and the
+table shows the median of the rounds; ratios are the median over rounds of each round's ratio.
+Usage: ``python bench/bench_openvino.py [--rounds 5] [--threads 1] [--resnet-size 224] [--quick]``
 """
 
 from __future__ import annotations
@@ -30,24 +32,18 @@ import json
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from _measure import Rounds, Subject, Workspace, add_arguments, interleave, side_by_side
 
-ROOT = Path(__file__).resolve().parents[1]
-# this file is called openvino.py: keep its folder off the path, or `import openvino` finds it
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
-sys.path.insert(0, str(ROOT))
-
-from edgepipe import backends  # noqa: E402
-from edgepipe.types import Artifact, OnnxModel  # noqa: E402
-from edgepipe.config import Target, load_target  # noqa: E402
-from edgepipe.data import digits, fit_to_shape, split  # noqa: E402
-from edgepipe.evaluate import predict  # noqa: E402
-from edgepipe.harness import BenchSettings, measure  # noqa: E402
+from edgepipe import backends
+from edgepipe.config import Target, load_target
+from edgepipe.evaluate import predict
+from edgepipe.harness import BenchSettings
+from edgepipe.types import Artifact
 
 # benchmark_app imports OpenVINO's converter, which sends telemetry and writes ~/intel/ unless the
 # telemetry package is unimportable (its documented fallback): run it that way.
@@ -55,19 +51,16 @@ BENCHMARK_APP = ("import sys; sys.modules['openvino_telemetry'] = None; sys.argv
                  "from openvino.tools.benchmark.main import main; sys.exit(main())")
 PROPERTIES = ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "NUM_STREAMS",
               "ENABLE_CPU_PINNING", "ENABLE_HYPER_THREADING")
+PRECISIONS = ("fp32", "int8")
 
 
 @dataclass
 class Case:
     model: str
     shape: tuple[int, ...]
-    onnx: OnnxModel
     irs: dict[str, Artifact] = field(default_factory=dict)
     top1: dict[str, float] = field(default_factory=dict)
     top1_kind: str = "top-1"
-    harness: dict[str, list[float]] = field(default_factory=dict)
-    infer_only: dict[str, list[float]] = field(default_factory=dict)
-    bapp: dict[str, list[float]] = field(default_factory=dict)
     mismatches: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -76,50 +69,42 @@ def _target(precision: str, shape: tuple[int, ...]) -> Target:
     return load_target(f"intel-cpu-{precision}").with_input_shape(shape)
 
 
-def example_case(work: Path) -> Case:
-    from edgepipe.export import export
+def example_case(ws: Workspace) -> Case:
     from edgepipe.models.example import digits_resnet
 
     shape = (1, 1, 32, 32)
-    s = split(digits(shape[1:]), 256)
-    case = Case("example (digits ResNet)", shape, export(digits_resnet(), shape, work / "example.onnx",
-                                                         dynamic_batch=_target("fp32", shape).dynamic_batch))
-    calib = CalibrationSet(s.calibration.x, "minmax", s.calibration.name)
-    for p in ("fp32", "int8"):
-        case.irs[p] = backends.get("openvino").compile(case.onnx, _target(p, shape), calib, work / f"example-{p}")
-        logits = predict(backends.get("openvino").load(case.irs[p]), s.evaluation.x)
-        case.top1[p] = float((logits.argmax(1) == s.evaluation.y).mean())
-    case.top1_kind = f"top-1 on {len(s.evaluation)} held-out digits"
+    sp = ws.splits(shape, calibration_samples=256)
+    case = Case("example (digits ResNet)", shape)
+    onnx = ws.export(digits_resnet(), _target("fp32", shape), sp, "example")
+    for p in PRECISIONS:
+        built = ws.compile(onnx, _target(p, shape), sp, f"example-{p}")
+        case.irs[p], case.top1[p] = built.artifact, built.top1
+    case.top1_kind = f"top-1 on {len(sp.test)} held-out digits"
     return case
 
 
-def resnet_case(work: Path, size: int) -> Case:
+def resnet_case(ws: Workspace, size: int) -> Case:
     import torch
 
-    from edgepipe.export import export
     from edgepipe.models.zoo import resnet18
 
     shape = (1, 3, size, size)
+    # 640 digits upsampled: 128 held out for the agreement, 64 calibrate (and set batch-norm statistics)
+    sp = ws.splits(shape, calibration_samples=64, samples=640)
     model = resnet18(seed=0)
-    d = digits((1, 8, 8))
-    rng = np.random.default_rng(0)
-    idx = rng.permutation(len(d))
-    calib_x = fit_to_shape(d.x[idx[:64]], shape[1:])
-    held_x = fit_to_shape(d.x[idx[64:192]], shape[1:])
     model.train()
     with torch.no_grad():  # batch-norm statistics from images, so activations have realistic ranges
-        for i in range(0, len(calib_x), 16):
-            model(torch.from_numpy(calib_x[i : i + 16]))
+        for i in range(0, len(sp.calibration.x), 16):
+            model(torch.from_numpy(sp.calibration.x[i : i + 16]))
     model.eval()
-    case = Case(f"ResNet-18 (random weights, {size}x{size})", shape,
-                export(model, shape, work / "resnet18.onnx", dynamic_batch=_target("fp32", shape).dynamic_batch))
-    calib = CalibrationSet(calib_x, "minmax", "digits upsampled")
+    case = Case(f"ResNet-18 (random weights, {size}x{size})", shape)
+    onnx = ws.export(model, _target("fp32", shape), sp, "resnet18")
     preds = {}
-    for p in ("fp32", "int8"):
-        case.irs[p] = backends.get("openvino").compile(case.onnx, _target(p, shape), calib, work / f"resnet-{p}")
-        preds[p] = predict(backends.get("openvino").load(case.irs[p]), held_x, batch=8).argmax(1)
+    for p in PRECISIONS:
+        case.irs[p] = ws.compile(onnx, _target(p, shape), sp, f"resnet-{p}", evaluate=False).artifact
+        preds[p] = predict(backends.get("openvino").load(case.irs[p]), sp.test.x, batch=8).argmax(1)
     case.top1 = {"int8": float((preds["int8"] == preds["fp32"]).mean())}  # fp32 is the reference
-    case.top1_kind = f"agreement with fp32 on {len(held_x)} held-out images"
+    case.top1_kind = f"agreement with fp32 on {len(sp.test)} held-out images"
     return case
 
 
@@ -177,38 +162,41 @@ def config_mismatches(art: Artifact, threads: int, bapp_props: dict[str, str]) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    add_arguments(ap, rounds=5, quick="2 rounds, 300/10 iterations, ResNet-18 at 64x64")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resnet-size", type=int, default=224)
     ap.add_argument("--example-iterations", type=int, default=2000)
     ap.add_argument("--resnet-iterations", type=int, default=100)
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.example_iterations, args.resnet_iterations, args.resnet_size = 2, 300, 10, 64
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
-        work = Path(tmp)
-        cases = [example_case(work), resnet_case(work, args.resnet_size)]
+    with Workspace.temporary(args.no_cache) as ws:
+        cases = [example_case(ws), resnet_case(ws, args.resnet_size)]
+        by_key = {(c.model, p): c for c in cases for p in PRECISIONS}
         iters = {cases[0].model: args.example_iterations, cases[1].model: args.resnet_iterations}
-        for r in range(args.rounds):
-            for case in cases:
-                order = ("fp32", "int8") if r % 2 == 0 else ("int8", "fp32")
-                for p in order:
-                    n = iters[case.model]
-                    m = measure(case.irs[p], BenchSettings(threads=args.threads, warmup=max(10, n // 20), iterations=n))
-                    case.harness.setdefault(p, []).append(m.p50_ms)
-                    case.infer_only.setdefault(p, []).append(runner_infer_only(case.irs[p], case.shape, args.threads, n))
-                    static = not _target(p, case.shape).dynamic_batch
-                    med, props = run_benchmark_app(case.irs[p].path, case.shape, args.threads, n, work, static)
-                    case.bapp.setdefault(p, []).append(med)
-                    if r == 0:
-                        case.mismatches[p] = config_mismatches(case.irs[p], args.threads, props)
-        print_table(cases, args, time.perf_counter() - t0)
+        subjects = [Subject((c.model, p), c.irs[p], BenchSettings(threads=args.threads, warmup=max(10, n // 20),
+                                                                   iterations=n), group=c.model)
+                    for c in cases for n in [iters[c.model]] for p in PRECISIONS]
+
+        def infer_only(s: Subject, r: int) -> float:
+            return runner_infer_only(s.artifact, by_key[s.key].shape, args.threads, s.settings.iterations)
+
+        def bapp(s: Subject, r: int) -> float:
+            case, p = by_key[s.key], s.key[1]
+            static = not _target(p, case.shape).dynamic_batch
+            med, props = run_benchmark_app(s.artifact.path, case.shape, args.threads, s.settings.iterations,
+                                           ws.root, static)
+            if r == 0:
+                case.mismatches[p] = config_mismatches(s.artifact, args.threads, props)
+            return med
+
+        rounds = interleave(subjects, args.rounds, {"infer_only": infer_only, "bapp": bapp})
+        print_table(cases, rounds, args, time.perf_counter() - t0)
 
 
-def print_table(cases: list[Case], args: argparse.Namespace, seconds: float) -> None:
+def print_table(cases: list[Case], r: Rounds, args: argparse.Namespace, seconds: float) -> None:
     import openvino
-
-    def med(v: list[float]) -> float:
-        return float(np.median(v))
 
     print(f"OpenVINO {openvino.get_version().split('-')[0]}, batch 1, {args.threads} thread(s), latency hint, "
           f"f32 inference precision (int8 layers int8); median of {args.rounds} interleaved rounds "
@@ -217,21 +205,24 @@ def print_table(cases: list[Case], args: argparse.Namespace, seconds: float) -> 
             f"{'harness/bapp':>13} {'infer-only/bapp':>16} {'int8 speed-up h/b':>18}")
     print(head)
     print("-" * len(head))
-    def ratio(a: list[float], b: list[float]) -> float:
-        """Median over rounds of a/b: each round's two figures were measured next to each other."""
-        return med([x / y for x, y in zip(a, b, strict=True)])
+
+    def vs_bapp(k: tuple[str, str], metric: str = "p50_ms") -> float:
+        """Median over rounds of this figure over benchmark_app's, taken one right after the other."""
+        return side_by_side(r.series(k, metric), r.series(k, "bapp")).median
 
     for c in cases:
-        for p in ("fp32", "int8"):
-            h, i, b = med(c.harness[p]), med(c.infer_only[p]), med(c.bapp[p])
-            speed = (f"{ratio(c.harness['fp32'], c.harness[p]):.2f}x/{ratio(c.bapp['fp32'], c.bapp[p]):.2f}x"
+        fp32 = (c.model, "fp32")
+        for p in PRECISIONS:
+            k = (c.model, p)
+            speed = (f"{r.ratio(fp32, k).median:.2f}x/{r.ratio(fp32, k, 'bapp').median:.2f}x"
                      if p == "int8" else "")
             acc = f"{c.top1[p]:.2%}" if p in c.top1 else "ref"
-            print(f"{c.model:<36} {p:<5} {acc:>8} {h:>11.3f} {i:>14.3f} {b:>13.3f} "
-                  f"{ratio(c.harness[p], c.bapp[p]):>13.3f} {ratio(c.infer_only[p], c.bapp[p]):>16.3f} {speed:>18}")
-        for p in ("fp32", "int8"):
+            print(f"{c.model:<36} {p:<5} {acc:>8} {r.median(k):>11.3f} {r.median(k, 'infer_only'):>14.3f} "
+                  f"{r.median(k, 'bapp'):>13.3f} {vs_bapp(k):>13.3f} {vs_bapp(k, 'infer_only'):>16.3f} {speed:>18}")
+        for p in PRECISIONS:
+            k = (c.model, p)
             rounds = ", ".join(f"{h:.3f}/{i:.3f}/{b:.3f}" for h, i, b in
-                               zip(c.harness[p], c.infer_only[p], c.bapp[p], strict=True))
+                               zip(r.series(k), r.series(k, "infer_only"), r.series(k, "bapp"), strict=True))
             print(f"{'':<36} {p} rounds (harness/infer-only/bench_app ms): {rounds}")
             if c.mismatches.get(p):
                 print(f"{'':<36} {p} properties that differ: {'; '.join(c.mismatches[p])}")
@@ -241,17 +232,22 @@ def print_table(cases: list[Case], args: argparse.Namespace, seconds: float) -> 
     ex, rn = cases
     drop = (ex.top1["fp32"] - ex.top1["int8"]) * 100
     for c in cases:
-        s = ratio(c.harness["fp32"], c.harness["int8"])
+        s = r.ratio((c.model, "fp32"), (c.model, "int8")).median
         print(f"goal int8 >= 2x faster than fp32, {c.model}: {s:.2f}x (harness) -> {'met' if s >= 2 else 'MISSED'}")
     print(f"goal <= 0.5 pt top-1 drop on the example: {drop:+.2f} pt -> {'met' if drop <= 0.5 else 'MISSED'}")
     print(f"top-1 column: example = {ex.top1_kind}; ResNet-18 = {rn.top1_kind}")
     print("goal harness within +-5% of benchmark_app: " + ", ".join(
-        f"{c.model.split(' (')[0]} {p} {ratio(c.harness[p], c.bapp[p]) - 1:+.1%} "
-        f"({med([(h - b) * 1e3 for h, b in zip(c.harness[p], c.bapp[p], strict=True)]):+.0f} us)"
-        for c in cases for p in ("fp32", "int8")))
+        f"{c.model.split(' (')[0]} {p} {vs_bapp((c.model, p)) - 1:+.1%} "
+        f"({r_diff_us(r, (c.model, p)):+.0f} us)"
+        for c in cases for p in PRECISIONS))
     print("medians: of the rounds; ratios and differences: median over rounds of those within a round (side by side)")
     print("harness = a Python call of the Runner (copy in, infer, copy out) timed in a fresh worker; "
           "benchmark_app and infer-only = OpenVINO's request.latency, which leaves the Python call out")
+
+
+def r_diff_us(r: Rounds, k: tuple[str, str]) -> float:
+    """Median over rounds of harness minus benchmark_app, in microseconds."""
+    return float(np.median([(h - b) * 1e3 for h, b in zip(r.series(k), r.series(k, "bapp"), strict=True)]))
 
 
 if __name__ == "__main__":

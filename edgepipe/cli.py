@@ -281,6 +281,7 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
         _emit_json({**index, "run": run})
     else:
         console = _console()
+        console.print()
         for o in result.outcomes:
             if o.status == "released" and o.chosen is not None:
                 console.print(f"released [bold]{o.target.name}[/] {o.chosen.candidate.id} ({o.chosen.candidate.label}) "

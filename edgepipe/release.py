@@ -87,9 +87,7 @@ def render_report(m: Manifest) -> str:
             summary.append(("speed-up vs fp32 reference", f"{ref['p50_ms'] / lat['p50_ms']:.2f}x"))
     budgets = [(k, f"{'ok' if b.ok else 'MISSED'}: {b.value:.3f} (limit {b.limit})") for k, b in m.budgets.items()]
     files = [(f.name, f"{f.bytes:,} bytes, sha256 {f.sha256}") for f in a.files]
-    stages = [(s.name, "skipped: " + s.skipped if s.skipped else
-               f"{'cached' if s.cached else f'{s.seconds:.2f} s'}, output {str(s.output_sha256)[:16]}")
-              for s in m.stages]
+    stages = [(s.name, "skipped: " + s.skipped if s.skipped else f"output sha256 {s.output_sha256}") for s in m.stages]
     tools = list(m.tools.items())
     sections = [("Summary", summary), ("Budgets", budgets), ("Files", files), ("Stages", stages), ("Tools", tools)]
     body = "".join(f"<h2>{name}</h2><table>{_rows(rows)}</table>" for name, rows in sections if rows)
@@ -167,7 +165,9 @@ def _svg(fig: Any) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    text = text[text.index("<svg"):]
+    a, b = text.find("<metadata>"), text.find("</metadata>")
+    return text[:a] + text[b + len("</metadata>"):] if a >= 0 and b > a else text
 
 
 def _charts(name: str, entry: dict[str, Any]) -> str:

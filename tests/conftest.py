@@ -65,7 +65,7 @@ def example_onnx(tmp_path_factory: pytest.TempPathFactory, example_model):
 def calibration(splits):
     from edgepipe.types import CalibrationSet
 
-    return CalibrationSet(splits.calibration.x, "minmax", "digits:calibration")
+    return CalibrationSet(splits.calibration.x, "digits:calibration")
 
 
 def no_temp_leftovers(root: Path) -> list[Path]:

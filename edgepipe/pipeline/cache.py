@@ -70,6 +70,6 @@ class Cache:
             for f in files:
                 shutil.copy2(f, tmp / f.name)
                 digests[f.name] = sha256_file(tmp / f.name)
-            (tmp / "record.json").write_text(json.dumps({**record, "_files": digests}, sort_keys=True, indent=1,
+            (tmp / "record.json").write_text(json.dumps({**record, "_files": digests}, indent=1,
                                                         default=str))
         return Entry(dest, record)

@@ -32,7 +32,7 @@ def _target(precision: str, **kw):
 
 @pytest.fixture(scope="module")
 def calib(splits) -> CalibrationSet:
-    return CalibrationSet(splits.calibration.x, "minmax", "digits:calibration")
+    return CalibrationSet(splits.calibration.x, "digits:calibration")
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +167,12 @@ def test_trtexec_line_matches_the_target(int8):
     opts = t.options
     assert (art.path.parent / f["onnx"]).is_file() and f["saveEngine"] == "model.int8.engine"
     assert "stronglyTyped" in f and "fp16" not in f and "int8" not in f  # precision is in the graph
-    assert f["minShapes"] == f"input:{opts['min_batch']}x1x32x32"
-    assert f["optShapes"] == f"input:{opts['opt_batch']}x1x32x32"
-    assert f["maxShapes"] == f"input:{opts['max_batch']}x1x32x32"
-    assert f["memPoolSize"] == f"workspace:{opts['workspace_mb']}M"
-    assert f["builderOptimizationLevel"] == str(opts["optimization_level"])
+    assert isinstance(opts, TrtOptions)  # typed when the target was loaded
+    assert f["minShapes"] == f"input:{opts.min_batch}x1x32x32"
+    assert f["optShapes"] == f"input:{opts.opt_batch}x1x32x32"
+    assert f["maxShapes"] == f"input:{opts.max_batch}x1x32x32"
+    assert f["memPoolSize"] == f"workspace:{opts.workspace_mb}M"
+    assert f["builderOptimizationLevel"] == str(opts.optimization_level)
     assert f["timingCacheFile"] == "timing.cache" and "useDLACore" not in f
 
 
@@ -179,7 +180,7 @@ def test_dla_target_plan():
     """The AGX Orin target: DLA core 0 with GPU fallback, static shapes, fp16 builder flag (TensorRT 10.x)."""
     t = load_target("jetson-agx-orin-fp16")
     TRT.validate(t)
-    plan = plan_for(t, TrtOptions(**t.options), "input", (1, 1, 32, 32))
+    plan = plan_for(t, t.options, "input", (1, 1, 32, 32))
     f = _flags(plan.trtexec_command())
     assert f["useDLACore"] == "0" and "allowGPUFallback" in f and "fp16" in f
     assert "stronglyTyped" not in f and "minShapes" not in f and f["saveEngine"] == "model.fp16.engine"
@@ -327,9 +328,10 @@ def test_build_releases_a_bundle_evaluated_through_its_onnx(example_onnx, tmp_pa
     result = api.build(str(example_onnx.path), ["jetson-orin-nano-int8"], out=tmp_path / "dist", iterations=5)
     r = result.results[0]
     m = r.manifest
-    assert m["accuracy"]["drop_points"] <= 1.0 and "onnxruntime (CPU)" in m["accuracy"]["evaluated_on"]
-    assert m["latency"] is None and "edgepipe engine build" in m["bench_skipped"]
-    assert m["artifact"]["file"] == BUNDLE_MANIFEST
+    assert m.accuracy.drop_points <= 1.0 and m.accuracy.validation_drop_points <= 1.0
+    assert "onnxruntime (CPU)" in m.accuracy.evaluated_on
+    assert m.latency is None and "edgepipe engine build" in m.bench_skipped
+    assert m.artifact.file == BUNDLE_MANIFEST
     assert (r.release_dir / "model.int8.onnx").is_file() and (r.release_dir / "trtexec.sh").is_file()
     assert any("not benchmarked:" in n for n in result.notes)
 

@@ -1,0 +1,195 @@
+"""`edgepipe release`: a real search on the bundled example through real backends, its outputs, and the
+bad inputs it must survive."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from edgepipe import api
+from edgepipe.config.search import Range, load_search, search_from_dict
+from edgepipe.errors import ConfigError
+from edgepipe.pipeline.search import Candidate, Tried, choose
+
+SEARCH = """
+recipes = ["none"]
+noise = 0.05
+[onnxruntime]
+calibration = ["minmax", "percentile"]
+activation_type = ["uint8", "int8"]
+[openvino]
+calibration = ["minmax"]
+preset = ["performance", "mixed"]
+"""
+
+UNREACHABLE = """
+description = "cpu-int8 with a latency budget nothing can meet"
+backend = "onnxruntime"
+precision = "int8"
+[budgets]
+max_accuracy_drop = 1.0
+max_latency_ms = 0.0001
+[runtime]
+threads = 1
+iterations = 30
+"""
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    root = tmp_path_factory.mktemp("release")
+    search = root / "search.toml"
+    search.write_text(SEARCH)
+    unreachable = root / "too-fast.toml"
+    unreachable.write_text(UNREACHABLE)
+    out = root / "v1"
+    targets = ["cpu-int8", "intel-cpu-int8", str(unreachable)]
+    first = api.release(None, targets, out=out, search=search, iterations=30)
+    sums = (out / "SHA256SUMS").read_text()
+    second = api.release(None, targets, out=out, search=search, iterations=30)
+    return out, first, second, sums
+
+
+def test_release_writes_every_target_index_sums_and_report(released):
+    out, first, _, _ = released
+    assert {o.target.name: o.status for o in first.outcomes} == {
+        "cpu-int8": "released", "intel-cpu-int8": "released", "too-fast": "failed"}
+    for name in ("cpu-int8", "intel-cpu-int8"):
+        m = json.loads((out / name / "manifest.json").read_text())
+        assert m["schema"] == 2 and m["candidate"]["search_sha256"] and m["candidate"]["id"]
+        assert m["accuracy"]["reference_top1"] >= m["accuracy"]["top1"] - 0.01
+        assert "seconds" not in m["stages"][0]  # run figures stay out of released files
+    assert not (out / "too-fast").exists()
+    index = json.loads((out / "index.json").read_text())
+    ort = index["targets"]["cpu-int8"]
+    assert len(ort["candidates"]) == 4 and ort["chosen"] in {c["id"] for c in ort["candidates"]}
+    chosen = next(c for c in ort["candidates"] if c["id"] == ort["chosen"])
+    # U8S8 fuses every Conv here; S8S8 does not (FACTS): the search must find that by measurement
+    assert chosen["settings"]["activation_type"] == "uint8"
+    assert all(c["why"] for c in ort["candidates"])
+    failed = index["targets"]["too-fast"]
+    assert failed["status"] == "failed" and "closest is" in failed["reason"] and "max_latency_ms by" in failed["reason"]
+    r = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    listed = {ln.split("  ", 1)[1] for ln in (out / "SHA256SUMS").read_text().splitlines()}
+    assert {"index.json", "report.html", "cpu-int8/manifest.json", "cpu-int8/model.int8.onnx"} <= listed
+    assert not any(p.startswith(".work") for p in listed)
+
+
+def test_rerun_is_fully_cached_and_byte_identical(released):
+    out, first, second, sums = released
+    assert second.stages_cached == second.stages_total > 0
+    assert first.stages_cached < first.stages_total
+    assert (out / "SHA256SUMS").read_text() == sums
+
+
+def test_report_renders_its_charts_in_headless_chromium(released, tmp_path):
+    out = released[0]
+    html = (out / "report.html").read_text()
+    assert html.count("<svg") >= 4
+    assert not any(s in html for s in ('src="http', "src='http", 'href="http', "<script", "@import"))  # no network
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("needs chromium (the README's set-up line installs it with apt)")
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count("<svg") >= 4 and "Pareto front" in dom.stdout
+    shot = tmp_path / "report.png"
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--screenshot={shot}", "--window-size=1200,2400", (out / "report.html").as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    from PIL import Image
+
+    img = Image.open(shot).convert("RGB")
+    colors = img.getcolors(maxcolors=1 << 20) or []
+    # matplotlib's tab:green (44, 160, 44) marks the candidates within budgets: the charts were drawn
+    assert any(abs(c[0] - 44) < 30 and abs(c[1] - 160) < 30 and abs(c[2] - 44) < 30 and n > 20 for n, c in colors)
+
+
+def test_cli_release_exit_code_says_a_target_failed(released, tmp_path):
+    out = released[0]
+    search = tmp_path / "s.toml"
+    search.write_text(SEARCH)
+    r = subprocess.run([sys.executable, "-m", "edgepipe", "release", "--targets",
+                        f"cpu-int8,{out.parent / 'too-fast.toml'}", "--search", str(search), "--out",
+                        str(tmp_path / "rel"), "--iterations", "30", "--json"], capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr[-2000:]
+    index = json.loads(r.stdout)
+    assert index["targets"]["cpu-int8"]["status"] == "released" and index["run"]["stages_cached"] > 0
+
+
+def test_search_file_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'onnxruntime.nonsense'.*activation_type"):
+        search_from_dict({"onnxruntime": {"nonsense": [1]}})
+    with pytest.raises(ConfigError, match="unknown key 'frobnicate'"):
+        search_from_dict({"frobnicate": 1})
+    with pytest.raises(ConfigError, match="empty list"):
+        search_from_dict({"onnxruntime": {"calibration": []}})
+    with pytest.raises(ConfigError, match="recipes is empty"):
+        search_from_dict({"recipes": []})
+    with pytest.raises(ConfigError, match="allowed values"):
+        search_from_dict({"openvino": {"preset": ["fastest"]}})
+    p = tmp_path / "bad.toml"
+    p.write_text("[onnxruntime]\ncalibration = [\"minmax\"]\nper_channel = [1]\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml.*per_channel\[0\] = 1: expected true or false"):
+        load_search(p)
+
+
+def test_default_space_loads_and_ranges_are_sampled():
+    space = load_search()
+    assert space.name == "default" and "none" in space.recipes and not space.is_sampled("onnxruntime")
+    s = search_from_dict({"onnxruntime": {"calibration_samples": {"low": 64, "high": 256, "step": 64}}})
+    assert isinstance(s.for_backend("onnxruntime")["calibration_samples"], Range) and s.is_sampled("onnxruntime")
+
+
+def test_sampled_search_uses_optuna_and_resumes_from_its_journal(tmp_path):
+    search = tmp_path / "s.toml"
+    search.write_text('recipes = ["none"]\nmax_trials = 3\nseed = 1\n[onnxruntime]\n'
+                      'calibration = ["minmax", "percentile"]\ncalibration_samples = { low = 32, high = 128, step = 32 }\n')
+    out = tmp_path / "rel"
+    a = api.release(None, ["cpu-int8"], out=out, search=search, iterations=20)
+    journal = out / ".work" / "optuna-cpu-int8.log"
+    assert journal.is_file() and journal.stat().st_size > 0
+    ids = [t.candidate.id for t in a.outcomes[0].tried]
+    assert ids == ["t00", "t01", "t02"]
+    b = api.release(None, ["cpu-int8"], out=out, search=search, iterations=20)
+    # the journal's finished trials are replayed (same settings), nothing new is sampled
+    assert [t.candidate.settings for t in b.outcomes[0].tried] == [t.candidate.settings for t in a.outcomes[0].tried]
+    assert b.stages_cached == b.stages_total
+
+
+def test_choice_prefers_smaller_within_noise_then_accuracy(monkeypatch):
+    figures = {"a": (1.00, 300, 0.99), "b": (1.03, 200, 0.98), "c": (0.90, 500, 0.97), "d": (0.80, 100, 0.90)}
+    monkeypatch.setattr(Tried, "p50_ms", property(lambda s: figures[s.candidate.id][0]))
+    monkeypatch.setattr(Tried, "size_bytes", property(lambda s: figures[s.candidate.id][1]))
+    monkeypatch.setattr(Tried, "validation_top1", property(lambda s: figures[s.candidate.id][2]))
+    monkeypatch.setattr(Tried, "qualifies", property(lambda s: s.candidate.id != "d"))
+    tried = [Tried(Candidate(k, "none", {})) for k in figures]
+    assert choose(tried, 0.05).candidate.id == "c"  # fastest qualifying; d is faster but misses a budget
+    assert choose(tried, 0.20).candidate.id == "b"  # a, b, c tie within 20 %: the smallest
+    figures["a"], figures["b"] = (1.00, 600, 0.99), (1.03, 500, 0.995)
+    assert choose(tried, 0.20).candidate.id == "b"  # b and c the smallest: the more accurate
+    monkeypatch.setattr(Tried, "qualifies", property(lambda s: False))
+    assert choose(tried, 0.05) is None
+
+
+def test_target_that_cannot_compile_here_is_skipped_not_fatal(tmp_path, monkeypatch):
+    from edgepipe import backends
+    from edgepipe.backends.base import Availability
+
+    cls = type(backends.get("openvino"))
+    monkeypatch.setattr(cls, "check", lambda self: Availability(False, False, "openvino not installed"))
+    search = tmp_path / "s.toml"
+    search.write_text(SEARCH)
+    r = api.release(None, ["cpu-int8", "intel-cpu-int8"], out=tmp_path / "rel", search=search, iterations=20)
+    status = {o.target.name: (o.status, o.reason) for o in r.outcomes}
+    assert status["cpu-int8"][0] == "released"
+    assert status["intel-cpu-int8"][0] == "skipped" and "openvino not installed" in status["intel-cpu-int8"][1]
+    index = json.loads((tmp_path / "rel" / "index.json").read_text())
+    assert index["targets"]["intel-cpu-int8"]["status"] == "skipped"
