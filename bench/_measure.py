@@ -149,12 +149,17 @@ class Workspace:
         src = model if isinstance(model, ModelSource) else torch_source(model, spec or type(model).__name__)
         return stages.original(src)
 
-    def compress(self, source: ModelSource, recipe: Any, splits: Splits) -> tuple[Compressed, StageRecord]:
-        """``stages.compress`` on a copy of the source's module (the stage changes the module it is given)."""
+    def compress(self, source: ModelSource, recipe: Any, splits: Splits,
+                 cached: bool = True) -> tuple[Compressed, StageRecord]:
+        """``stages.compress`` on a copy of the source's module (the stage changes the module it is given).
+
+        A cache hit gives the model back as a torch.export program, without what techniques attach to
+        modules (a hashed layer's seed): pass ``cached=False`` when the live module matters (packing).
+        """
         src = copy.copy(source)
         if src.module is not None:
             src.module = copy.deepcopy(src.module)
-        return stages.compress(src, recipe, splits, self.cache)
+        return stages.compress(src, recipe, splits, self.cache if cached else Cache(enabled=False))
 
     def export(self, model: Any, target: Target, splits: Splits, name: str) -> OnnxModel:
         """``stages.export`` of a torch module, a model source or a :class:`Compressed` for ``target``'s

@@ -1,15 +1,17 @@
 """Compression bench: Deep Compression (prune + weight sharing + Huffman), low-rank, HashedNets.
 
-Two models on the same digits data (1x32x32; evaluation split held out as everywhere in edgepipe):
-the bundled example ResNet, and a LeNet-300-100 MLP on the flattened 32x32 input (1024-300-100-10),
-trained here, seeded. For each: the fp32 weights file, then each technique's model packed into an
-``.epk`` archive (what an over-the-air update would ship), restored from that archive, and measured:
-stored bytes, ratio to the fp32 weights file, top-1 of the restored model, MACs, and onnxruntime p50
-latency (fresh worker per measurement, 1 thread, all configurations interleaved over several rounds,
-median of the rounds). Goals (issue 7): prune+share+Huffman >= 50x (LeNet) / >= 35x (example) with
-<= 0.5 pt top-1 drop; low-rank at half the MACs <= 1 pt; hashing at 1/8 of the parameters <= 2 pt.
+Two models on the same digits data (1x32x32; test split held out as everywhere in edgepipe): the bundled
+example ResNet, and a LeNet-300-100 MLP on the flattened 32x32 input (1024-300-100-10), trained here,
+seeded. For each: the fp32 weights file, then each technique's model (``stages.compress``) packed into an
+``.epk`` archive (what an over-the-air update would ship), restored from that archive, exported, compiled
+for onnxruntime fp32 and evaluated by edgepipe's stages (``_measure.Workspace``), and measured: stored
+bytes, ratio to the fp32 weights file, top-1 of the restored model on the test split, MACs, and
+onnxruntime p50 latency (fresh worker per measurement, 1 thread, all configurations interleaved over
+several rounds, median of the rounds; "vs fp32" is the median over rounds of the fp32 row's p50 over this
+row's, measured side by side). Goals (issue 7): prune+share+Huffman >= 50x (LeNet) / >= 35x (example)
+with <= 0.5 pt top-1 drop; low-rank at half the MACs <= 1 pt; hashing at 1/8 of the parameters <= 2 pt.
 
-    PYTHONPATH=. python bench/compression.py [--rounds 3] [--json out.json]
+    python bench/bench_compression.py [--rounds 3] [--json out.json] [--quick]
 
 Pruning is the ``magnitude_prune`` technique (edgepipe/compress/prune.py); the bench stops with a
 message if it is not registered.
@@ -18,29 +20,29 @@ message if it is not registered.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from _measure import Rounds, Subject, Workspace, add_arguments, interleave, target, torch_source
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-# run as a script, bench/ would be first on sys.path and its files could shadow packages (bench/openvino.py)
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from edgepipe.compress import apply_recipe, recipe_from_dict, techniques  # noqa: E402
-from edgepipe.package import archive  # noqa: E402
-from edgepipe.compress._stats import count_macs, top1  # noqa: E402
-from edgepipe.data import Splits, digits, split  # noqa: E402
+from edgepipe.compress import recipe_from_dict, techniques
+from edgepipe.compress._stats import count_macs
+from edgepipe.data import Splits
+from edgepipe.harness import BenchSettings
+from edgepipe.package import archive
+from edgepipe.types import Artifact
 
 EXAMPLE = "edgepipe.models.example:digits_resnet"
 LENET = "edgepipe.models.lenet:lenet_300_100"
+INPUT_SHAPE = (1, 1, 32, 32)
+QUICK_FINETUNE = {"epochs": 1, "max_batches": 3}
 
 # Recipes per model. Iterative pruning (Han et al. 2015): prune, retrain, prune harder, retrain.
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
@@ -98,14 +100,12 @@ class Row:
     drop_pts: float
     macs: int
     params: int
-    onnx: Path | None = None
+    artifact: Artifact | None = None
     latency_ms: list[float] = field(default_factory=list)
+    p50: float = float("nan")
+    vs_fp32: float = float("nan")
     stages: dict[str, int] | None = None
     seconds: float = 0.0
-
-    @property
-    def p50(self) -> float:
-        return statistics.median(self.latency_ms) if self.latency_ms else float("nan")
 
 
 def train_lenet(splits: Splits, epochs: int = 40) -> nn.Module:
@@ -116,7 +116,7 @@ def train_lenet(splits: Splits, epochs: int = 40) -> nn.Module:
 
     torch.manual_seed(0)
     model = lenet_300_100()
-    return finetune(model, splits.train, FinetuneConfig(epochs=epochs, lr=1e-3, weight_decay=1e-4, seed=0))
+    return finetune(model, splits.train, FinetuneConfig(epochs=epochs, lr=1e-3, weight_decay=1e-4, seed=0)).eval()
 
 
 def _stored_params(model: nn.Module) -> int:
@@ -129,67 +129,67 @@ def _stored_params(model: nn.Module) -> int:
     return n
 
 
-def _evaluate(name: str, technique: str, model: nn.Module, spec: str, splits: Splits, ref_top1: float,
-              fp32_bytes: int, work: Path, reference: nn.Module) -> Row:
-    from edgepipe.export import export
-
-    data, report = archive.encode(model, spec, input_shape=(1, 1, 32, 32), reference=reference)
-    restored = archive.restore(archive.decode(data))  # evaluate what an update would ship
-    acc = top1(restored, splits.evaluation.x, splits.evaluation.y)
-    example = torch.from_numpy(splits.evaluation.x[:1])
-    onnx = export(restored, (1, 1, 32, 32), work / f"{name}-{len(list(work.iterdir()))}.onnx")
-    return Row(name, technique, len(data), fp32_bytes / len(data), acc, round((ref_top1 - acc) * 100, 2),
-               count_macs(restored, example), _stored_params(restored), onnx.path, stages=report.stages)
-
-
-def _measure(rows: list[Row], rounds: int, iterations: int) -> None:
-    from edgepipe.types import Artifact
-    from edgepipe.harness import BenchSettings, measure
-
-    settings = BenchSettings(threads=1, iterations=iterations, warmup=20)
-    for r in range(rounds):
-        for row in rows:  # interleaved: every configuration once per round
-            m = measure(Artifact("onnxruntime", "fp32", row.onnx), settings)
-            row.latency_ms.append(m.p50_ms)
-        print(f"  latency round {r + 1}/{rounds} done", file=sys.stderr)
+def _evaluate(ws: Workspace, name: str, technique: str, model: nn.Module, spec: str, splits: Splits,
+              ref_top1: float | None, fp32_bytes: int, reference: nn.Module) -> Row:
+    """Pack, restore what an update would ship, then export, compile (onnxruntime fp32) and evaluate it."""
+    data, report = archive.encode(model, spec, input_shape=INPUT_SHAPE, reference=reference)
+    restored = archive.restore(archive.decode(data))
+    t = target(f"{name}-fp32", "onnxruntime", "fp32", INPUT_SHAPE, runtime={"threads": 1})
+    built = ws.build(torch_source(restored, f"{spec} ({technique}, restored)"), t, splits, f"{name}-{technique}")
+    acc = built.top1
+    assert acc is not None
+    ref = acc if ref_top1 is None else ref_top1
+    example = torch.from_numpy(splits.test.x[:1])
+    return Row(name, technique, len(data), fp32_bytes / len(data), acc, round((ref - acc) * 100, 2),
+               count_macs(restored, example), _stored_params(restored), built.artifact, stages=report.stages)
 
 
-def run(rounds: int, iterations: int, only: str | None) -> list[Row]:
+def run(ws: Workspace, rounds: int, iterations: int, only: str | None, quick: bool) -> list[Row]:
     from safetensors.torch import save_file
 
     from edgepipe.models import load_model
 
     if "magnitude_prune" not in techniques():
-        raise SystemExit("bench/compression.py needs the magnitude_prune technique (edgepipe/compress/prune.py)")
-    splits = split(digits((1, 32, 32)), calibration_samples=128)
+        raise SystemExit("bench/bench_compression.py needs the magnitude_prune technique (edgepipe/compress/prune.py)")
+    splits = ws.splits(INPUT_SHAPE, calibration_samples=128)
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
-        work = Path(tmp)
-        t0 = time.perf_counter()
-        lenet = train_lenet(splits)
-        print(f"trained LeNet-300-100 in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        models = {"example": (EXAMPLE, load_model(EXAMPLE).module), "lenet-300-100": (LENET, lenet)}
-        for name, (spec, base) in models.items():
-            if only and only != name:
-                continue
-            save_file(base.state_dict(), str(work / f"{name}.safetensors"))
-            fp32_bytes = (work / f"{name}.safetensors").stat().st_size
-            reference = load_model(spec).module
-            ref_top1 = top1(base, splits.evaluation.x, splits.evaluation.y)
-            rows.append(_evaluate(name, "fp32 weights file", base, spec, splits, ref_top1, fp32_bytes, work, reference))
-            rows[-1].stored_bytes, rows[-1].ratio = fp32_bytes, 1.0
-            for technique, recipe in RECIPES[name].items():
-                t = time.perf_counter()
-                import copy
-
-                model, _ = apply_recipe(copy.deepcopy(base), recipe_from_dict(recipe), splits)
-                row = _evaluate(name, technique, model, spec, splits, ref_top1, fp32_bytes, work, reference)
-                row.seconds = time.perf_counter() - t
-                rows.append(row)
-                print(f"  {name}: {technique}: {row.stored_bytes:,} B ({row.ratio:.1f}x), top-1 {row.top1:.2%}, "
-                      f"{row.seconds:.0f} s", file=sys.stderr)
-        _measure(rows, rounds, iterations)
+    t0 = time.perf_counter()
+    lenet = train_lenet(splits, epochs=2 if quick else 40)
+    print(f"trained LeNet-300-100 in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    models = {"example": (EXAMPLE, load_model(EXAMPLE).module), "lenet-300-100": (LENET, lenet)}
+    for name, (spec, base) in models.items():
+        if only and only != name:
+            continue
+        weights = ws.root / f"{name}.safetensors"
+        save_file(base.state_dict(), str(weights))
+        fp32_bytes = weights.stat().st_size
+        reference = load_model(spec).module
+        fp32 = _evaluate(ws, name, "fp32 weights file", base, spec, splits, None, fp32_bytes, reference)
+        fp32.stored_bytes, fp32.ratio = fp32_bytes, 1.0
+        rows.append(fp32)
+        source = torch_source(base, spec)
+        for technique, recipe in RECIPES[name].items():
+            if quick:
+                recipe = {**copy.deepcopy(recipe), "finetune": QUICK_FINETUNE}
+            t = time.perf_counter()
+            # not from the stage cache: packing needs the live module (a hashed layer's seed)
+            compressed, _ = ws.compress(source, recipe_from_dict(recipe), splits, cached=False)
+            row = _evaluate(ws, name, technique, compressed.module, spec, splits, fp32.top1, fp32_bytes, reference)
+            row.seconds = time.perf_counter() - t
+            rows.append(row)
+            print(f"  {name}: {technique}: {row.stored_bytes:,} B ({row.ratio:.1f}x), top-1 {row.top1:.2%}, "
+                  f"{row.seconds:.0f} s", file=sys.stderr)
+    settings = BenchSettings(threads=1, iterations=iterations, warmup=20)
+    r = interleave([Subject((row.model, row.technique), row.artifact, settings, group=row.model)
+                    for row in rows if row.artifact is not None], rounds)
+    _latency(rows, r)
     return rows
+
+
+def _latency(rows: list[Row], r: Rounds) -> None:
+    for row in rows:
+        key, base = (row.model, row.technique), (row.model, "fp32 weights file")
+        row.latency_ms, row.p50, row.vs_fp32 = r.series(key), r.median(key), r.ratio(base, key).median
 
 
 def render(rows: list[Row]) -> str:
@@ -197,12 +197,9 @@ def render(rows: list[Row]) -> str:
     head = (f"{'model':<14} {'technique':<24} {'stored B':>10} {'ratio':>7} {'top-1':>7} {'drop pt':>8} "
             f"{'MACs':>11} {'params':>8} {'ORT p50 ms':>10} {'vs fp32':>8}")
     lines += [head, "-" * len(head)]
-    base: dict[str, Row] = {}
     for r in rows:
-        base.setdefault(r.model, r)
-        b = base[r.model]
         lines.append(f"{r.model:<14} {r.technique:<24} {r.stored_bytes:>10,} {r.ratio:>6.1f}x {r.top1:>7.2%} "
-                     f"{r.drop_pts:>+8.2f} {r.macs:>11,} {r.params:>8,} {r.p50:>10.4f} {b.p50 / r.p50:>7.2f}x")
+                     f"{r.drop_pts:>+8.2f} {r.macs:>11,} {r.params:>8,} {r.p50:>10.4f} {r.vs_fp32:>7.2f}x")
     lines.append("")
     lines.append("Deep Compression stages (bytes of the state dict; archive = the .epk file with header and hash):")
     for r in rows:
@@ -213,8 +210,9 @@ def render(rows: list[Row]) -> str:
                          f" -> Huffman {s['huffman']:>7,} ({s['dense'] / s['huffman']:.1f}x) -> archive "
                          f"{s['archive']:>7,} ({s['dense'] / s['archive']:.1f}x)")
     lines.append("")
-    goals = {"prune + share + Huffman": ({"lenet-300-100": 50.0, "example": 35.0}, 0.5),
-             "low-rank (1/2 MACs)": (None, 1.0), "hashing (1/8 params)": (None, 2.0)}
+    goals: dict[str, tuple[dict[str, float] | None, float]] = {
+        "prune + share + Huffman": ({"lenet-300-100": 50.0, "example": 35.0}, 0.5),
+        "low-rank (1/2 MACs)": (None, 1.0), "hashing (1/8 params)": (None, 2.0)}
     for r in rows:
         if r.technique not in goals:
             continue
@@ -230,19 +228,24 @@ def render(rows: list[Row]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds (median reported)")
-    ap.add_argument("--iterations", type=int, default=300, help="timed iterations per latency measurement")
+    add_arguments(ap, rounds=3, iterations=300,
+                  quick="tiny fine-tunes, LeNet trained 2 epochs, 2 rounds of 50 iterations: a smoke run (the "
+                        "goals are not expected to be met)")
     ap.add_argument("--only", choices=["example", "lenet-300-100"], help="one model only")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.iterations = 2, 50
     torch.set_num_threads(1)  # a shared machine: more threads than free cores makes torch crawl
     t0 = time.perf_counter()
-    rows = run(args.rounds, args.iterations, args.only)
+    with Workspace.temporary(args.no_cache) as ws:
+        rows = run(ws, args.rounds, args.iterations, args.only, args.quick)
     print(render(rows))
     print(f"\n{time.perf_counter() - t0:.0f} s, torch on {torch.get_num_threads()} thread; this machine is shared with "
           "other jobs, so latency is noisy: compare the ratios, measured side by side in one run.")
     if args.json:
-        args.json.write_text(json.dumps([{**r.__dict__, "onnx": None, "p50": r.p50} for r in rows], indent=1))
+        out: list[dict[str, Any]] = [{**r.__dict__, "artifact": None} for r in rows]
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

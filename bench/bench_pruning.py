@@ -1,6 +1,6 @@
 """Does pruning make the example model faster, and on which runtimes? One run, one printed table.
 
-    PYTHONPATH=$PWD python bench/pruning.py [--rounds 5] [--iterations 300] [--quick]
+    python bench/bench_pruning.py [--rounds 5] [--iterations 300] [--quick]
 
 Configurations (recipes in ``recipes/``), all from the bundled example model:
 
@@ -10,11 +10,13 @@ Configurations (recipes in ``recipes/``), all from the bundled example model:
   (``structured-50-distill``).
 - magnitude 80 % + fine-tune: unstructured global magnitude pruning to 80 % zeros (``magnitude-80``).
 
-For every backend registered in ``edgepipe.backends`` whose ``check()`` says it can compile and run here,
-each configuration is compiled for an fp32 target, evaluated (top-1 on the held-out digits split) and
-timed at batch 1, one thread, in a fresh worker process per measurement (``edgepipe.harness.measure``).
-Measurements of the compared configurations are interleaved round by round (the order rotates) and the
-median of the rounds' p50s is reported with its ratio to the baseline on the same backend.
+Each configuration is compressed, exported and, for every backend registered in ``edgepipe.backends``
+whose ``check()`` says it can compile and run here, compiled for an fp32 target and evaluated (top-1 on
+the held-out digits split) by edgepipe's stages (``_measure.Workspace``, cached), then timed at batch 1,
+one thread, in a fresh worker process per measurement (``edgepipe.harness.measure``). Measurements of the
+compared configurations are interleaved round by round (the order rotates) and the median of the rounds'
+p50s is reported with its speed-up over the baseline on the same backend (median over rounds of the
+baseline's p50 over this configuration's, measured side by side).
 
 Goals checked at the end: structured 50 % + distillation ≥ 1.8× lower onnxruntime latency than the
 baseline with ≤ 1 point top-1 drop; magnitude 80 % + fine-tune ≤ 1 point drop.
@@ -25,24 +27,16 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import statistics
-import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-# bench/ holds scripts named like the runtimes (openvino.py, tflite.py, tensorrt.py): keep this script's
-# folder off sys.path, or `import openvino` inside a backend would import that script instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(ROOT))
+from _measure import Built, Rounds, Subject, Workspace, add_arguments, interleave, target
 
-from edgepipe import backends  # noqa: E402
-from edgepipe.types import Artifact, OnnxModel  # noqa: E402
-from edgepipe.config import Runtime, Target  # noqa: E402
-from edgepipe.harness import BenchSettings, measure  # noqa: E402
+from edgepipe import backends
+from edgepipe.data import Splits
+from edgepipe.harness import BenchSettings
+from edgepipe.pipeline.stages import Compressed
+from edgepipe.types import Artifact, OnnxModel
 
 INPUT_SHAPE = (1, 1, 32, 32)
 
@@ -54,10 +48,13 @@ class Config:
     note: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     onnx: OnnxModel | None = None
-    artifacts: dict[str, Artifact] = field(default_factory=dict)
-    top1: dict[str, float] = field(default_factory=dict)
-    p50s: dict[str, list[float]] = field(default_factory=dict)
+    built: dict[str, Built] = field(default_factory=dict)  # backend -> compiled and evaluated
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # backend -> (artifact bytes, gzipped)
+
+    def top1(self, backend: str) -> float:
+        acc = self.built[backend].top1
+        assert acc is not None
+        return acc
 
 
 def _gzip_size(art: Artifact) -> int:
@@ -80,28 +77,36 @@ def _configs(quick: bool) -> list[Config]:
     ]
 
 
-def _compress(cfgs: list[Config], splits: Any, work: Path) -> None:
+def _fp32_target(backend: str) -> Any:
+    return target(f"bench-{backend}-fp32", backend, "fp32", INPUT_SHAPE, runtime={"threads": 1})
+
+
+def _compress(ws: Workspace, cfgs: list[Config], splits: Splits) -> None:
+    """Each configuration through ``stages.compress`` and ``stages.export`` (parity-checked)."""
+    import time
+
     import torch
 
-    from edgepipe.compress import apply_recipe, load_recipe, recipe_from_dict
+    from edgepipe.compress import load_recipe, recipe_from_dict
     from edgepipe.compress._stats import stats
-    from edgepipe.export import check_parity, export, parity
-    from edgepipe.models.example import digits_resnet
+    from edgepipe.models import load_model
 
-    example = torch.from_numpy(splits.evaluation.x[:1])
+    source = load_model(None)  # the bundled example
+    example = torch.from_numpy(splits.validation.x[:1])
     for i, c in enumerate(cfgs):
         t0 = time.perf_counter()
-        model = digits_resnet()
         if c.recipe is None:
-            s = stats(model, example, splits.evaluation.x, splits.evaluation.y).to_dict()
+            model: Compressed = ws.original(source)
+            s = stats(model.module, example, splits.validation.x, splits.validation.y).to_dict()
+            cached = False
         else:
             recipe = load_recipe(c.recipe) if isinstance(c.recipe, str) else recipe_from_dict(c.recipe)
-            model, records = apply_recipe(model, recipe, splits)
-            s = records[-1]["after"]
+            model, record = ws.compress(source, recipe, splits)
+            s, cached = model.records[-1]["after"], record.cached
         c.stats = s
-        c.onnx = export(model, INPUT_SHAPE, work / f"config{i}.onnx")
-        check_parity(parity(model, c.onnx, splits.evaluation.x[:128]))
-        print(f"  {c.name}: {time.perf_counter() - t0:.0f} s, torch top-1 {s['top1']:.2%}", flush=True)
+        c.onnx = ws.export(model, _fp32_target("onnxruntime"), splits, f"config{i}")
+        print(f"  {c.name}: {time.perf_counter() - t0:.0f} s{' (cached)' if cached else ''}, "
+              f"torch top-1 {s['top1']:.2%} (validation)", flush=True)
 
 
 def _usable_backends() -> tuple[list[str], list[str]]:
@@ -118,59 +123,45 @@ def _usable_backends() -> tuple[list[str], list[str]]:
     return usable, skipped
 
 
-def _compile_and_evaluate(cfgs: list[Config], names: list[str], splits: Any, work: Path) -> list[str]:
-    from edgepipe.evaluate import top1
-
-    calib = CalibrationSet(splits.calibration.x, "minmax", splits.calibration.name)
+def _compile_and_evaluate(ws: Workspace, cfgs: list[Config], names: list[str], splits: Splits) -> list[str]:
     failed = []
     for name in names:
-        b = backends.get(name)
-        target = Target(name=f"bench-{name}-fp32", backend=name, precision="fp32", input_shape=INPUT_SHAPE,
-                        runtime=Runtime(threads=1))
         try:
             for i, c in enumerate(cfgs):
                 assert c.onnx is not None
-                art = b.compile(c.onnx, target, calib, work / name / f"config{i}")
-                c.artifacts[name] = art
-                c.sizes[name] = (art.size_bytes, _gzip_size(art))
-                c.top1[name] = top1(b.load(art, 1), splits.evaluation.x, splits.evaluation.y)
+                b = c.built[name] = ws.compile(c.onnx, _fp32_target(name), splits, f"{name}-config{i}")
+                c.sizes[name] = (b.artifact.size_bytes, _gzip_size(b.artifact))
         except Exception as e:  # one backend failing must not hide the others' numbers
             failed.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             for c in cfgs:
-                c.artifacts.pop(name, None)
+                c.built.pop(name, None)
     return failed
 
 
-def _measure(cfgs: list[Config], names: list[str], rounds: int, iterations: int) -> None:
+def _measure(cfgs: list[Config], names: list[str], rounds: int, iterations: int) -> Rounds:
     settings = BenchSettings(threads=1, batch=1, warmup=50, iterations=iterations)
-    for r in range(rounds):
-        for name in names:
-            order = cfgs[r % len(cfgs):] + cfgs[: r % len(cfgs)]  # rotate who goes first
-            for c in order:
-                if name in c.artifacts:
-                    c.p50s.setdefault(name, []).append(measure(c.artifacts[name], settings).p50_ms)
-        print(f"  round {r + 1}/{rounds} done", flush=True)
+    return interleave([Subject((name, i), c.built[name].artifact, settings, group=name)
+                       for name in names for i, c in enumerate(cfgs) if name in c.built], rounds)
 
 
-def _table(cfgs: list[Config], names: list[str]) -> str:
+def _table(cfgs: list[Config], names: list[str], r: Rounds) -> str:
     base = cfgs[0]
     head = ["backend", "technique", "params", "non-zero", "MACs", "top-1", "drop (pts)", "p50 ms",
             "rounds min-max", "speed-up", "artifact KB", "gzip KB"]
     rows = []
     for name in names:
-        if name not in base.p50s:
+        if name not in base.built:
             continue
-        b50 = statistics.median(base.p50s[name])
-        for c in cfgs:
-            if name not in c.p50s:
+        for i, c in enumerate(cfgs):
+            if name not in c.built:
                 continue
-            p50 = statistics.median(c.p50s[name])
-            drop = (base.top1[name] - c.top1[name]) * 100
+            key = (name, i)
+            drop = (base.top1(name) - c.top1(name)) * 100
             rows.append([
                 name, c.name, f"{c.stats['params']:,}", f"{c.stats['nonzero_params']:,}", f"{c.stats['macs'] / 1e6:.1f} M",
-                f"{c.top1[name]:.2%}", "—" if c is base else f"{drop:+.2f}", f"{p50:.3f}",
-                f"{min(c.p50s[name]):.3f}-{max(c.p50s[name]):.3f}",
-                "1.00×" if c is base else f"{b50 / p50:.2f}×",
+                f"{c.top1(name):.2%}", "—" if c is base else f"{drop:+.2f}", f"{r.median(key):.3f}",
+                f"{r.min(key):.3f}-{r.max(key):.3f}",
+                "1.00×" if c is base else f"{r.ratio((name, 0), key).median:.2f}×",
                 f"{c.sizes[name][0] / 1024:.0f}", f"{c.sizes[name][1] / 1024:.0f}",
             ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
@@ -180,17 +171,17 @@ def _table(cfgs: list[Config], names: list[str]) -> str:
     return "\n".join([line, sep, *body])
 
 
-def _goals(cfgs: list[Config]) -> list[str]:
+def _goals(cfgs: list[Config], r: Rounds) -> list[str]:
     base, _, structured, magnitude = cfgs
     out = []
-    if "onnxruntime" in base.p50s and "onnxruntime" in structured.p50s:
-        speed = statistics.median(base.p50s["onnxruntime"]) / statistics.median(structured.p50s["onnxruntime"])
-        drop = (base.top1["onnxruntime"] - structured.top1["onnxruntime"]) * 100
+    if "onnxruntime" in base.built and "onnxruntime" in structured.built:
+        speed = r.ratio(("onnxruntime", 0), ("onnxruntime", 2)).median
+        drop = (base.top1("onnxruntime") - structured.top1("onnxruntime")) * 100
         ok = speed >= 1.8 and drop <= 1.0
         out.append(f"{'PASS' if ok else 'FAIL'}  structured 50 % + distillation on onnxruntime: {speed:.2f}× "
                    f"faster (goal ≥ 1.8×), top-1 drop {drop:+.2f} points (goal ≤ 1)")
-    if "onnxruntime" in magnitude.top1:
-        drop = (base.top1["onnxruntime"] - magnitude.top1["onnxruntime"]) * 100
+    if "onnxruntime" in magnitude.built:
+        drop = (base.top1("onnxruntime") - magnitude.top1("onnxruntime")) * 100
         size = magnitude.sizes["onnxruntime"][1] / base.sizes["onnxruntime"][1]
         out.append(f"{'PASS' if drop <= 1.0 else 'FAIL'}  magnitude 80 % + fine-tune: top-1 drop {drop:+.2f} "
                    f"points (goal ≤ 1); gzipped ONNX {size:.0%} of the baseline's")
@@ -199,45 +190,44 @@ def _goals(cfgs: list[Config]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
-    ap.add_argument("--iterations", type=int, default=300, help="timed iterations per measurement")
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny fine-tunes and 2 rounds: a smoke run (the accuracy goals are not expected to pass)")
+    add_arguments(ap, rounds=5, iterations=300,
+                  quick="tiny fine-tunes and 2 rounds of 100 iterations: a smoke run (the accuracy goals are "
+                        "not expected to pass)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.iterations = 2, 100
     os.environ.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")
 
-    from edgepipe.data import digits, split
-
-    splits = split(digits(INPUT_SHAPE[1:]))
     cfgs = _configs(args.quick)
     names, skipped = _usable_backends()
     print(f"backends measured: {', '.join(names) or '(none)'}"
           + (f"; skipped: {'; '.join(skipped)}" if skipped else ""), flush=True)
-    with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp:
-        work = Path(tmp)
-        print("compressing (recipes, fine-tunes) ...", flush=True)
-        _compress(cfgs, splits, work)
+    with Workspace.temporary(args.no_cache) as ws:
+        splits = ws.splits(INPUT_SHAPE)
+        print("compressing (recipes, fine-tunes) and exporting ...", flush=True)
+        _compress(ws, cfgs, splits)
         print("compiling for each backend (fp32) and evaluating ...", flush=True)
-        failed = _compile_and_evaluate(cfgs, names, splits, work)
+        failed = _compile_and_evaluate(ws, cfgs, names, splits)
+        names = [n for n in names if n in cfgs[0].built]
         print(f"measuring: {args.rounds} interleaved rounds x {args.iterations} iterations, batch 1, 1 thread ...",
               flush=True)
-        _measure(cfgs, names, args.rounds, args.iterations)
+        r = _measure(cfgs, names, args.rounds, args.iterations)
         print()
-        print(_table(cfgs, names))
+        print(_table(cfgs, names, r))
     print()
     print(f"host: {os.cpu_count()} cores, shared with other jobs while this ran (timings are noisy; the "
           f"ratios compare configurations measured interleaved in the same rounds). p50 = median over "
-          f"{args.rounds} rounds of each round's p50 ({args.iterations} iterations, fresh worker process).")
-    print("top-1 on the held-out digits split (359 samples: one sample = 0.28 points), per backend's artifact; "
+          f"{args.rounds} rounds of each round's p50 ({args.iterations} iterations, fresh worker process); "
+          "speed-up = median over rounds of the baseline's p50 over this row's, in the same round.")
+    print(f"top-1 on the held-out digits split ({len(splits.test)} samples: one sample = "
+          f"{100 / len(splits.test):.2f} points), per backend's artifact; "
           "drop = baseline minus this row, negative = better than the baseline.")
     print("Unstructured sparsity (magnitude 80 %) gives NO speed-up on these runtimes: the zeros are stored and "
           "multiplied densely. What it buys is size after generic compression (gzip KB: the artifact's "
           "files gzipped; zip or Huffman packing likewise). Structured pruning removes channels: fewer params, MACs and milliseconds.")
     for f in failed:
         print(f"backend failed and left out: {f}")
-    for g in _goals(cfgs):
+    for g in _goals(cfgs, r):
         print(g)
     return 0
 

@@ -1,47 +1,143 @@
+"""The onnxruntime backend: fp32 as exported, int8 by static QDQ with each calibration method."""
+
 from __future__ import annotations
+
+import dataclasses
+import itertools
 
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from edgepipe import backends
-from edgepipe.types import Artifact
-from edgepipe.config import target_from_dict
+from edgepipe.config import load_target, target_from_dict
 from edgepipe.evaluate import predict, top1
+from edgepipe.types import Artifact, CalibrationSet
+
+METHODS = ("minmax", "entropy", "percentile")
+ORT = backends.get("onnxruntime")
 
 
 def _target(precision: str, **kw):
     return target_from_dict({"name": "t", "backend": "onnxruntime", "precision": precision, **kw}, "test")
 
 
+def _cpu_int8(method: str, samples: int):
+    """The shipped cpu-int8 target with another calibration method (its other settings as shipped)."""
+    t = load_target("cpu-int8")
+    return dataclasses.replace(t, calibration=dataclasses.replace(t.calibration, method=method, samples=samples))
+
+
+def _activation_scales(path) -> dict[str, float]:
+    """Activation tensor -> its QuantizeLinear scale (weights are stored quantized, not quantized at run time)."""
+    m = onnx.load(str(path))
+    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in consts:
+            scale = consts[n.input[1]]
+            assert scale.ndim == 0, f"{n.name}: activations are quantized per tensor"
+            out[n.input[0]] = float(scale)
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib(splits) -> CalibrationSet:
+    return CalibrationSet(splits.calibration.x, "digits:calibration")
+
+
+@pytest.fixture(scope="module")
+def int8(example_onnx, calib, tmp_path_factory) -> dict[str, tuple]:
+    """cpu-int8 compiled once per calibration method: method -> (target, artifact)."""
+    out = {}
+    for method in METHODS:
+        t = _cpu_int8(method, len(calib.x))
+        out[method] = (t, ORT.compile(example_onnx, t, calib, tmp_path_factory.mktemp(f"int8-{method}")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_top1(example_onnx, splits) -> dict[str, float]:
+    runner = ORT.load(Artifact("onnxruntime", "fp32", example_onnx.path))
+    return {s: top1(runner, getattr(splits, s).x, getattr(splits, s).y) for s in ("validation", "test")}
+
+
 def test_fp32_matches_the_exported_model(example_onnx, calibration, splits, tmp_path, example_model):
     import torch
 
-    art = backends.get("onnxruntime").compile(example_onnx, _target("fp32"), calibration, tmp_path)
-    logits = predict(backends.get("onnxruntime").load(art), splits.evaluation.x[:32])
+    art = ORT.compile(example_onnx, _target("fp32"), calibration, tmp_path)
+    assert art.path.read_bytes() == example_onnx.path.read_bytes()
+    logits = predict(ORT.load(art), splits.test.x[:32])
     with torch.no_grad():
-        ref = example_model(torch.from_numpy(splits.evaluation.x[:32])).numpy()
+        ref = example_model(torch.from_numpy(splits.test.x[:32])).numpy()
     assert np.abs(logits - ref).max() < 1e-4
 
 
-@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
-def test_int8_keeps_accuracy_within_one_point(method, example_onnx, calibration, splits, tmp_path):
-    be = backends.get("onnxruntime")
-    t = _target("int8", calibration={"method": method, "samples": 128})
-    art = be.compile(example_onnx, t, calibration, tmp_path)
-    fp32 = top1(be.load(Artifact("onnxruntime", "fp32", example_onnx.path)), splits.evaluation.x, splits.evaluation.y)
-    int8 = top1(be.load(art), splits.evaluation.x, splits.evaluation.y)
-    assert int8 >= 0.95 and fp32 - int8 <= 0.01
+@pytest.mark.parametrize("method", METHODS)
+def test_int8_with_each_method_stays_within_the_targets_budget(method, int8, splits, example_onnx, fp32_top1):
+    t, art = int8[method]
+    assert art.precision == "int8" and art.metadata["calibration"]["method"] == method
+    runner = ORT.load(art)
+    drop = {s: (fp32_top1[s] - top1(runner, getattr(splits, s).x, getattr(splits, s).y)) * 100
+            for s in ("validation", "test")}
+    assert drop["validation"] <= t.budgets.max_accuracy_drop, drop  # what the build's budget check uses
+    assert drop["test"] <= 1.0, drop
     ops = {n.op_type for n in onnx.load(str(art.path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert art.path.stat().st_size < example_onnx.path.stat().st_size / 2
+
+
+def test_each_method_computes_its_own_activation_scales(int8):
+    """minmax, entropy and percentile must not collapse into one another (entropy once gave minmax's bytes)."""
+    scales = {m: _activation_scales(art.path) for m, (_, art) in int8.items()}
+    names = set(scales["minmax"])
+    assert len(names) >= 20 and all(set(s) == names for s in scales.values())
+    for a, b in itertools.combinations(METHODS, 2):
+        differ = [n for n in names if not np.isclose(scales[a][n], scales[b][n], rtol=1e-6, atol=0)]
+        assert len(differ) >= len(names) // 4, f"{a} and {b}: only {len(differ)} of {len(names)} scales differ"
+        assert int8[a][1].path.read_bytes() != int8[b][1].path.read_bytes()
+    # entropy clips outliers within the observed range: never a wider range than minmax, narrower somewhere
+    assert all(scales["entropy"][n] <= scales["minmax"][n] * (1 + 1e-6) for n in names)
+    assert sum(scales["entropy"][n] < 0.99 * scales["minmax"][n] for n in names) >= len(names) // 4
+
+
+def test_calibrator_settings_are_recorded(int8, calib):
+    for method, (_, art) in int8.items():
+        rec = art.metadata["calibration"]
+        assert rec["method"] == method and rec["samples"] == len(calib.x) and rec["sha256"] == calib.sha256
+        assert isinstance(rec["calibrator"], dict) and rec["calibrator"], method
+    entropy = int8["entropy"][1].metadata["calibration"]["calibrator"]
+    # the KL search picks among num_bins/2 - num_quantized_bins/2 + 1 thresholds: more bins than quantized bins
+    assert entropy["num_bins"] >= 4 * entropy["num_quantized_bins"]
+    assert int8["percentile"][1].metadata["calibration"]["calibrator"]["percentile"] == 99.999
+
+
+def test_onnxruntimes_entropy_search_is_degenerate_with_its_default_bins():
+    """Why the backend sets the bins: with onnxruntime's defaults (128 bins, 128 quantized bins) the
+    threshold search has one candidate, so entropy returns the full range, exactly as minmax."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.abs(rng.normal(0, 1, 50_000)), [30.0]]).astype(np.float32)  # a post-ReLU tail
+
+    def entropy_range(num_bins: int, num_quantized_bins: int) -> tuple[float, float]:
+        c = HistogramCollector("entropy", symmetric=False, num_bins=num_bins, num_quantized_bins=num_quantized_bins,
+                               percentile=99.999, scenario="same")
+        c.collect({"t": x})
+        lo, hi = c.compute_collection_result()["t"][:2]
+        return float(lo), float(hi)
+
+    assert entropy_range(128, 128) == (float(x.min()), float(x.max()))  # minmax's range
+    lo, hi = entropy_range(512, 128)
+    assert lo == float(x.min()) and hi < 15.0  # the tail is clipped
 
 
 def test_u8s8_fuses_every_conv(example_onnx, calibration, tmp_path):
     """U8S8 QDQ becomes QLinearConv for every Conv once onnxruntime optimizes the graph."""
     import onnxruntime as ort
 
-    art = backends.get("onnxruntime").compile(example_onnx, _target("int8"), calibration, tmp_path)
+    art = ORT.compile(example_onnx, _target("int8"), calibration, tmp_path)
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(art.path), so, providers=["CPUExecutionProvider"])
@@ -50,16 +146,17 @@ def test_u8s8_fuses_every_conv(example_onnx, calibration, tmp_path):
     assert ops.count("QLinearConv") == n_convs and "Conv" not in ops
 
 
-def test_int8_build_is_deterministic(example_onnx, calibration, tmp_path):
-    be = backends.get("onnxruntime")
-    a = be.compile(example_onnx, _target("int8"), calibration, tmp_path / "a")
-    b = be.compile(example_onnx, _target("int8"), calibration, tmp_path / "b")
-    assert a.path.read_bytes() == b.path.read_bytes()
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_int8_build_is_deterministic(method, int8, example_onnx, calib, tmp_path):
+    t, first = int8[method]
+    again = ORT.compile(example_onnx, t, calib, tmp_path)
+    assert again.path.read_bytes() == first.path.read_bytes()
+    assert again.metadata == first.metadata
 
 
 def test_runner_handles_static_batch_with_padding(tmp_path, example_model, splits):
     from edgepipe.export import export
 
     m = export(example_model, (4, 1, 32, 32), tmp_path / "s.onnx", dynamic_batch=False)
-    runner = backends.get("onnxruntime").load(Artifact("onnxruntime", "fp32", m.path))
-    assert predict(runner, splits.evaluation.x[:10]).shape == (10, 10)
+    runner = ORT.load(Artifact("onnxruntime", "fp32", m.path))
+    assert predict(runner, splits.test.x[:10]).shape == (10, 10)

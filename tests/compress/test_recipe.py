@@ -13,12 +13,9 @@ from edgepipe.config.recipe import FinetuneConfig, load_recipe
 from edgepipe.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class _ScaleFc:
-    factor: float = 0.0
+FAKE = "test_scale_fc"
 
 
-@register("test_scale_fc", _ScaleFc)
 def _scale_fc(model, cfg, ctx):
     """Scale the classifier weights (a damage that fine-tuning can repair)."""
     with torch.no_grad():
@@ -27,25 +24,49 @@ def _scale_fc(model, cfg, ctx):
     return model
 
 
+@pytest.fixture
+def scale_fc():
+    """A fake technique, registered for one test in both registries (config and function), then removed."""
+    from edgepipe import compress
+    from edgepipe.config import techniques as tc
+
+    techniques()  # the real ones first, so that removing the fake leaves them as they were
+    assert FAKE not in compress._REGISTRY and FAKE not in tc._CONFIGS
+    before = (dict(compress._REGISTRY), dict(tc._CONFIGS))
+
+    @dataclass(frozen=True)
+    class ScaleFc:
+        factor: float = 0.0
+
+    try:
+        tc.technique_config(FAKE)(ScaleFc)
+        register(FAKE, ScaleFc)(_scale_fc)
+        yield ScaleFc
+    finally:
+        compress._REGISTRY.pop(FAKE, None)
+        tc._CONFIGS.pop(FAKE, None)
+    assert (compress._REGISTRY, tc._CONFIGS) == before
+
+
 def _fresh():
     from edgepipe.models.example import digits_resnet
 
     return digits_resnet()
 
 
-def test_unknown_technique_lists_known_ones():
+def test_unknown_technique_lists_known_ones(scale_fc):
     with pytest.raises(ConfigError, match=r"steps\[0\]: unknown technique 'magnitude_prunne'; known techniques: .*test_scale_fc"):
         recipe_from_dict({"steps": [{"technique": "magnitude_prunne"}]})
 
 
-def test_step_parameters_are_validated_by_the_technique():
+def test_step_parameters_are_validated_by_the_technique(scale_fc):
     with pytest.raises(ConfigError, match=r"unknown key 'facter'; allowed keys here: factor"):
         recipe_from_dict({"steps": [{"technique": "test_scale_fc", "facter": 0.5}]})
     with pytest.raises(ConfigError, match=r"finetune.lr = -1.0: must be > 0"):
         recipe_from_dict({"finetune": {"lr": -1.0}, "steps": [{"technique": "test_scale_fc"}]})
 
 
-def test_recipe_round_trips_through_toml(tmp_path):
+def test_recipe_round_trips_through_toml(scale_fc, tmp_path):
     r = recipe_from_dict({"finetune": {"epochs": 1}, "steps": [{"technique": "test_scale_fc", "factor": 0.5,
                                                                "finetune": True}]})
     f = tmp_path / "r.toml"
@@ -59,7 +80,7 @@ def test_missing_recipe_file():
         load_recipe("nope.toml")
 
 
-def test_records_and_finetune_repair_the_damage(splits):
+def test_records_and_finetune_repair_the_damage(scale_fc, splits):
     recipe = recipe_from_dict({
         "finetune": {"epochs": 1, "lr": 2e-3, "max_batches": 12},
         "steps": [{"technique": "test_scale_fc", "factor": 0.0},
@@ -82,7 +103,7 @@ def test_finetune_is_deterministic(splits):
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def test_teacher_with_another_output_shape_is_refused(splits, tmp_path, monkeypatch):
+def test_teacher_with_another_output_shape_is_refused(scale_fc, splits, tmp_path, monkeypatch):
     (tmp_path / "wide_teacher.py").write_text(
         "import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 12))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -92,5 +113,39 @@ def test_teacher_with_another_output_shape_is_refused(splits, tmp_path, monkeypa
         apply_recipe(_fresh(), recipe, splits)
 
 
-def test_registry_lists_techniques():
-    assert "test_scale_fc" in techniques()
+def test_registry_lists_techniques(scale_fc):
+    known = techniques()
+    assert known[FAKE].config is scale_fc and known[FAKE].apply is _scale_fc
+    assert known[FAKE].summary == "Scale the classifier weights (a damage that fine-tuning can repair)."
+    assert {"magnitude_prune", "structured_prune", "lowrank", "weight_share", "hashing"} <= set(known)
+
+
+def test_without_the_fixture_the_fake_technique_is_unknown():
+    """Nothing leaks between tests: the fake exists only while a test asks for it."""
+    from edgepipe.config.techniques import config_names
+
+    assert FAKE not in techniques() and FAKE not in config_names()
+    with pytest.raises(ConfigError, match=f"unknown technique '{FAKE}'"):
+        recipe_from_dict({"steps": [{"technique": FAKE}]})
+
+
+def test_register_refuses_a_config_not_registered_in_config_techniques():
+    @dataclass(frozen=True)
+    class Unregistered:
+        factor: float = 0.0
+
+    with pytest.raises(ConfigError, match="unknown technique 'test_unregistered'"):
+        register("test_unregistered", Unregistered)
+    assert "test_unregistered" not in techniques()
+
+
+def test_recipe_built_in_python_equals_the_toml_one(scale_fc):
+    from edgepipe.compress import Recipe, Step
+
+    r = Recipe([scale_fc(factor=0.5), Step(scale_fc(factor=1.0), finetune=True)])
+    assert [s.technique for s in r.steps] == [FAKE, FAKE] and r.steps[0].params == {"factor": 0.5}
+    again = recipe_from_dict({"steps": [{"technique": FAKE, "factor": 0.5},
+                                        {"technique": FAKE, "factor": 1.0, "finetune": True}]})
+    assert again.sha256 == r.sha256
+    with pytest.raises(ConfigError, match="is not a compression technique config"):
+        Recipe([{"technique": FAKE}])
