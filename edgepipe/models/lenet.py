@@ -1,7 +1,7 @@
 """LeNet-300-100 (LeCun et al. 1998; Deep Compression's MLP case) for the digits data at 1x32x32.
 
 The input is flattened: 1,024 -> 300 -> 100 -> 10 (the paper's is 784 -> 300 -> 100 -> 10 on MNIST).
-No weights ship with it; ``bench/compression.py`` trains it (seeded, seconds).
+No weights ship with it; ``bench/bench_compression.py`` trains it (seeded, seconds).
 """
 
 from __future__ import annotations

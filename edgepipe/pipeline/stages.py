@@ -187,7 +187,10 @@ def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cac
         from edgepipe.compress._stats import top1
         from edgepipe.models import save_program
 
-        module, steps = apply_recipe(src.module, recipe, splits, rep)  # type: ignore[arg-type]
+        import copy
+
+        # on a copy: the source module stays the original, which the reference and other recipes need
+        module, steps = apply_recipe(copy.deepcopy(src.module), recipe, splits, rep)  # type: ignore[arg-type]
         acc = top1(module, splits.validation.x, splits.validation.y)
         out = Compressed(src, key, recipe, steps, acc, _module=module)
         with tempfile.TemporaryDirectory(prefix="edgepipe-compress-") as tmp:
