@@ -101,22 +101,26 @@ def export(
     Returns:
         The ONNX model and the parity figures (max abs error, top-1 agreement).
     """
+    import shutil
+    import tempfile
+
     from edgepipe import export as ex
+    from edgepipe._fs import atomic_path
     from edgepipe.models import load_model
-    from edgepipe.pipeline.stages import data_splits
+    from edgepipe.pipeline import stages
+    from edgepipe.pipeline.cache import Cache
 
     src = load_model(model, weights)
     if src.is_onnx:
         raise ConfigError(f"model {src.spec!r} is already ONNX; nothing to export")
-    assert src.module is not None
-    onnx = ex.export(src.module, tuple(input_shape), Path(out), dynamic_batch=dynamic_batch)
-    p = ex.parity(src.module, onnx, data_splits(data, tuple(input_shape)).validation.x)
-    try:
-        ex.check_parity(p, atol=parity_atol)
-    except Exception:
-        Path(out).unlink(missing_ok=True)
-        raise
-    return onnx, p.to_dict()
+    shape = Target(name="export", backend="onnxruntime", precision="fp32", input_shape=tuple(input_shape),
+                   dynamic_batch=dynamic_batch)
+    with tempfile.TemporaryDirectory(prefix="edgepipe-export-") as tmp:
+        onnx, rec = stages.export(stages.original(src), shape, stages.load_splits(data, shape), Path(tmp), Cache(),
+                                  parity_atol)
+        with atomic_path(Path(out)) as dest:
+            shutil.copyfile(onnx.path, dest)
+    return ex.onnx_model(Path(out)), rec.details["parity"]
 
 
 def compile(model: str, target: str, *, out: str | Path = "dist", data: str = "digits",

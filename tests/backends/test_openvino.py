@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from edgepipe import api, backends
-from edgepipe.types import Artifact, CalibrationSet
 from edgepipe.config import target_from_dict
 from edgepipe.errors import ConfigError
 from edgepipe.evaluate import predict, top1
+from edgepipe.types import Artifact, CalibrationSet
 
 # find_spec, not importorskip: importing nncf here, before edgepipe's telemetry opt-out, would write ~/intel/
 pytestmark = pytest.mark.skipif(

@@ -15,12 +15,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepipe import backends
-from edgepipe.backends.tensorrt import preflight as preflight
-from edgepipe.types import Artifact, CalibrationSet
 from edgepipe.backends.tensorrt import BUNDLE_MANIFEST, TrtOptions, plan_for
+from edgepipe.backends.tensorrt import preflight as preflight
 from edgepipe.config import load_target, target_from_dict
 from edgepipe.errors import BackendUnavailable, CompileError, ConfigError
 from edgepipe.evaluate import predict, top1
+from edgepipe.types import Artifact, CalibrationSet
 
 TRT = backends.get("tensorrt")
 HAS_RUNTIME = TRT.check().run

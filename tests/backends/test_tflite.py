@@ -20,10 +20,10 @@ import pytest
 
 from edgepipe import backends, toolchains
 from edgepipe.backends import tflite
-from edgepipe.types import Artifact, CalibrationSet
 from edgepipe.config import target_from_dict
 from edgepipe.errors import BackendUnavailable, BudgetError, CompileError
 from edgepipe.evaluate import predict
+from edgepipe.types import Artifact, CalibrationSet
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

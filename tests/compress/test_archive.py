@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from edgepipe.package import _huffman as hf
-from edgepipe.package import archive
 from edgepipe.compress.share import cluster
 from edgepipe.errors import ModelLoadError
 from edgepipe.models import state_dict_sha256
+from edgepipe.package import _huffman as hf
+from edgepipe.package import archive
 
 EXAMPLE = "edgepipe.models.example:digits_resnet"
 

@@ -12,7 +12,6 @@ from edgepipe.compress.finetune import finetune
 from edgepipe.config.recipe import FinetuneConfig, load_recipe
 from edgepipe.errors import ConfigError
 
-
 FAKE = "test_scale_fc"
 
 
@@ -45,7 +44,7 @@ def scale_fc():
     finally:
         compress._REGISTRY.pop(FAKE, None)
         tc._CONFIGS.pop(FAKE, None)
-    assert (compress._REGISTRY, tc._CONFIGS) == before
+    assert before == (compress._REGISTRY, tc._CONFIGS)
 
 
 def _fresh():

@@ -43,8 +43,8 @@ def test_pruned_zeros_stay_zero_and_centroids_train(splits):
         w.mul_((torch.arange(w.numel()) % 2).reshape(w.shape).float())
     zeros = model.fc.weight == 0
     from edgepipe.compress import CompressContext
-    from edgepipe.config.recipe import FinetuneConfig
     from edgepipe.compress.share import finalize, weight_share
+    from edgepipe.config.recipe import FinetuneConfig
 
     ctx = CompressContext(splits, FinetuneConfig(epochs=1, max_batches=6, lr=1e-2), torch.zeros(1, 1, 32, 32))
     weight_share(model, ShareConfig(bits={"fc": 3}), ctx)

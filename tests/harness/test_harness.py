@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from edgepipe.types import Artifact
 from edgepipe.errors import BenchmarkError
 from edgepipe.harness import BenchSettings, measure
+from edgepipe.types import Artifact
 
 
 def test_measure_reports_sane_figures(example_onnx):

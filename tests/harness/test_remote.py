@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from edgepipe.types import Artifact
 from edgepipe.config import Board
 from edgepipe.errors import BenchmarkError, ConfigError
 from edgepipe.harness import BenchSettings
 from edgepipe.harness.remote import measure_remote, worker_zip
+from edgepipe.types import Artifact
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
 
