@@ -3,8 +3,8 @@
 A candidate qualifies when it meets every budget of its target (accuracy drop on the validation split
 against the original model, latency, memory, size). The choice is the fastest qualifying candidate on
 the target's own runtime; candidates whose p50 is within ``noise`` (a fraction, 5 % by default) of the
-fastest tie, and ties go to the smaller artifact, then the more accurate on validation, then the lower
-candidate id, so the same measurements always choose the same candidate. A list-only space is run
+fastest tie, and ties go to the smaller artifact (sizes within 1 % tie), then the more accurate on
+validation, then the lower candidate id, so the same measurements always choose the same candidate. A list-only space is run
 exhaustively; a space with ranges, or more combinations than ``max_trials``, is sampled by Optuna
 (seeded TPE or NSGA-II over validation accuracy, latency and size), its study kept in a journal file so
 a killed release resumes.
@@ -215,8 +215,12 @@ def pareto_front(tried: list[Tried]) -> None:
         t.pareto = not any(all(x <= y for x, y in zip(b, a, strict=True)) and b != a for _, b in pts)
 
 
+SIZE_TIE = 0.01  # sizes within 1 % tie (a few bytes of Q/DQ metadata are not a reason to lose accuracy)
+
+
 def choose(tried: list[Tried], noise: float) -> Tried | None:
-    """The fastest qualifying candidate; within ``noise`` of it: smaller, then more accurate, then lower id."""
+    """The fastest qualifying candidate; within ``noise`` of it: the smaller (within 1 %), then the more
+    accurate on validation, then the lower id."""
     ok = [t for t in tried if t.qualifies]
     if not ok:
         return None
@@ -224,7 +228,9 @@ def choose(tried: list[Tried], noise: float) -> Tried | None:
     if timed:
         fastest = min(timed)
         ok = [t for t in ok if t.p50_ms is not None and t.p50_ms <= fastest * (1 + noise)]
-    return min(ok, key=lambda t: (t.size_bytes or 0, -(t.validation_top1 or 0.0), t.candidate.id))
+    smallest = min(t.size_bytes or 0 for t in ok)
+    ok = [t for t in ok if (t.size_bytes or 0) <= smallest * (1 + SIZE_TIE)]
+    return min(ok, key=lambda t: (-(t.validation_top1 or 0.0), t.size_bytes or 0, t.candidate.id))
 
 
 def closest_miss(tried: list[Tried]) -> str:
