@@ -175,7 +175,7 @@ def test_choice_prefers_smaller_within_noise_then_accuracy(monkeypatch):
     assert choose(tried, 0.20).candidate.id == "b"  # a, b, c tie within 20 %: the smallest
     figures["a"], figures["b"] = (1.00, 600, 0.99), (1.03, 500, 0.995)
     assert choose(tried, 0.20).candidate.id == "b"  # b and c the smallest: the more accurate
-    figures["b"] = (1.01, 602, 0.996)  # 2 bytes larger than a is a size tie: the more accurate wins
+    figures["b"], figures["c"] = (1.01, 602, 0.996), (0.90, 700, 0.97)  # b, 2 bytes over a: a size tie
     assert choose(tried, 0.20).candidate.id == "b"
     monkeypatch.setattr(Tried, "qualifies", property(lambda s: False))
     assert choose(tried, 0.05) is None
