@@ -150,8 +150,6 @@ def test_onnx_model_source_skips_compression(onnx_with_recipe):
     assert any("compression recipe skipped" in n for n in told)
 
 
-@pytest.mark.xfail(strict=True, reason="regression of the stages refactor: stages.compress tells only the reporter; "
-                                       "candidate.run never adds the note to the result (`build --json` loses it)")
 def test_onnx_model_source_skip_is_in_the_build_notes(onnx_with_recipe):
     r, _ = onnx_with_recipe
     assert any("compression recipe skipped" in n for n in r.notes)

@@ -342,7 +342,7 @@ class OpenVinoBackend(Backend):
         if vx is None or vy is None or len(vx) == 0:
             raise CompileError(
                 f"target {target.name!r}: options.accuracy_control needs labelled validation data "
-                "(CalibrationSet.validation_x/validation_y); `edgepipe build` passes the evaluation split"
+                "(CalibrationSet.validation_x/validation_y); the pipeline passes the validation split"
             )
         assert target.budgets.max_accuracy_drop is not None  # checked in validate()
         budget = target.budgets.max_accuracy_drop

@@ -104,6 +104,8 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
         artifact, compile_rec = stages.compile(onnx, target, calib, work, cache)
     ev, eval_rec = stages.evaluate(artifact, target, splits, cache, rep)
     notes = []
+    if recipe is not None and compressed.is_onnx:
+        notes.append(f"{target.name}: model is ONNX: compression recipe skipped (compress the torch model instead)")
     m, records = None, [compress_rec, export_rec, compile_rec, eval_rec]
     if ev.evaluated_on:
         notes.append(f"{target.name}: top-1 measured on {ev.evaluated_on}")

@@ -167,7 +167,6 @@ def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cac
     if recipe is None:
         return base, StageRecord("compress", {"model": src.weights_sha256}, base.sha256, skipped="no recipe")
     if src.is_onnx:
-        rep.note("model is ONNX: compression recipe skipped (compress the torch model instead)")
         return base, StageRecord("compress", {"model": src.weights_sha256}, base.sha256,
                                  skipped="model is already ONNX")
     inputs = {"model": base.sha256, "recipe": recipe.sha256, "data": data_sha256(splits),
@@ -181,13 +180,12 @@ def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cac
         out = Compressed(src, key, recipe, hit.record["steps"], hit.record.get("fp32_validation_top1"),
                          _loader=lambda: _load(str(path)).module)  # type: ignore[return-value, arg-type]
     else:
+        import copy
         import tempfile
 
         from edgepipe.compress import apply_recipe
         from edgepipe.compress._stats import top1
         from edgepipe.models import save_program
-
-        import copy
 
         # on a copy: the source module stays the original, which the reference and other recipes need
         module, steps = apply_recipe(copy.deepcopy(src.module), recipe, splits, rep)  # type: ignore[arg-type]

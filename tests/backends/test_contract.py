@@ -89,6 +89,12 @@ def fp32_reference(example_onnx, splits) -> dict[str, Any]:
             **{s: top1(runner, getattr(splits, s).x, getattr(splits, s).y) for s in ("validation", "test")}}
 
 
+def _engine_here(name: str) -> bool:
+    """Whether this backend's artifacts run here on a GPU (their numbers are the GPU's, not the CPU's)."""
+    be = backends.get(name)
+    return be.capabilities.needs_gpu and be.check().run
+
+
 def _runner(name: str, art: Artifact) -> Any:
     """A runner of ``art``: the artifact itself where this machine runs it, else the backend's stand-in."""
     be = backends.get(name)
@@ -153,10 +159,16 @@ def test_fp32_matches_onnxruntime(name, compiled, fp32_reference, splits):
     assert art.backend == name and art.precision == "fp32" and all(p.is_file() for p in art.files)
     assert art.path.is_file()
     assert type(backends.for_artifact(art.path)) is type(backends.get(name))  # `edgepipe bench FILE` finds it
-    logits = predict(_runner(name, art), splits.test.x[:128])
+    runner = _runner(name, art)
+    logits = predict(runner, splits.test.x[:128])
     ref = fp32_reference["logits"]
-    assert np.abs(logits - ref).max() < 1e-4
-    assert (logits.argmax(1) == ref.argmax(1)).all()
+    if _engine_here(name):
+        # a GPU engine: fp32 layers may run in TF32 (TensorRT's default), ~1e-3 relative
+        assert np.abs(logits - ref).max() < 2e-2 * max(1.0, float(np.abs(ref).max()))
+        assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    else:
+        assert np.abs(logits - ref).max() < 1e-4
+        assert (logits.argmax(1) == ref.argmax(1)).all()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -193,11 +205,12 @@ def test_compiling_twice_gives_the_same_artifact(name, compiled, splits):
     a, b = compiled(name, precision, 0), compiled(name, precision, 1)
     assert [p.name for p in a.files] == [p.name for p in b.files]
     differ = [p.name for p, q in zip(a.files, b.files, strict=True) if p.read_bytes() != q.read_bytes()]
-    if differ:  # not byte-identical (an engine, say): then the same outputs
+    if differ:  # not byte-identical (a GPU engine, whose builder times kernels): then the same outputs
         x = splits.test.x[:64]
         ya, yb = predict(_runner(name, a), x), predict(_runner(name, b), x)
         assert (ya.argmax(1) == yb.argmax(1)).all(), differ
-        np.testing.assert_allclose(ya, yb, rtol=0, atol=1e-5, err_msg=f"files that differ: {differ}")
+        atol = 1e-2 if _engine_here(name) else 1e-5  # two engines may pick different kernels
+        np.testing.assert_allclose(ya, yb, rtol=0, atol=atol, err_msg=f"files that differ: {differ}")
 
 
 @pytest.mark.parametrize("name", NAMES)

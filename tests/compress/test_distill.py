@@ -133,8 +133,8 @@ def test_intermediate_needs_pairs():
 @pytest.mark.slow
 def test_distilled_recipe_records_the_objective_and_learns_from_the_teacher(splits):
     recipe = recipe_from_dict({
-        # one epoch (23 steps of 48 on the train split): the pruned model predicts one class until then
-        "finetune": {"epochs": 1, "lr": 3e-3, "batch_size": 48},
+        # one epoch (34 steps of 32 on the train split): the pruned model predicts one class until then
+        "finetune": {"epochs": 1, "lr": 3e-3, "batch_size": 32},
         "distill": {"kind": "hard", "alpha": 1.0},
         "steps": [{"technique": "structured_prune", "ratio": 0.5, "round_to": 8, "finetune": True}],
     })

@@ -40,8 +40,7 @@ from edgepipe.backends.base import Availability, Backend, Capabilities
 from edgepipe.backends.tensorrt import modelopt as modelopt
 from edgepipe.backends.tensorrt import preflight as preflight
 from edgepipe.backends.tensorrt.engine import EnginePlan, TrtRunner, build_engine, runtime_problem
-from edgepipe.config import Target
-from edgepipe.config import load_target
+from edgepipe.config import Target, load_target
 from edgepipe.config.options import TrtOptions
 from edgepipe.errors import BackendUnavailable, CompileError, ConfigError
 from edgepipe.types import Artifact, CalibrationSet, OnnxModel, StandIn
