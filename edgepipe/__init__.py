@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgepipe import _telemetry
+
 __version__ = "0.1.0"
+
+_telemetry.apply()  # before anything imports onnxruntime: vendor telemetry off (see edgepipe._telemetry)
 
 # ``export`` is left out on purpose: ``edgepipe.export`` is the export module; the checked
 # export-with-parity function is ``edgepipe.api.export``.

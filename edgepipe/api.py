@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +24,53 @@ from edgepipe.pipeline import build as _build
 from edgepipe.types import DEFAULT_INPUT_SHAPE, Artifact, OnnxModel
 
 if TYPE_CHECKING:
+    from edgepipe.pipeline.executors import Executor
     from edgepipe.pipeline.search import ReleaseResult
     from edgepipe.toolchains import ToolchainStatus
+
+
+@contextlib.contextmanager
+def _writing(out: str | Path, trust_code: bool = False) -> Iterator[Path]:
+    """Check that ``out`` can be a directory we write, and hold its lock (one run per output directory)
+    while the block runs, trusting code files only if the user said so."""
+    from edgepipe._fs import dir_lock
+    from edgepipe.models import trusting
+
+    out = Path(out)
+    name = f"--out {str(out)!r}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{name} is a file, not a directory; give a directory (it is created if missing)")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{name} cannot be created: {str(parent)!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out, os.W_OK | os.X_OK)):
+        raise ConfigError(f"{name} is not writable: no write permission on {str(out if out.is_dir() else parent)!r}")
+    with dir_lock(out, wait=False, what=name), trusting(trust_code):
+        yield out
+
+
+def _check_file_out(out: str | Path, what: str = "--out") -> Path:
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"{what} {str(out)!r} is a directory; give the path of the file to write")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{what} {str(out)!r} cannot be written: {str(parent)!r} is a file, not a directory")
+    return out
+
+
+def _options(out: str | Path, options: dict[str, Any]) -> BuildOptions:
+    try:
+        opts = BuildOptions(out=Path(out), **options)
+    except TypeError as e:
+        raise ConfigError(f"unknown build option: {e}") from None
+    if opts.iterations is not None and (isinstance(opts.iterations, bool) or opts.iterations < 1):
+        raise ConfigError(f"--iterations {opts.iterations}: must be >= 1")
+    return opts
 
 
 def build(
@@ -41,12 +88,18 @@ def build(
         targets: target names (``edgepipe targets``) or paths to target TOML files.
         out: release root; each target lands in ``out/<target name>/``.
         reporter: progress reporting (the CLI passes a rich one).
-        **options: fields of :class:`edgepipe.pipeline.BuildOptions` (data, recipe, weights, ...).
+        **options: fields of :class:`edgepipe.pipeline.BuildOptions` (data, recipe, weights, ...;
+            ``trust_code=True`` to load a ``.pt2``/TorchScript model or ``.pt2`` weights, which can run code).
 
     Returns:
         One result per target, with its release directory and manifest.
+
+    Raises:
+        ConfigError: ``out`` is a file or not writable, or another run is writing into it.
     """
-    return _build(model, list(targets), BuildOptions(out=Path(out), **options), reporter)
+    opts = _options(out, options)
+    with _writing(opts.out, opts.trust_code):
+        return _build(model, list(targets), opts, reporter)
 
 
 def release(
@@ -58,6 +111,7 @@ def release(
     max_trials: int | None = None,
     reporter: Reporter | None = None,
     progress: Callable[[str, str, str, str, str], None] | None = None,
+    cluster: str | Executor | None = None,
     **options: Any,
 ) -> ReleaseResult:
     """For every target, search the candidates (recipe × quantization settings), keep the best that meets
@@ -70,6 +124,11 @@ def release(
         search: a search-space TOML (``None``: the shipped default space).
         max_trials: caps candidates per target (overrides the file's ``max_trials``).
         reporter: stage progress; ``progress`` is called as each candidate moves on.
+        cluster: ``None`` (default): candidates run in this process. ``"auto"`` or a Ray address
+            (``HOST:PORT``): they run as Ray tasks on that cluster (see :mod:`edgepipe.pipeline.executors`);
+            the cluster is checked (reachable, board resources, versions) before any work. An
+            executor object (:class:`edgepipe.pipeline.executors.RayExecutor`, ...) is used as given
+            and left open.
         **options: fields of :class:`edgepipe.pipeline.BuildOptions` (data, weights, iterations, cache, ...).
 
     Returns:
@@ -80,10 +139,24 @@ def release(
     from edgepipe.config.search import load_search
     from edgepipe.pipeline.search import release as _release
 
+    opts = _options(out, options)
     space = load_search(search)
     if max_trials is not None:
         space = dc.replace(space, max_trials=max_trials)
-    return _release(model, list(targets), space, Path(out), BuildOptions(out=Path(out), **options), reporter, progress)
+    if cluster is None:
+        with _writing(opts.out, opts.trust_code):
+            return _release(model, list(targets), space, Path(out), opts, reporter, progress)
+    from edgepipe.pipeline.executors import RayExecutor
+
+    if not isinstance(cluster, str):
+        with _writing(opts.out, opts.trust_code):
+            return _release(model, list(targets), space, Path(out), opts, reporter, progress, executor=cluster)
+    ex = RayExecutor(cluster)  # connects and checks the nodes first: a bad address starts nothing
+    try:
+        with _writing(opts.out, opts.trust_code):
+            return _release(model, list(targets), space, Path(out), opts, reporter, progress, executor=ex)
+    finally:
+        ex.close()
 
 
 def export(
@@ -95,8 +168,11 @@ def export(
     dynamic_batch: bool = True,
     data: str = "digits",
     parity_atol: float = 1e-3,
+    trust_code: bool = False,
 ) -> tuple[OnnxModel, dict[str, Any]]:
     """Export a torch model to ONNX and check parity against torch on evaluation samples.
+
+    ``trust_code``: load a ``.pt2``/TorchScript model or ``.pt2`` weights (they can run code when loaded).
 
     Returns:
         The ONNX model and the parity figures (max abs error, top-1 agreement).
@@ -110,7 +186,8 @@ def export(
     from edgepipe.pipeline import stages
     from edgepipe.pipeline.cache import Cache
 
-    src = load_model(model, weights)
+    _check_file_out(out)
+    src = load_model(model, weights, trust_code=trust_code)
     if src.is_onnx:
         raise ConfigError(f"model {src.spec!r} is already ONNX; nothing to export")
     shape = Target(name="export", backend="onnxruntime", precision="fp32", input_shape=tuple(input_shape),
@@ -126,7 +203,9 @@ def export(
 def compile(model: str, target: str, *, out: str | Path = "dist", data: str = "digits",
             reporter: Reporter | None = None, **options: Any) -> BuildResult:
     """Compile an ONNX (or torch) model for one target, evaluate it, and write its release directory (no bench)."""
-    return _build(model, [target], BuildOptions(out=Path(out), data=data, bench=False, **options), reporter)
+    opts = _options(out, {"data": data, "bench": False, **options})
+    with _writing(opts.out, opts.trust_code):
+        return _build(model, [target], opts, reporter)
 
 
 def compress(
@@ -138,23 +217,28 @@ def compress(
     data: str = "digits",
     input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE,
     reporter: Reporter | None = None,
+    trust_code: bool = False,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Apply a compression recipe to a torch model and save it as a ``.pt2`` ExportedProgram.
+
+    ``trust_code``: load a ``.pt2``/TorchScript model, ``.pt2`` weights or teacher (they can run code).
 
     Returns:
         The written path and one record per step (params, non-zero params, MACs, top-1 before and after).
     """
     from edgepipe.config.recipe import load_recipe
-    from edgepipe.models import load_model, save_program
+    from edgepipe.models import load_model, save_program, trusting
     from edgepipe.pipeline import stages
     from edgepipe.pipeline.cache import Cache
 
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    src = load_model(model, weights)
-    if src.module is None:
-        raise ConfigError(f"model {src.spec!r} is ONNX; compression needs the torch model")
-    compressed, _ = stages.compress(src, rec, stages.data_splits(data, tuple(input_shape)), Cache(), reporter)
-    out = save_program(compressed.module, tuple(input_shape), Path(out))
+    _check_file_out(out)
+    with trusting(trust_code):
+        src = load_model(model, weights)
+        if src.module is None:
+            raise ConfigError(f"model {src.spec!r} is ONNX; compression needs the torch model")
+        compressed, _ = stages.compress(src, rec, stages.data_splits(data, tuple(input_shape)), Cache(), reporter)
+        out = save_program(compressed.module, tuple(input_shape), Path(out))
     return out, compressed.records
 
 
@@ -298,6 +382,7 @@ def pack(
     data: str = "digits",
     input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE,
     reporter: Reporter | None = None,
+    trust_code: bool = False,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Write a compact, Huffman-coded archive of a model's weights for over-the-air delivery.
 
@@ -309,18 +394,28 @@ def pack(
         recipe: a compression recipe applied first (in-process, so hashed layers keep their seeds).
         data: fine-tuning and evaluation data for the recipe.
         input_shape: recorded in the archive, so ``unpack`` can write a ``.pt2``.
+        trust_code: needed for ``.pt2`` weights (and a ``.pt2`` teacher), which can run code when loaded.
 
     Returns:
         The :class:`edgepipe.package.archive.PackReport` (bytes per stage and per tensor) and the
         recipe's step records (empty without a recipe).
     """
-    from edgepipe.models import EXAMPLE, load_model
-    from edgepipe.package import archive
+    from edgepipe.models import EXAMPLE, trusting
 
     spec = model or EXAMPLE
     if Path(spec).suffix in (".onnx", ".pt2", ".pt", ".ts", ".pth") or ":" not in spec:
         raise ConfigError(f"pack needs MODEL as package.module:factory (the archive names the factory that "
                           f"rebuilds the architecture), not {spec!r}; pass a compressed .pt2 as --weights")
+    _check_file_out(out)
+    with trusting(trust_code):
+        return _pack(spec, Path(out), weights, recipe, data, input_shape, reporter)
+
+
+def _pack(spec: str, out: Path, weights: Path | None, recipe: str | Path | Recipe | None, data: str,
+          input_shape: tuple[int, ...], reporter: Reporter | None) -> tuple[Any, list[dict[str, Any]]]:
+    from edgepipe.models import load_model
+    from edgepipe.package import archive
+
     src = load_model(spec, weights)
     hints = _hash_hints(Path(weights)) if weights is not None and Path(weights).suffix == ".safetensors" else {}
     assert src.module is not None
@@ -352,8 +447,15 @@ def _hash_hints(path: Path) -> dict[str, Any]:
     return {k: HashSpec(*v) for k, v in json.loads(meta.get("edgepipe.hashed", "{}")).items()}
 
 
-def unpack(archive: str | Path, out: str | Path) -> tuple[Path, dict[str, Any]]:
+def unpack(archive: str | Path, out: str | Path, *, factory: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Restore an archive's exact weights (checked by hash) as a ``.pt2`` program or a ``.safetensors`` file.
+
+    Args:
+        archive: the ``.epk`` file.
+        out: ``.pt2`` (a model) or ``.safetensors`` (weights for the factory).
+        factory: the ``package.module:factory`` that rebuilds the architecture (default: the bundled
+            example's). The archive's header only says which factory it was packed for; that is compared
+            with this one (a mismatch is an error) and never imported.
 
     Returns:
         The written path and what was restored (factory, tensors, hash).
@@ -361,14 +463,19 @@ def unpack(archive: str | Path, out: str | Path) -> tuple[Path, dict[str, Any]]:
     import json
 
     from edgepipe._fs import atomic_path
-    from edgepipe.models import save_program
+    from edgepipe.models import CODE_SUFFIXES, EXAMPLE, save_program
     from edgepipe.package import archive as ar
 
+    factory = factory or EXAMPLE
+    if Path(factory).suffix in (*CODE_SUFFIXES, ".onnx", ".pth") or ":" not in factory:
+        raise ConfigError(f"unpack --factory {factory!r}: give the package.module:factory that rebuilds the "
+                          f"architecture (e.g. {EXAMPLE})")
     out = Path(out)
     if out.suffix not in (".pt2", ".safetensors"):
         raise ConfigError(f"unpack --out {str(out)!r}: give a .pt2 (a model) or a .safetensors (weights) path")
-    unpacked = ar.read(Path(archive))
-    module = ar.restore(unpacked)
+    _check_file_out(out)
+    unpacked = ar.read(Path(archive), factory)
+    module = ar.restore(unpacked, factory)
     if out.suffix == ".safetensors":
         if unpacked.edits:
             raise ConfigError(f"archive {str(archive)!r} holds layers its factory does not build "

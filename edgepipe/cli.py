@@ -19,6 +19,12 @@ _STATE = {"debug": False}
 _DEFAULT_SHAPE = ",".join(map(str, DEFAULT_INPUT_SHAPE))
 MODEL_HELP = ("MODEL is package.module:factory, a .pt2 ExportedProgram, a TorchScript .pt, or an .onnx "
               "file; without it, the bundled digits example is used.")
+TRUST_HELP = ("Load a .pt2 or TorchScript MODEL (or .pt2 --weights): these files are code and can do anything "
+              "when loaded, so they are refused unless you trust whoever wrote them.")
+
+
+def _trust_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--trust-code", is_flag=True, help=TRUST_HELP)(f)
 
 
 def _console(stderr: bool = False) -> Any:
@@ -121,10 +127,11 @@ def cli(debug: bool) -> None:
 @click.option("--local-bench", is_flag=True, help="Measure on this machine even when a target names a [board].")
 @click.option("--no-cache", is_flag=True, help="Recompute every stage instead of reusing cached outputs.")
 @click.option("--allow-accuracy-drop", is_flag=True, help="Release even when top-1 drops more than the target's budget.")
+@_trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no progress bars).")
 def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | None, weights: Path | None,
           data: str, input_shape: str | None, iterations: int | None, no_bench: bool, local_bench: bool, no_cache: bool,
-          allow_accuracy_drop: bool, as_json: bool) -> None:
+          allow_accuracy_drop: bool, trust_code: bool, as_json: bool) -> None:
     """Run the whole pipeline for one or more targets.
 
     MODEL is package.module:factory, a .pt2 ExportedProgram, a TorchScript .pt, or an .onnx file;
@@ -137,7 +144,8 @@ def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | 
     with RichReporter(quiet=as_json) as rep:
         result = api.build(model, targets, out=out, reporter=rep, recipe=recipe, weights=weights, data=data,
                            input_shape=_shape(input_shape), iterations=iterations, bench=not no_bench,
-                           cache=not no_cache, allow_accuracy_drop=allow_accuracy_drop, local_bench=local_bench)
+                           cache=not no_cache, allow_accuracy_drop=allow_accuracy_drop, local_bench=local_bench,
+                           trust_code=trust_code)
     if as_json:
         _emit_json({"model": result.model, "notes": result.notes,
                     "targets": {r.manifest.name: {"release_dir": str(r.release_dir), **r.manifest.to_dict()}
@@ -249,10 +257,14 @@ class ReleaseLive:
 @click.option("--iterations", type=int, help="Timed iterations per benchmark (default: the target's).")
 @click.option("--local-bench", is_flag=True, help="Measure on this machine even when a target names a [board].")
 @click.option("--no-cache", is_flag=True, help="Recompute every stage instead of reusing cached outputs.")
+@_trust_option
+@click.option("--cluster", metavar="ADDRESS|auto",
+              help="Run the candidates as tasks on the Ray cluster at HOST:PORT ('auto': the one this machine "
+                   "is in); a target with a [board] is benchmarked on the node declaring board:<target>.")
 @click.option("--json", "as_json", is_flag=True, help="Print index.json and the run's figures as JSON.")
 def release(model: str | None, targets: str, out: Path, search: Path | None, max_trials: int | None,
             weights: Path | None, data: str, input_shape: str | None, iterations: int | None, local_bench: bool,
-            no_cache: bool, as_json: bool) -> int:
+            no_cache: bool, trust_code: bool, cluster: str | None, as_json: bool) -> int:
     """Find the best artifact for every target, by measurement, under its budgets, and release it.
 
     For each target, every candidate of the search space (recipe x quantization settings) runs
@@ -266,14 +278,25 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
     Examples:
       edgepipe release --targets cpu-int8,intel-cpu-int8 --out release/v1/
       edgepipe release --targets all --search search.toml --max-trials 40 --out release/v1/
+      edgepipe release --targets all --cluster auto --out release/v1/
     """
     from edgepipe import api
 
     specs = [t.strip() for t in targets.split(",") if t.strip()]
-    with ReleaseLive(quiet=as_json) as live:
-        result = api.release(model, specs, out=out, search=search, max_trials=max_trials, reporter=live,
-                             progress=live.progress, weights=weights, data=data, input_shape=_shape(input_shape),
-                             iterations=iterations, cache=not no_cache, local_bench=local_bench)
+    executor = None
+    if cluster is not None:  # connect (and check the nodes) before the live display: a failure is one line
+        from edgepipe.pipeline.executors import RayExecutor
+
+        executor = RayExecutor(cluster)
+    try:
+        with ReleaseLive(quiet=as_json) as live:
+            result = api.release(model, specs, out=out, search=search, max_trials=max_trials, reporter=live,
+                                 progress=live.progress, weights=weights, data=data,
+                                 input_shape=_shape(input_shape), iterations=iterations, cache=not no_cache,
+                                 local_bench=local_bench, trust_code=trust_code, cluster=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     index = json.loads((out / "index.json").read_text())
     run = {"wall_seconds": round(result.wall_seconds, 1), "stages": result.stages_total,
            "stages_cached": result.stages_cached}
@@ -303,9 +326,10 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
 @click.option("--static-batch", is_flag=True, help="Fix the batch dimension instead of making it dynamic.")
 @click.option("-d", "--data", default="digits", show_default=True, help="Samples for the parity check.")
 @click.option("--atol", type=float, default=1e-3, show_default=True, help="Largest allowed |torch - onnx| on the logits.")
+@_trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def export(model: str | None, out: Path, weights: Path | None, input_shape: str, static_batch: bool, data: str,
-           atol: float, as_json: bool) -> None:
+           atol: float, trust_code: bool, as_json: bool) -> None:
     """Export MODEL to a single-file ONNX and check it against torch.
 
     The parity check runs torch and onnxruntime on evaluation samples and fails (leaving no file) when
@@ -316,7 +340,7 @@ def export(model: str | None, out: Path, weights: Path | None, input_shape: str,
     shape = _shape(input_shape)
     assert shape is not None
     onnx, parity = api.export(model, out, input_shape=shape, weights=weights, dynamic_batch=not static_batch,
-                              data=data, parity_atol=atol)
+                              data=data, parity_atol=atol, trust_code=trust_code)
     if as_json:
         _emit_json({"path": str(onnx.path), "sha256": onnx.sha256, "input_shape": onnx.input_shape, "parity": parity})
     else:
@@ -333,9 +357,10 @@ def export(model: str | None, out: Path, weights: Path | None, input_shape: str,
 @click.option("-d", "--data", default="digits", show_default=True, help="Fine-tuning/evaluation data.")
 @click.option("--input-shape", default=_DEFAULT_SHAPE, show_default=True, help="N,C,H,W of one input batch.")
 @click.option("--list", "list_", is_flag=True, help="List the compression techniques and exit.")
+@_trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the step records as JSON.")
 def compress(model: str | None, recipe: str | None, out: Path, weights: Path | None, data: str, input_shape: str,
-             list_: bool, as_json: bool) -> None:
+             list_: bool, trust_code: bool, as_json: bool) -> None:
     """Apply a compression recipe to MODEL and save the result as a .pt2 program.
 
     A recipe is a TOML file of ordered [[steps]] (technique = "...", its parameters, finetune = true),
@@ -357,7 +382,7 @@ def compress(model: str | None, recipe: str | None, out: Path, weights: Path | N
     assert shape is not None
     with RichReporter(quiet=as_json) as rep:
         path, records = api.compress(model, recipe, out=out, weights=weights, data=data, input_shape=shape,
-                                     reporter=rep)
+                                     reporter=rep, trust_code=trust_code)
     if as_json:
         _emit_json({"path": str(path), "steps": records})
         return
@@ -386,9 +411,10 @@ def _compression_table(records: list[dict[str, Any]]) -> None:
 @click.option("-d", "--data", default="digits", show_default=True, help="Calibration/evaluation data.")
 @click.option("--input-shape", help="N,C,H,W overriding the target's input shape.")
 @click.option("--allow-accuracy-drop", is_flag=True, help="Release even when top-1 drops more than the budget.")
+@_trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: str | None,
-                allow_accuracy_drop: bool, as_json: bool) -> None:
+                allow_accuracy_drop: bool, trust_code: bool, as_json: bool) -> None:
     """Compile MODEL (usually an .onnx) for one target, calibrated on its own data, and evaluate it.
 
     Like `build` without the benchmark: writes OUT/<target>/ with the artifact and manifest.json.
@@ -397,7 +423,7 @@ def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: str 
 
     with RichReporter(quiet=as_json) as rep:
         result = api.compile(model, target, out=out, data=data, reporter=rep, input_shape=_shape(input_shape),
-                             allow_accuracy_drop=allow_accuracy_drop)
+                             allow_accuracy_drop=allow_accuracy_drop, trust_code=trust_code)
     r = result.results[0]
     if as_json:
         _emit_json({"release_dir": str(r.release_dir), **r.manifest.to_dict()})
@@ -576,13 +602,14 @@ def toolchain_remove(name: str) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("model.epk"), show_default=True,
               help="The archive to write.")
 @click.option("-w", "--weights", type=click.Path(path_type=Path),
-              help="Weights for the factory: .safetensors, a state dict, or a compressed .pt2.")
+              help="Weights for the factory: .safetensors, a state dict, or a compressed .pt2 (with --trust-code).")
 @click.option("-r", "--recipe", help="Compression recipe applied before packing (e.g. prune + weight_share).")
 @click.option("-d", "--data", default="digits", show_default=True, help="Fine-tuning/evaluation data for the recipe.")
 @click.option("--input-shape", default=_DEFAULT_SHAPE, show_default=True, help="N,C,H,W recorded for unpack.")
+@_trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print sizes per stage and per tensor as JSON.")
 def pack(model: str | None, out: Path, weights: Path | None, recipe: str | None, data: str, input_shape: str,
-         as_json: bool) -> None:
+         trust_code: bool, as_json: bool) -> None:
     """Pack MODEL's weights into a compact archive for over-the-air delivery.
 
     MODEL is the package.module:factory that rebuilds the architecture (default: the example). Each
@@ -596,7 +623,7 @@ def pack(model: str | None, out: Path, weights: Path | None, recipe: str | None,
     assert shape is not None
     with RichReporter(quiet=as_json) as rep:
         report, records = api.pack(model, out=out, weights=weights, recipe=recipe, data=data, input_shape=shape,
-                                   reporter=rep)
+                                   reporter=rep, trust_code=trust_code)
     if as_json:
         _emit_json({**report.to_dict(), "steps": records})
         return
@@ -634,17 +661,22 @@ def _pack_table(report: Any) -> None:
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="model.pt2 (a program for `edgepipe build`) or weights.safetensors (for the factory).")
+@click.option("-f", "--factory", default="edgepipe.models.example:digits_resnet", show_default=True,
+              help="The package.module:factory that rebuilds the architecture; must be the one the archive was "
+                   "packed for (the archive's own is only compared, never imported).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was restored as JSON.")
-def unpack(archive: Path, out: Path, as_json: bool) -> None:
+def unpack(archive: Path, out: Path, factory: str, as_json: bool) -> None:
     """Restore the exact weights of an archive written by `edgepipe pack`.
 
-    The archive's hash is checked before anything is decoded, and the restored weights' hash after; a
-    damaged or truncated archive is refused and nothing is written. Build the result like any model:
-    `edgepipe build model.pt2 --target cpu-int8`, or `edgepipe build FACTORY --weights weights.safetensors`.
+    The archive's hash is checked before anything is decoded, every size it states is checked against
+    the file's length, and the restored weights' hash is checked after; a damaged, truncated or forged
+    archive is refused and nothing is written. The architecture comes from --factory, which you name:
+    an archive never chooses what code runs. Build the result like any model: `edgepipe build
+    FACTORY --weights weights.safetensors`, or `edgepipe build model.pt2 --trust-code --target cpu-int8`.
     """
     from edgepipe import api
 
-    path, info = api.unpack(archive, out)
+    path, info = api.unpack(archive, out, factory=factory)
     if as_json:
         _emit_json({"path": str(path), **info})
     else:
@@ -660,7 +692,18 @@ def main(argv: list[str] | None = None) -> None:
     except EdgepipeError as e:
         if _STATE["debug"]:
             raise
-        _console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except OSError as e:  # the machine, not the input: a full disk, a permission, a vanished file
+        if _STATE["debug"]:
+            raise
+        from rich.markup import escape
+
+        where = f" ({e.filename})" if e.filename else ""
+        _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e.strerror or e) + where)}; nothing was "
+                                    "released (--debug shows where)", highlight=False, soft_wrap=True)
         sys.exit(1)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -144,18 +144,42 @@ def digits(chw: tuple[int, int, int] = (1, 32, 32)) -> Dataset:
     return Dataset("digits", fit_to_shape(x, chw), d.target.astype(np.int64))
 
 
+def check_labels(y: np.ndarray, classes: int, what: str = "dataset") -> None:
+    """Every label must name one of the model's ``classes`` outputs (0 .. classes-1)."""
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        bad = y[(y < 0) | (y >= classes)]
+        raise DataError(f"{what}: label {int(bad[0])} is outside the model's {classes} classes (0..{classes - 1}); "
+                        f"{len(bad)} of {len(y)} labels are: fix the labels, or give the model that has these classes")
+
+
 def _from_npz(path: Path, chw: tuple[int, int, int]) -> Dataset:
     try:
         with np.load(path) as f:
             if "x" not in f or "y" not in f:
                 raise DataError(f"{path}: an .npz dataset needs arrays 'x' and 'y'; it has {sorted(f.files)}")
-            x, y = f["x"].astype(np.float32), f["y"].astype(np.int64)
-    except (OSError, ValueError) as e:
+            x_raw, y_raw = f["x"], f["y"]
+            if x_raw.dtype.kind not in "biuf" or y_raw.dtype.kind not in "biuf":
+                raise DataError(f"{path}: 'x' and 'y' must be numeric arrays, got {x_raw.dtype} and {y_raw.dtype}")
+            x = x_raw.astype(np.float32)
+            y = y_raw.reshape(-1).astype(np.int64) if y_raw.ndim <= 1 else None
+    except (OSError, ValueError, EOFError) as e:
         raise DataError(f"{path}: not a readable .npz file ({e})") from e
+    if y is None:
+        raise DataError(f"{path}: 'y' must hold one integer label per sample, got shape {y_raw.shape}")
+    if y_raw.dtype.kind == "f" and not np.array_equal(y_raw.reshape(-1), y):
+        raise DataError(f"{path}: 'y' holds non-integer labels (e.g. {y_raw.reshape(-1)[y_raw.reshape(-1) != y][0]}); "
+                        "labels are class indices 0, 1, 2, ...")
+    if len(y) and int(y.min()) < 0:
+        raise DataError(f"{path}: 'y' holds the negative label {int(y.min())}; labels are class indices 0, 1, 2, ...")
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
         raise DataError(f"{path}: 'x' must be (N, C, H, W) or (N, H, W), got {x.shape}")
+    finite = np.isfinite(x).reshape(len(x), -1).all(axis=1) if len(x) else np.ones(0, bool)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataError(f"{path}: {len(bad)} of {len(x)} samples hold NaN or Inf values (the first is sample "
+                        f"{int(bad[0])}); remove or repair them")
     return Dataset(path.stem, fit_to_shape(x, chw), y)
 
 
@@ -171,9 +195,13 @@ def _from_folder(path: Path, chw: tuple[int, int, int]) -> Dataset:
         for img_path in sorted((path / cls).iterdir()):
             if img_path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            with Image.open(img_path) as im:
-                im = im.convert(mode).resize((chw[2], chw[1]), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+            try:
+                with Image.open(img_path) as im:
+                    im = im.convert(mode).resize((chw[2], chw[1]), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                raise DataError(f"{img_path}: not a readable image ({str(e).strip() or type(e).__name__}); "
+                                "remove it from the image folder or replace it") from e
             xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
             ys.append(label)
     if not xs:

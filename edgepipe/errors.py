@@ -41,3 +41,7 @@ class BenchmarkError(EdgepipeError):
 
 class BudgetError(EdgepipeError):
     """A build finished but missed one of the target's budgets (accuracy, latency, memory)."""
+
+
+class ClusterError(EdgepipeError):
+    """The Ray cluster is unreachable, lacks a resource the targets need, or a node's versions differ."""

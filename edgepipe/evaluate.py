@@ -29,4 +29,8 @@ def predict(runner: Runner, x: np.ndarray, batch: int = 64,
 
 def top1(runner: Runner, x: np.ndarray, y: np.ndarray, progress: Callable[[int], None] | None = None) -> float:
     """Top-1 accuracy (0..1) of ``runner`` on ``x`` against labels ``y``."""
-    return float((predict(runner, x, progress=progress).argmax(1) == y).mean())
+    from edgepipe.data import check_labels
+
+    logits = predict(runner, x, progress=progress)
+    check_labels(y, logits.shape[1], "the data's labels")
+    return float((logits.argmax(1) == y).mean())

@@ -56,7 +56,13 @@ class OrtRunner:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # errors only: its graph-optimizer warnings (fp16 folding, ...) are not for users
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types (Fail, InvalidGraph, NotImplemented, ...)
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CompileError(f"onnxruntime cannot load {path.name}: {text.rpartition('failed:')[2].strip() or text}; "
+                               "the model uses an operator or feature onnxruntime's CPU provider lacks "
+                               "(custom ops are not supported)") from e
         self.inputs = [TensorSpec(i.name, tuple(i.shape), i.type) for i in self.session.get_inputs()]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

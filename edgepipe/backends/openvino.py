@@ -23,7 +23,6 @@ import io
 import logging
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,25 +48,14 @@ _INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "int8": "f32", "bf16": "bf
 _LAYER_TYPES = {"Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData",
                 "MatMul"}
 _LOW_PRECISION = {"i8", "u8", "i4", "u4"}
-_ABSENT = object()
 
 
 def _no_telemetry() -> None:
-    """Keep OpenVINO's converter and NNCF from sending usage telemetry and writing ``~/intel/``.
+    """Keep OpenVINO's converter and NNCF from sending usage telemetry and writing ``~/intel/``: see
+    :func:`edgepipe._telemetry.block_openvino` (the package they report through made unimportable)."""
+    from edgepipe._telemetry import block_openvino
 
-    Both fall back to a no-op when the ``openvino_telemetry`` package cannot be imported (ovc to its
-    ``telemetry_stub``, NNCF to a stub object), so edgepipe makes it unimportable in its own process
-    before either is imported. (``opt_in_out --opt_out``, the documented switch, writes
-    ``~/intel/openvino_telemetry`` and sends one "declined" event itself.) If a program imported
-    the package before edgepipe, its already-made client is told to stop sending.
-    """
-    mod = sys.modules.get("openvino_telemetry", _ABSENT)
-    if mod is _ABSENT:
-        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
-    elif mod is not None:
-        client = getattr(getattr(mod, "Telemetry", None), "_SingletonMetaClass__single_instance", None)
-        if client is not None:
-            client.consent = False
+    block_openvino()
 
 
 def _openvino() -> Any:

@@ -48,9 +48,14 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def top1(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
     was_training = model.training
     model.eval()
+    from edgepipe.data import check_labels
+
     correct = 0
     for i in range(0, len(x), batch):
-        correct += int((model(torch.from_numpy(x[i : i + batch])).argmax(1).numpy() == y[i : i + batch]).sum())
+        logits = model(torch.from_numpy(x[i : i + batch]))
+        if i == 0:
+            check_labels(y, logits.reshape(len(logits), -1).shape[1], "the data's labels")
+        correct += int((logits.argmax(1).numpy() == y[i : i + batch]).sum())
     model.train(was_training)
     return correct / len(x)
 

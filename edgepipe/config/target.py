@@ -8,6 +8,7 @@ benchmark on over SSH.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,8 @@ class Budgets:
     def __post_init__(self) -> None:
         for name in ("max_accuracy_drop", "max_latency_ms", "max_memory_mb", "max_size_mb"):
             v = getattr(self, name)
-            if v is not None and v < 0:
-                raise ConfigError(f"budgets.{name} = {v}: must be >= 0")
+            if v is not None and (not math.isfinite(v) or v < 0):
+                raise ConfigError(f"budgets.{name} = {v}: must be a finite number >= 0; leave it out for no budget")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,13 @@ class Runtime:
             raise ConfigError(f"runtime.threads = {self.threads}: must be >= 1, or left out for the default")
 
 
+# ssh options that run a local command or load a library: a target file is data, so it may not set them
+_SSH_CODE_OPTIONS = {"proxycommand", "localcommand", "permitlocalcommand", "knownhostscommand", "match",
+                     "include", "pkcs11provider", "securitykeyprovider", "remotecommand"}
+# the largest sample (C*H*W values) a target may ask for: 64 Mi values, 256 MiB per sample in float32
+MAX_SAMPLE_VALUES = 1 << 26
+
+
 @dataclass(frozen=True)
 class Board:
     """A remote board to benchmark on over SSH."""
@@ -85,6 +93,24 @@ class Board:
     workdir: str = "/tmp/edgepipe"
     identity_file: str | None = None
     ssh_options: tuple[str, ...] = ()  # extra `-o Key=Value` options for ssh/scp
+
+    def __post_init__(self) -> None:
+        for name in ("host", "user", "python", "workdir", "identity_file"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not v or v.startswith("-"):
+                raise ConfigError(f"board.{name} = {v!r}: must not be empty or start with '-' (ssh and scp would "
+                                  "read it as an option)")
+            if name in ("host", "user") and any(c.isspace() or ord(c) < 32 or c in "'\"`;|&$<>" for c in v):
+                raise ConfigError(f"board.{name} = {v!r}: must not contain spaces, quotes or shell characters")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"board.port = {self.port}: must be in 1..65535")
+        for o in self.ssh_options:
+            key = o.replace(" ", "=").split("=", 1)[0].strip().lower()
+            if key in _SSH_CODE_OPTIONS:
+                raise ConfigError(f"board.ssh_options: {o!r} would make ssh run a local command or load code; a "
+                                  "target file is data and cannot do that (put it in ~/.ssh/config yourself)")
 
     @classmethod
     def parse(cls, spec: str) -> Board:
@@ -117,6 +143,11 @@ class Target:
         if len(self.input_shape) != 4 or any(d < 1 for d in self.input_shape):
             raise ConfigError(
                 f"input_shape = {list(self.input_shape)}: give four positive sizes, N C H W (e.g. [1, 3, 224, 224])"
+            )
+        if math.prod(self.input_shape[1:]) > MAX_SAMPLE_VALUES or self.input_shape[0] > 4096:
+            raise ConfigError(
+                f"input_shape = {list(self.input_shape)}: at most {MAX_SAMPLE_VALUES:,} values (C*H*W) per sample "
+                "and a batch of at most 4096; this would not fit in memory"
             )
 
     @property

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import BenchmarkError
+from edgepipe._telemetry import NO_TELEMETRY_ENV
+from edgepipe.errors import BenchmarkError, ConfigError
 from edgepipe.types import Artifact
 
 
@@ -25,8 +26,25 @@ class BenchSettings:
     timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.iterations < 1 or self.batch < 1 or self.warmup < 0:
-            raise BenchmarkError("bench settings: iterations and batch must be >= 1, warmup >= 0")
+        import math
+
+        def bad(name: str, value: Any, rule: str) -> ConfigError:
+            return ConfigError(f"bench {name} = {value!r}: {rule}")
+
+        for name in ("iterations", "batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, v, "must be an integer >= 1")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise bad("warmup", self.warmup, "must be an integer >= 0")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise bad("threads", self.threads, "must be an integer >= 1, or left out for the runtime's default")
+        if self.duration_s is not None and not (isinstance(self.duration_s, int | float)
+                                                and math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise bad("duration", self.duration_s, "must be a number of seconds > 0")
+        if not (isinstance(self.timeout_s, int | float) and self.timeout_s > 0):
+            raise bad("timeout", self.timeout_s, "must be a number of seconds > 0")
 
 
 @dataclass(frozen=True)
@@ -63,7 +81,7 @@ def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OPENVINO_TELEMETRY_DISABLE", "1")  # harmless elsewhere; a bench must not phone home
+    env.update(NO_TELEMETRY_ENV)  # a bench must not phone home (onnxruntime reads this when it loads)
     return env
 
 

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from edgepipe._fs import atomic_path
+from edgepipe._telemetry import NO_TELEMETRY_ENV
 from edgepipe.config import Board
 from edgepipe.errors import BenchmarkError
 from edgepipe.harness import BenchSettings, Measurement, _settings, parse_worker_output
@@ -66,10 +67,10 @@ class SSH:
         return r.stdout
 
     def run(self, command: str, what: str) -> str:
-        return self._run(["ssh", "-p", str(self.board.port), *self.opts, self.dest, command], what)
+        return self._run(["ssh", "-p", str(self.board.port), *self.opts, "--", self.dest, command], what)
 
     def copy(self, files: list[Path], remote_dir: str) -> None:
-        self._run(["scp", "-q", "-P", str(self.board.port), *self.opts, *map(str, files),
+        self._run(["scp", "-q", "-P", str(self.board.port), *self.opts, "--", *map(str, files),
                    f"{self.dest}:{remote_dir}/"], "copying files")
 
 
@@ -90,7 +91,8 @@ def measure_remote(artifact: Artifact, board: Board, settings: BenchSettings | N
     remote = Artifact(artifact.backend, artifact.precision, Path(remote_dir) / artifact.path.name,
                       [Path(remote_dir) / p.relative_to(root).name for p in artifact.files], artifact.metadata)
     payload = json.dumps(_settings(remote, s))
-    out = ssh.run(f"OPENVINO_TELEMETRY_DISABLE=1 {shlex.quote(board.python)} "
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in NO_TELEMETRY_ENV.items())
+    out = ssh.run(f"{env} {shlex.quote(board.python)} "
                   f"{shlex.quote(remote_dir + '/' + wz.name)} {shlex.quote(payload)}", "running the worker")
     result = parse_worker_output(out, f"{artifact.path.name} on {ssh.dest}")
     return Measurement(**result, size_bytes=artifact.size_bytes, backend=artifact.backend,

@@ -6,8 +6,11 @@ Every source resolves to a :class:`ModelSource`: a torch module (to compress and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +22,36 @@ if TYPE_CHECKING:
     from torch import nn
 
 EXAMPLE = "edgepipe.models.example:digits_resnet"
+# model files that are code: loading one can run whatever its author put in it
+CODE_SUFFIXES = (".pt2", ".pt", ".ts")
+TRUST_HINT = "pass --trust-code (trust_code=True) only if you trust whoever wrote it"
+
+_TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("edgepipe_trust_code", default=False)
+
+
+@contextlib.contextmanager
+def trusting(trust_code: bool) -> Iterator[None]:
+    """Within the block, model files that are code (``.pt2``, TorchScript) load without ``trust_code``
+    being passed to each :func:`load_model` (a recipe's teacher, the pipeline's own model load)."""
+    token = _TRUST.set(bool(trust_code))
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def _require_trust(path: Path, role: str, trust_code: bool | None) -> None:
+    """Refuse a file that runs code when loaded unless the user said they trust it."""
+    if trust_code if trust_code is not None else _TRUST.get():
+        return
+    if path.suffix == ".pt2":
+        why = ("is a torch.export program, and torch.export.load unpickles parts of it with "
+               "weights_only=False, which can run any code the file's author chose")
+    else:
+        why = "is a TorchScript archive, which is code: loading and running it executes what its author wrote"
+    alt = ("or give the weights as .safetensors or a torch.save'd state dict" if role == "weights" else
+           "or give package.module:factory with --weights FILE.safetensors, or an .onnx")
+    raise ModelLoadError(f"{role} file {str(path)!r} {why}; it was not loaded: {TRUST_HINT}, {alt}")
 
 
 @dataclass
@@ -50,11 +83,13 @@ def state_dict_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _load_weights(module: nn.Module, weights: Path) -> None:
+def _load_weights(module: nn.Module, weights: Path, trust_code: bool | None = None) -> None:
     import torch
 
     if not weights.is_file():
         raise ModelLoadError(f"weights file {str(weights)!r} not found")
+    if weights.suffix == ".pt2":
+        _require_trust(weights, "weights", trust_code)
     try:
         if weights.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -97,14 +132,42 @@ def save_program(module: nn.Module, input_shape: tuple[int, ...], out: Path) -> 
     return Path(out)
 
 
-def _from_factory(spec: str, weights: Path | None) -> Any:
-    mod_name, _, attr = spec.partition(":")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _import(spec: str, mod_name: str) -> Any:
+    """Import the factory's module from where Python finds it; the current directory is searched only
+    when nothing else has it (and then last, so it never shadows an installed package)."""
     try:
-        mod = importlib.import_module(mod_name)
+        try:
+            return importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            cwd = str(Path.cwd())
+            top = mod_name.partition(".")[0]
+            if e.name != top or spec == EXAMPLE or cwd in sys.path or "" in sys.path:
+                raise
+            if not (Path(cwd) / top).is_dir() and not (Path(cwd) / f"{top}.py").is_file():
+                raise
+            sys.path.append(cwd)
+            importlib.invalidate_caches()
+            return importlib.import_module(mod_name)
     except ImportError as e:
         raise ModelLoadError(f"model {spec!r}: cannot import module {mod_name!r} ({e})") from e
+    except SyntaxError as e:
+        raise ModelLoadError(f"model {spec!r}: module {mod_name!r} does not compile: {e.msg} "
+                             f"({e.filename}, line {e.lineno})") from e
+    except Exception as e:
+        raise ModelLoadError(f"model {spec!r}: importing module {mod_name!r} raised {type(e).__name__}: "
+                             f"{_first_line(e)}") from e
+
+
+def _from_factory(spec: str, weights: Path | None, trust_code: bool | None = None) -> Any:
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ModelLoadError(f"model {spec!r}: give package.module:factory (e.g. {EXAMPLE})")
+    mod = _import(spec, mod_name)
     factory = getattr(mod, attr, None)
     if factory is None or not callable(factory):
         raise ModelLoadError(f"model {spec!r}: module {mod_name!r} has no callable {attr!r}")
@@ -117,23 +180,29 @@ def _from_factory(spec: str, weights: Path | None) -> Any:
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"model {spec!r}: the factory returned {type(module).__name__}, not a torch.nn.Module")
     if weights is not None:
-        _load_weights(module, weights)
+        _load_weights(module, weights, trust_code)
     return module
 
 
-def load_model(spec: str | None = None, weights: Path | None = None) -> ModelSource:
+def load_model(spec: str | None = None, weights: Path | None = None, *,
+               trust_code: bool | None = None) -> ModelSource:
     """Resolve a model source.
 
     Args:
         spec: ``package.module:factory``, a ``.pt2`` ExportedProgram, a TorchScript ``.pt``/``.ts`` file,
             an ``.onnx`` file, or ``None`` for the bundled example.
-        weights: for a factory, a ``.safetensors`` file or a state dict saved with ``torch.save``.
+        weights: for a factory, a ``.safetensors`` file or a state dict saved with ``torch.save`` (both
+            read as data only), or a ``.pt2`` program (code: needs ``trust_code``).
+        trust_code: load ``.pt2`` and TorchScript files, which can run code when loaded. ``None``: as
+            the enclosing :func:`trusting` block says (default: refuse them).
     """
     spec = spec or EXAMPLE
     path = Path(spec)
     if path.suffix in (".onnx", ".pt2", ".pt", ".ts", ".pth") or path.exists():
         if not path.is_file():
             raise ModelLoadError(f"model file {spec!r} not found")
+        if path.suffix in CODE_SUFFIXES:
+            _require_trust(path, "model", trust_code)
         if path.suffix == ".onnx":
             return ModelSource(spec, "onnx", onnx_path=path, weights_sha256=_check_onnx(path))
         if path.suffix == ".pt2":
@@ -145,7 +214,7 @@ def load_model(spec: str | None = None, weights: Path | None = None) -> ModelSou
         raise ModelLoadError(
             f"model {spec!r} is neither a file nor 'package.module:factory' (e.g. {EXAMPLE})"
         )
-    module = _from_factory(spec, weights)
+    module = _from_factory(spec, weights, trust_code)
     module.eval()
     return ModelSource(spec, "torch", module=module, weights_sha256=state_dict_sha256(module))
 
@@ -167,7 +236,7 @@ def _from_pt2(path: Path) -> ModelSource:
     try:
         ep = torch.export.load(str(path))
     except Exception as e:
-        raise ModelLoadError(f"model file {str(path)!r} is not a torch.export .pt2 program ({e})") from e
+        raise ModelLoadError(f"model file {str(path)!r} is not a torch.export .pt2 program ({_first_line(e)})") from e
     module = ep.module()
     return ModelSource(str(path), "torch", module=module, weights_sha256=sha256_file(path))
 
@@ -179,7 +248,7 @@ def _from_torchscript(path: Path) -> ModelSource:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
         raise ModelLoadError(
-            f"model file {str(path)!r} is not a TorchScript archive ({e}); for a state dict use "
+            f"model file {str(path)!r} is not a TorchScript archive ({_first_line(e)}); for a state dict use "
             "'module:factory --weights FILE'"
         ) from e
     return ModelSource(str(path), "torch", module=module.eval(), weights_sha256=sha256_file(path))

@@ -14,6 +14,11 @@ File layout: ``b"EPK1"``, a varint length and an LZMA-compressed JSON header (fo
 factory spec, input shape, structural edits, per tensor name, dtype, shape, layout and byte count, and
 the SHA-256 of the whole state dict), the tensor payloads, and a SHA-256 of everything before it. Reading
 checks that trailing hash before decoding anything, and the restored state dict's hash after.
+
+The trailing hash detects damage, not forgery, so the header is treated as hostile: every type, count,
+shape and byte size in it is checked against the file's own length (and fixed caps) before anything is
+allocated, and its factory spec is only ever compared with the one the user names (:func:`restore`),
+never imported.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,8 +184,19 @@ def _enc_hashed(a: np.ndarray, spec: Any) -> tuple[dict[str, Any], bytes] | None
     return {"l": "hashed", "seed": spec.seed, "n": spec.buckets, "sub": sub}, payload
 
 
+def _read_positions(params: dict[str, Any], reader: hf.Reader, n: int) -> np.ndarray:
+    """Stored positions of a sparse stream, checked to lie inside the tensor before anything is indexed."""
+    gaps = hf.decode(reader)
+    if len(gaps) and int(gaps.max()) > (1 << params["w"]) - 1:
+        raise ValueError(f"a relative offset is wider than the layout's {params['w']} bits")
+    pos = _positions(gaps)
+    if len(pos) and int(pos[-1]) >= n:
+        raise ValueError(f"a stored position ({int(pos[-1])}) lies past the tensor's {n} values")
+    return pos
+
+
 def _decode(params: dict[str, Any], reader: hf.Reader, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     layout = params["l"]
     if layout == "raw":
         if params.get("f"):
@@ -194,13 +211,13 @@ def _decode(params: dict[str, Any], reader: hf.Reader, dtype: np.dtype, shape: t
         return expand(torch.from_numpy(buckets), shape, params["seed"]).numpy()
     out = np.zeros(n, dtype=np.float32)
     if layout == "sparse":
-        pos = _positions(hf.decode(reader))
+        pos = _read_positions(params, reader, n)
         out[pos] = _unfloats(params["f"], reader, len(pos))
         return out.reshape(shape)
     if layout == "shared":
         codebook = np.concatenate([_unfloats(params["f"], reader, params["k"]), np.zeros(1, np.float32)])
         if "w" in params:
-            pos = _positions(hf.decode(reader))
+            pos = _read_positions(params, reader, n)
             index = hf.decode(reader)
             if len(index) != len(pos):
                 raise ValueError("position and index streams differ in length")
@@ -209,6 +226,183 @@ def _decode(params: dict[str, Any], reader: hf.Reader, dtype: np.dtype, shape: t
             out[:] = codebook[hf.decode(reader)]
         return out.reshape(shape)
     raise ValueError(f"unknown layout {layout!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# limits: every size an archive states is checked against the file's own length before anything is allocated
+
+_MAX_HEADER = 16 << 20  # decompressed header bytes, at most ...
+_HEADER_RATIO = 128  # ... and at most this many times its compressed size (plus 64 KiB)
+_MAX_DIMS = 8
+_MAX_NAME = 1024
+# bytes a decode may allocate: a floor plus this many times the file's length (pruned + shared + Huffman
+# coding reaches ~50x, a hashed layer of shared buckets a few hundred; its expansion costs ~40 bytes a value)
+_ALLOC_FLOOR = 256 << 20
+_ALLOC_RATIO = 1024
+_HASH_COST = 40
+_MAX_BOOK = 1 << 16
+
+
+class _Malformed(ValueError):
+    """The archive's header states something impossible or too large; the message says what."""
+
+
+def _int(v: Any, what: str, lo: int = 0, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        bound = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
+        raise _Malformed(f"{what} is {v!r:.60}, not {bound}")
+    return v
+
+
+def _check_params(p: Any, dtype: str, n: int, nbytes: int, where: str, nested: bool = False) -> int:
+    """Check one tensor's layout parameters; returns the bytes its decode allocates."""
+    if not isinstance(p, dict) or p.get("l") not in ("raw", "sparse", "shared", "hashed"):
+        raise _Malformed(f"{where}: unknown layout {p!r:.80}")
+    layout, f = p["l"], p.get("f")
+    if f is not None and f not in ("f2", "f4"):
+        raise _Malformed(f"{where}: unknown value format {f!r:.20}")
+    if layout != "raw" and dtype != "float32":
+        raise _Malformed(f"{where}: layout {layout!r} holds float32 values, not {dtype}")
+    if layout == "raw":
+        if f is not None and dtype != "float32":
+            raise _Malformed(f"{where}: value format {f!r} on a {dtype} tensor")
+        item = {"f2": 2, "f4": 4}.get(f or "", np.dtype(np.int16 if dtype == "bfloat16" else dtype).itemsize)
+        if nbytes != n * item:
+            raise _Malformed(f"{where}: {n:,} raw values need {n * item:,} bytes, the archive holds {nbytes:,}")
+        return n * max(item, 4) * 2
+    if f is None and layout != "hashed":
+        raise _Malformed(f"{where}: layout {layout!r} without a value format")
+    if layout == "sparse":
+        _int(p.get("w"), f"{where}: offset width", 1, _MAX_WIDTH)
+        return n * 4 + nbytes * 8 * 16  # the tensor, plus the Huffman decoder's arrays per payload bit
+    if layout == "shared":
+        _int(p.get("k"), f"{where}: codebook size", 0, _MAX_BOOK)
+        if "w" in p:
+            _int(p["w"], f"{where}: offset width", 1, _MAX_WIDTH)
+        return n * 4 + nbytes * 8 * 16
+    if nested:
+        raise _Malformed(f"{where}: a hashed layer's buckets cannot themselves be hashed")
+    _int(p.get("seed"), f"{where}: seed", -(1 << 63), (1 << 64) - 1)
+    buckets = _int(p.get("n"), f"{where}: bucket count", 1, max(1, n))
+    return n * _HASH_COST + _check_params(p.get("sub"), "float32", buckets, nbytes, f"{where} (buckets)", True)
+
+
+def _check_shape(v: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > _MAX_DIMS:
+        raise _Malformed(f"{what} is {v!r:.60}, not a list of at most {_MAX_DIMS} sizes")
+    return tuple(_int(d, f"{what}[{i}]", 0, 1 << 40) for i, d in enumerate(v))
+
+
+def _layer_params(d: Any, where: str) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of a layer an ``edits`` entry describes (checked before the layer is built)."""
+    if isinstance(d, list) and len(d) == 4 and d[0] == "linear" and isinstance(d[3], bool):
+        i, o = _int(d[1], f"{where} in_features", 1), _int(d[2], f"{where} out_features", 1)
+        return {"weight": (o, i), **({"bias": (o,)} if d[3] else {})}
+    if isinstance(d, list) and len(d) == 9 and d[0] == "conv" and isinstance(d[8], bool):
+        i, o = _int(d[1], f"{where} in_channels", 1), _int(d[2], f"{where} out_channels", 1)
+        pairs = []
+        for k, name, lo in ((3, "kernel_size", 1), (4, "stride", 1), (5, "padding", 0), (6, "dilation", 1)):
+            if not isinstance(d[k], list) or len(d[k]) != 2:
+                raise _Malformed(f"{where} {name} is {d[k]!r:.40}, not two sizes")
+            pairs.append(tuple(_int(x, f"{where} {name}", lo, 1 << 16) for x in d[k]))
+        g = _int(d[7], f"{where} groups", 1)
+        if i % g or o % g:
+            raise _Malformed(f"{where}: {g} groups do not divide {i} in and {o} out channels")
+        return {"weight": (o, i // g, *pairs[0]), **({"bias": (o,)} if d[8] else {})}
+    raise _Malformed(f"{where} is {d!r:.80}, not a linear or conv layer")
+
+
+def _check_header(h: Any, what: str, payload: int, file_bytes: int) -> None:
+    """Everything the header states, checked for type and size before any tensor is decoded."""
+    if not isinstance(h, dict):
+        raise _Malformed(f"its header is a {type(h).__name__}, not a table")
+    if h.get("format") != FORMAT:
+        raise ModelLoadError(f"{what} has archive format {h.get('format')!r:.20}; this edgepipe reads {FORMAT}")
+    spec = h.get("spec")
+    if not isinstance(spec, str) or not 0 < len(spec) <= _MAX_NAME:
+        raise _Malformed(f"its factory is {spec!r:.60}, not a name")
+    if not isinstance(h.get("sha256"), str) or len(h["sha256"]) != 64:
+        raise _Malformed("its state hash is not a SHA-256")
+    shape = _check_shape(h.get("input_shape"), "its input_shape")
+    if shape and (len(shape) != 4 or min(shape) < 1 or math.prod(shape[1:]) > 1 << 26 or shape[0] > 4096):
+        raise _Malformed(f"its input_shape {list(shape)} is not N, C, H, W of a sane size")
+    tensors = h.get("tensors")
+    if not isinstance(tensors, list):
+        raise _Malformed("its tensor list is missing")
+    shapes: dict[str, tuple[int, ...]] = {}
+    total = alloc = 0
+    for i, entry in enumerate(tensors):
+        if not isinstance(entry, list) or len(entry) != 5:
+            raise _Malformed(f"tensor entry {i} is {entry!r:.80}, not [name, dtype, shape, bytes, layout]")
+        name, dtype, tshape, nbytes, params = entry
+        if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME:
+            raise _Malformed(f"tensor entry {i} has the name {name!r:.60}")
+        if dtype not in _DTYPES:
+            raise _Malformed(f"tensor {name!r} has dtype {dtype!r:.30}; archives store {', '.join(_DTYPES)}")
+        dims = _check_shape(tshape, f"tensor {name!r}'s shape")
+        nbytes = _int(nbytes, f"tensor {name!r}'s byte count", 0, payload)
+        n = math.prod(dims)
+        total += nbytes
+        if total > payload:
+            raise _Malformed(f"its tensors claim more bytes than the file's {payload:,}-byte payload")
+        if n > (_ALLOC_FLOOR + _ALLOC_RATIO * file_bytes) // 4:
+            raise _Malformed(f"tensor {name!r} claims {n:,} values from a {file_bytes:,}-byte file")
+        alloc += _check_params(params, dtype, n, nbytes, f"tensor {name!r}")
+        shapes[name] = dims
+    if total != payload:
+        raise _Malformed(f"its tensors account for {total:,} of the {payload:,} payload bytes")
+    limit = _ALLOC_FLOOR + _ALLOC_RATIO * file_bytes
+    if alloc > limit:
+        raise _Malformed(f"decoding it would take {alloc / 2**20:,.0f} MiB of memory for a {file_bytes:,}-byte file "
+                         f"(at most {limit / 2**20:,.0f} MiB)")
+    edits = h.get("edits")
+    if not isinstance(edits, dict):
+        raise _Malformed("its structural edits are not a table")
+    for layer, descs in edits.items():
+        if not layer or len(layer) > _MAX_NAME or not all(part.isidentifier() or part.isdigit()
+                                                          for part in layer.split(".")):
+            raise _Malformed(f"edit {layer!r:.60} does not name a layer")
+        if not isinstance(descs, list) or not 0 < len(descs) <= 64:
+            raise _Malformed(f"edit {layer!r} is {descs!r:.60}, not a list of layers")
+        for j, d in enumerate(descs):
+            for pname, pshape in _layer_params(d, f"edit {layer!r} layer {j}").items():
+                key = f"{layer}.{j}.{pname}"
+                if shapes.get(key) != pshape:
+                    raise _Malformed(f"edit {layer!r} layer {j} needs a {pname} of shape {list(pshape)}, and the "
+                                     f"archive holds {list(shapes[key]) if key in shapes else 'none'}")
+
+
+def _read_header(data: bytes, what: str) -> tuple[dict[str, Any], hf.Reader, memoryview]:
+    """Check the magic and the trailing hash, then read and check the header; returns it, a reader at the
+    first tensor's payload, and the body."""
+    if len(data) < len(MAGIC) + 33 or data[: len(MAGIC)] != MAGIC:
+        raise ModelLoadError(f"{what} is not an edgepipe archive (no {MAGIC!r} header); give a file written by "
+                             "`edgepipe pack`")
+    body, digest = memoryview(data)[:-32], data[-32:]
+    if hashlib.sha256(body).digest() != digest:
+        raise ModelLoadError(f"{what} is corrupted or truncated: its SHA-256 does not match the one it carries "
+                             f"({len(data)} bytes read); fetch or copy it again")
+    try:
+        r = hf.Reader(body, len(MAGIC))
+        packed = bytes(r.take(r.varint()))
+        cap = min(_MAX_HEADER, (64 << 10) + _HEADER_RATIO * len(packed))
+        dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA)
+        text = dec.decompress(packed, max_length=cap + 1)
+        if len(text) > cap:
+            raise _Malformed(f"its {len(packed):,}-byte header expands past {cap:,} bytes")
+        if not dec.eof:
+            raise _Malformed("its header is truncated")
+        header = json.loads(text)
+        _check_header(header, what, len(body) - r.pos, len(data))
+    except ModelLoadError:
+        raise
+    except RecursionError as e:
+        raise ModelLoadError(f"{what} passed its hash but its header is nested too deeply to be an edgepipe "
+                             "archive; it was not read") from e
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, lzma.LZMAError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{what} passed its hash but is malformed: {e}; nothing was decoded (it was not "
+                             "written by `edgepipe pack`, or by an incompatible version)") from e
+    return header, r, body
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -380,22 +574,16 @@ class Unpacked:
     hashed: dict[str, tuple[int, int]]  # tensor name -> (seed, buckets)
 
 
-def decode(data: bytes, what: str = "archive") -> Unpacked:
-    """Check the archive's hash, then decode every tensor. Raises ``ModelLoadError`` on any damage."""
+def decode(data: bytes, what: str = "archive", factory: str | None = None) -> Unpacked:
+    """Check the archive's hash and header, then decode every tensor. Raises ``ModelLoadError`` on any
+    damage, on sizes the file cannot hold, and (``factory`` given) when the archive names another factory.
+    Nothing is imported: the factory is only compared."""
     import torch
 
-    if len(data) < len(MAGIC) + 33 or data[: len(MAGIC)] != MAGIC:
-        raise ModelLoadError(f"{what} is not an edgepipe archive (no {MAGIC!r} header); give a file written by "
-                             "`edgepipe pack`")
-    body, digest = data[:-32], data[-32:]
-    if hashlib.sha256(body).digest() != digest:
-        raise ModelLoadError(f"{what} is corrupted or truncated: its SHA-256 does not match the one it carries "
-                             f"({len(data)} bytes read); fetch or copy it again")
+    header, r, body = _read_header(data, what)
+    if factory is not None:
+        check_factory(header["spec"], factory, what)
     try:
-        r = hf.Reader(body, len(MAGIC))
-        header = json.loads(lzma.decompress(bytes(r.take(r.varint())), format=lzma.FORMAT_RAW, filters=_LZMA))
-        if header.get("format") != FORMAT:
-            raise ModelLoadError(f"{what} has archive format {header.get('format')}; this edgepipe reads {FORMAT}")
         state, hashed = {}, {}
         for name, dtype, shape, nbytes, params in header["tensors"]:
             sub = hf.Reader(r.take(nbytes))
@@ -409,12 +597,22 @@ def decode(data: bytes, what: str = "archive") -> Unpacked:
                 hashed[name] = (params["seed"], params["n"])
         if r.pos != len(body):
             raise ValueError(f"{len(body) - r.pos} bytes after the last tensor")
-    except ModelLoadError:
-        raise
-    except (ValueError, KeyError, TypeError, IndexError, lzma.LZMAError, json.JSONDecodeError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, MemoryError) as e:
         raise ModelLoadError(f"{what} passed its hash but could not be decoded ({e}); it was written by an "
                              "incompatible edgepipe") from e
     return Unpacked(header["spec"], tuple(header["input_shape"]), header["edits"], state, header["sha256"], hashed)
+
+
+# the factories that ship with edgepipe: restore() may rebuild these without being told the factory
+BUNDLED_FACTORIES = ("edgepipe.models.example:digits_resnet", "edgepipe.models.lenet:lenet_300_100")
+
+
+def check_factory(archived: str, factory: str, what: str = "archive") -> None:
+    """The archive must have been packed for ``factory`` (the one the user named): only compared, never
+    imported from the archive."""
+    if archived != factory:
+        raise ModelLoadError(f"{what} was packed for the factory {archived!r}, not {factory!r}; pass the factory "
+                             "it was packed for (--factory), if that is code you trust")
 
 
 def pack(model: nn.Module, spec: str, out: Path, **kwargs: Any) -> PackReport:
@@ -427,25 +625,43 @@ def pack(model: nn.Module, spec: str, out: Path, **kwargs: Any) -> PackReport:
     return report
 
 
-def read(path: Path) -> Unpacked:
-    """Read and verify an archive file."""
+def read(path: Path, factory: str | None = None) -> Unpacked:
+    """Read and verify an archive file (``factory``: the one it must name; checked before decoding)."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"archive {str(path)!r} not found")
-    return decode(path.read_bytes(), f"archive {str(path)!r}")
+    return decode(path.read_bytes(), f"archive {str(path)!r}", factory)
 
 
-def restore(unpacked: Unpacked) -> nn.Module:
-    """Rebuild the model: the factory, the structural edits, the exact weights; checked by hash."""
+def restore(unpacked: Unpacked, factory: str | None = None) -> nn.Module:
+    """Rebuild the model: the factory, the structural edits, the exact weights; checked by hash.
+
+    Args:
+        unpacked: a decoded archive.
+        factory: the ``package.module:factory`` the user names (code runs only because they named it); it
+            must equal the archive's. ``None``: only a factory bundled with edgepipe is accepted. The
+            archive's own spec is never imported.
+    """
     from edgepipe.models import load_model, state_dict_sha256
 
-    src = load_model(unpacked.spec)
-    assert src.module is not None
-    module = apply_edits(src.module, unpacked.edits)
+    if factory is None:
+        if unpacked.spec not in BUNDLED_FACTORIES:
+            raise ModelLoadError(f"the archive was packed for the factory {unpacked.spec!r}, which is not bundled "
+                                 "with edgepipe; name the factory to rebuild it with (--factory), if you trust it")
+        factory = unpacked.spec
+    check_factory(unpacked.spec, factory)
+    src = load_model(factory, trust_code=False)
+    if src.module is None:
+        raise ModelLoadError(f"factory {factory!r} gave an ONNX model; unpack needs package.module:factory")
+    try:
+        module = apply_edits(src.module, unpacked.edits)
+    except (AttributeError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"the archive's structural edits do not fit {factory!r}'s model: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
     try:
         module.load_state_dict(unpacked.state, strict=True)
     except RuntimeError as e:
-        raise ModelLoadError(f"the archive's weights do not fit {unpacked.spec!r}: "
+        raise ModelLoadError(f"the archive's weights do not fit {factory!r}: "
                              f"{str(e).strip().splitlines()[0]}") from e
     got = state_dict_sha256(module)
     if got != unpacked.sha256:

@@ -4,6 +4,10 @@ A stage's output lives in ``<root>/stages/<kind>/<key>/`` with ``record.json`` b
 hashes everything that went into the stage. An entry is written whole (temporary directory, then
 rename) and verified on read: every file's sha256 must match what the record says, so a killed run or a
 tampered file is a miss that is recomputed, never a wrong output.
+
+Concurrent writers of one key (two cluster workers, two releases sharing a cache): the first entry
+written is kept and :meth:`Cache.put` returns it to the others, so every run that asked for the key uses
+the same output (a measurement, say) and a later run that reads the cache agrees with them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ class Entry:
         return self.path / name
 
 
+class _Stored(Exception):
+    """Another writer stored the key first (carries its entry)."""
+
+
 class Cache:
     """Directories of stage outputs, keyed by the hash of everything that went into them."""
 
@@ -61,11 +69,21 @@ class Cache:
         return None
 
     def put(self, kind: str, key: str, files: list[Path], record: dict[str, Any]) -> Entry | None:
-        """Store ``files`` (by name) and ``record`` under ``key``; returns the new entry."""
+        """Store ``files`` (by name) and ``record`` under ``key``; returns the stored entry: this one, or the
+        intact entry another writer stored first (whose record and files the caller should use)."""
         if not self.enabled:
             return None
         dest = self.root / kind / key
-        with atomic_dir(dest) as tmp:
+        try:
+            return self._put(dest, kind, key, files, record)
+        except _Stored as e:
+            return e.args[0]
+
+    def _put(self, dest: Path, kind: str, key: str, files: list[Path], record: dict[str, Any]) -> Entry:
+        with atomic_dir(dest) as tmp:  # holds dest's lock: no other writer between the check and the swap
+            existing = self.get(kind, key)
+            if existing is not None:
+                raise _Stored(existing)
             digests = {}
             for f in files:
                 shutil.copy2(f, tmp / f.name)

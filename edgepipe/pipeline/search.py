@@ -8,6 +8,10 @@ validation, then the lower candidate id, so the same measurements always choose 
 exhaustively; a space with ranges, or more combinations than ``max_trials``, is sampled by Optuna
 (seeded TPE or NSGA-II over validation accuracy, latency and size), its study kept in a journal file so
 a killed release resumes.
+
+Where the candidates run is an :mod:`executor <edgepipe.pipeline.executors>` (in this process by default,
+or a Ray cluster); the sampler stays here, asking for ``executor.batch_size`` trials before telling, so
+the same batch size chooses the same candidates on any executor.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from edgepipe.config import Target
 from edgepipe.config.recipe import Recipe, load_recipe
 from edgepipe.config.search import Range, SearchSpace
 from edgepipe.errors import ConfigError, EdgepipeError
-from edgepipe.pipeline import candidate as cand
 from edgepipe.pipeline.candidate import CandidateResult, Session
+from edgepipe.pipeline.executors import Executor, Job, LocalExecutor
 
 
 @dataclass
@@ -51,6 +55,8 @@ class Tried:
     result: CandidateResult | None = None
     error: str | None = None
     pareto: bool = False
+    host: str | None = field(default=None, compare=False)  # the machine it ran on (not in released files)
+    node: str | None = field(default=None, compare=False)  # the executor's node id ("local" here)
 
     @property
     def qualifies(self) -> bool:
@@ -129,15 +135,40 @@ def _recipes(space: SearchSpace) -> dict[str, Recipe | None]:
     return {name: (None if name == "none" else load_recipe(name)) for name in space.recipes}
 
 
-def _run(session: Session, target: Target, c: Candidate, recipes: dict[str, Recipe | None],
-         space: SearchSpace, workroot: Path) -> Tried:
+def _job(target: Target, c: Candidate, recipes: dict[str, Recipe | None], space: SearchSpace,
+         workroot: Path) -> Job | Tried:
+    """The candidate as a job for an executor, or a failed try when the backend refuses its settings."""
     try:
         t = candidate_target(target, c.settings)
-        info = {**c.to_dict(), "search": space.name, "search_sha256": space.sha256}
-        res = cand.run(session, t, recipes[c.recipe], info, workroot / target.name / c.id)
-        return Tried(c, res)
     except EdgepipeError as e:
         return Tried(c, error=str(e))
+    info = {**c.to_dict(), "search": space.name, "search_sha256": space.sha256}
+    return Job(t, recipes[c.recipe], info, workroot / target.name / c.id)
+
+
+def _run_batch(session: Session, target: Target, cs: list[Candidate], recipes: dict[str, Recipe | None],
+               space: SearchSpace, workroot: Path, executor: Executor) -> list[Tried]:
+    """Run candidates ``cs`` with ``executor``; their tries in the same order."""
+    pre = [_job(target, c, recipes, space, workroot) for c in cs]
+    jobs = [p for p in pre if isinstance(p, Job)]
+    results = iter(executor.run(session, jobs) if jobs else [])
+    out = []
+    for c, p in zip(cs, pre, strict=True):
+        if isinstance(p, Tried):
+            out.append(p)
+        else:
+            r = next(results)
+            out.append(Tried(c, r.result, r.error, host=r.host, node=r.node))
+    return out
+
+
+def _run(session: Session, target: Target, c: Candidate, recipes: dict[str, Recipe | None],
+         space: SearchSpace, workroot: Path, executor: Executor | None = None) -> Tried:
+    return _run_batch(session, target, [c], recipes, space, workroot, executor or LocalExecutor())[0]
+
+
+def _chunks(items: list[Any], n: int) -> list[list[Any]]:
+    return [items[i:i + n] for i in range(0, len(items), max(1, n))]
 
 
 def _grid(space: SearchSpace, backend: str) -> list[Candidate]:
@@ -145,7 +176,7 @@ def _grid(space: SearchSpace, backend: str) -> list[Candidate]:
 
 
 def _sampled(session: Session, target: Target, space: SearchSpace, recipes: dict[str, Recipe | None],
-             workroot: Path, progress: Progress) -> list[Tried]:
+             workroot: Path, progress: Progress, executor: Executor) -> list[Tried]:
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -180,20 +211,26 @@ def _sampled(session: Session, target: Target, space: SearchSpace, recipes: dict
 
     tried: list[Tried] = []
     # trials a killed run finished are replayed through the stage cache (seconds), not re-measured
-    for ft in sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
-                     key=lambda x: x.number):
-        c = suggest(optuna.trial.FixedTrial(ft.params, ft.number))
-        progress(target.name, c.id, c.label, "running", "resumed")
-        tried.append(_run(session, target, c, recipes, space, workroot))
-        _report(progress, target, tried[-1])
+    done = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                  key=lambda x: x.number)
+    for chunk in _chunks([suggest(optuna.trial.FixedTrial(ft.params, ft.number)) for ft in done],
+                         executor.batch_size):
+        for c in chunk:
+            progress(target.name, c.id, c.label, "running", "resumed")
+        for t in _run_batch(session, target, chunk, recipes, space, workroot, executor):
+            tried.append(t)
+            _report(progress, target, t)
     while len(tried) < space.max_trials:
-        trial = study.ask()
-        c = suggest(trial)
-        progress(target.name, c.id, c.label, "running", "")
-        t = _run(session, target, c, recipes, space, workroot)
-        study.tell(trial, list(figures(t)))
-        tried.append(t)
-        _report(progress, target, t)
+        # ask a batch, run it (in parallel where the executor can), tell each: the sampler stays here
+        trials = [study.ask() for _ in range(min(executor.batch_size, space.max_trials - len(tried)))]
+        cs = [suggest(trial) for trial in trials]
+        for c in cs:
+            progress(target.name, c.id, c.label, "running", "")
+        for trial, t in zip(trials, _run_batch(session, target, cs, recipes, space, workroot, executor),
+                            strict=True):
+            study.tell(trial, list(figures(t)))
+            tried.append(t)
+            _report(progress, target, t)
     return tried
 
 
@@ -252,20 +289,26 @@ def closest_miss(tried: list[Tried]) -> str:
 
 
 def search_target(session: Session, target: Target, space: SearchSpace, workroot: Path,
-                  progress: Progress) -> TargetOutcome:
-    """Run the search space for one target and choose; never raises for a candidate's failure."""
+                  progress: Progress, executor: Executor | None = None) -> TargetOutcome:
+    """Run the search space for one target and choose; never raises for a candidate's failure.
+
+    A grid goes to the executor whole when it runs candidates in parallel, else one at a time."""
+    ex = executor or LocalExecutor()
     try:
         recipes = _recipes(space)
     except ConfigError as e:
         raise ConfigError(f"search {space.name!r}: {e}") from None
     if space.is_sampled(target.backend):
-        tried = _sampled(session, target, space, recipes, workroot, progress)
+        tried = _sampled(session, target, space, recipes, workroot, progress, ex)
     else:
         tried = []
-        for c in _grid(space, target.backend):
-            progress(target.name, c.id, c.label, "running", "")
-            tried.append(_run(session, target, c, recipes, space, workroot))
-            _report(progress, target, tried[-1])
+        grid = _grid(space, target.backend)
+        for chunk in _chunks(grid, len(grid) if ex.batch_size > 1 else 1):
+            for c in chunk:
+                progress(target.name, c.id, c.label, "running", "")
+            for t in _run_batch(session, target, chunk, recipes, space, workroot, ex):
+                tried.append(t)
+                _report(progress, target, t)
     pareto_front(tried)
     chosen = choose(tried, space.noise)
     if chosen is None:
@@ -310,8 +353,12 @@ def _resolve(specs: list[str], input_shape: tuple[int, ...] | None) -> list[Targ
 
 
 def release(model: str | None, targets: list[str], space: SearchSpace, out: Path, options: Any,
-            reporter: Any = None, progress: Progress | None = None) -> ReleaseResult:
-    """Search every target, write each chosen candidate's release, then index.json, SHA256SUMS, report."""
+            reporter: Any = None, progress: Progress | None = None,
+            executor: Executor | None = None) -> ReleaseResult:
+    """Search every target, write each chosen candidate's release, then index.json, SHA256SUMS, report.
+
+    ``executor``: where candidates run (default: here, one after another); it is checked against the
+    targets (a board's resource, say) before any work. Only this process writes the release."""
     import tempfile
     import time
 
@@ -324,6 +371,8 @@ def release(model: str | None, targets: list[str], space: SearchSpace, out: Path
     rep = reporter or NullReporter()
     prog = progress or (lambda *a: None)
     resolved = _resolve(targets, options.input_shape)
+    ex = executor or LocalExecutor()
+    ex.check([t for t in resolved if isinstance(t, Target)], options)
     src = source(model, options.weights)
     outcomes: list[TargetOutcome] = []
     workroot = out / ".work"
@@ -335,7 +384,7 @@ def release(model: str | None, targets: list[str], space: SearchSpace, out: Path
                 prog(item.target.name, "-", "", "skipped", item.reason or "")
                 outcomes.append(item)
                 continue
-            o = search_target(session, item, space, workroot, prog)
+            o = search_target(session, item, space, workroot, prog, ex)
             if o.chosen is not None and o.chosen.result is not None:
                 r = o.chosen.result
                 o.release_dir = write_release(out / item.name, r.artifact, r.onnx, r.calibration, r.manifest)

@@ -197,7 +197,8 @@ def test_cli_pack_unpack_and_compile(tmp_path, monkeypatch):
     back = load_file("back.safetensors")
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
     with pytest.raises(SystemExit) as e:
-        main(["compile", "m.pt2", "--target", "cpu-int8", "--out", "dist", "--allow-accuracy-drop", "--json"])
+        main(["compile", "m.pt2", "--trust-code", "--target", "cpu-int8", "--out", "dist", "--allow-accuracy-drop",
+              "--json"])
     assert e.value.code == 0
     assert (tmp_path / "dist" / "cpu-int8" / "manifest.json").is_file()
 

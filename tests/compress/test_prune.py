@@ -353,6 +353,6 @@ def test_compress_writes_a_pt2_of_the_shrunk_model(tmp_path):
     recipe = tmp_path / "s.toml"
     recipe.write_text('[[steps]]\ntechnique = "structured_prune"\nratio = 0.5\nround_to = 8\n')
     path, [rec] = api.compress(None, recipe, out=tmp_path / "small.pt2")
-    module = load_model(str(path)).module
+    module = load_model(str(path), trust_code=True).module
     assert module is not None
     assert sum(p.numel() for p in module.parameters()) == rec["after"]["params"] < 0.3 * rec["before"]["params"]

@@ -76,7 +76,7 @@ def test_pt2_exported_program(tmp_path, example_model, splits):
     x = torch.from_numpy(splits.evaluation.x[:4])
     ep = torch.export.export(example_model, (x,))
     torch.export.save(ep, str(tmp_path / "m.pt2"))
-    src = load_model(str(tmp_path / "m.pt2"))
+    src = load_model(str(tmp_path / "m.pt2"), trust_code=True)
     with torch.no_grad():
         assert np.allclose(src.module(x).numpy(), example_model(x).numpy(), atol=1e-5)
 
@@ -87,9 +87,9 @@ def test_pt2_program_as_weights_for_a_factory(tmp_path):
 
     trained = load_model(None).module
     save_program(trained, (1, 1, 32, 32), tmp_path / "m.pt2")
-    src = load_model(EXAMPLE, tmp_path / "m.pt2")
+    src = load_model(EXAMPLE, tmp_path / "m.pt2", trust_code=True)
     assert src.weights_sha256 == state_dict_sha256(trained)
     small = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 10))
     save_program(small, (1, 1, 32, 32), tmp_path / "small.pt2")
     with pytest.raises(ModelLoadError, match="do not fit the model.*no longer fits its factory"):
-        load_model(EXAMPLE, tmp_path / "small.pt2")
+        load_model(EXAMPLE, tmp_path / "small.pt2", trust_code=True)

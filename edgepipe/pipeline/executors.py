@@ -1,0 +1,419 @@
+"""Executors: where the candidates of a release run. The cluster is an executor, not a second pipeline.
+
+An :class:`Executor` takes a batch of :class:`Job` (one candidate: a target with its settings applied, a
+recipe, the candidate's manifest record) and returns one :class:`JobResult` per job, in submission order.
+Both executors run the same function, :func:`edgepipe.pipeline.candidate.run`, i.e. the same typed stages
+(compress → export → compile → evaluate → bench) with the same stage cache; nothing is re-implemented.
+
+* :class:`LocalExecutor` (the default): in this process, one candidate after another, as ``release``
+  always did.
+* :class:`RayExecutor`: one Ray task per candidate on an existing Ray cluster.
+
+How artifacts travel (RayExecutor). A task runs ``candidate.run`` on a worker node, with the stage cache
+rooted at the *driver's* cache directory, and returns the :class:`CandidateResult` (manifest, stage
+records, measurement) plus the bytes of the files the release needs (the artifact's files and the source
+ONNX) through the Ray object store; the driver writes those bytes under its own work directory, and only
+the driver writes the release. The manifest is the one the worker assembled, so a cluster run on one
+machine gives byte-identical releases to a local run (the tests check ``SHA256SUMS``).
+
+Why bytes and not a replay from a shared cache: a driver-side replay of ``candidate.run`` only hits the
+cache when the cache directory is shared *and* every key matches; the bench key names the machine that
+measured (``platform.node()``), so on a farm the driver would miss and measure again on itself. Shipping
+the result needs no shared filesystem. The cache still matters: on one machine (or with
+``$EDGEPIPE_CACHE_DIR`` on NFS, same path on every node) every node reuses every other node's stages and
+a rerun is served from the cache; on nodes without the shared path each node keeps its own cache at that
+path (correct, less reuse; the path must be writable there).
+
+Resources. A target with a ``[board]`` (bench on, no ``local_bench``) runs only on a node declaring the
+Ray custom resource ``board:<target name>``, 1 per task, so a board times one thing at a time (its whole
+candidate runs there: a board node should be a host with CPU to spare). A TensorRT engine build would
+need ``backend:tensorrt`` or a GPU; today compile makes a build bundle on any CPU, so no resource is
+asked for it. Benchmarks of targets without a board run on whichever node the task lands on, next to
+other tasks: declare few CPUs per node (``ray start --num-cpus``) when latency budgets are tight.
+
+Checked before any work: a cluster is reachable at the address (else one line, nothing started); every
+board resource the targets need is declared by some node (else one line naming the resource and the
+``ray start --resources`` line that provides it); every node has the driver's edgepipe and tool
+versions (else refused: the cache keys would lie). Each task checks the versions again, for nodes that
+join later. A node that dies mid-release: Ray retries its tasks elsewhere (``max_retries``); a board task
+waits for its board's node to come back, up to ``board_timeout`` seconds, then the release stops with
+one line (a rerun takes the finished candidates from the cache).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgepipe.config import Target
+from edgepipe.errors import ClusterError, EdgepipeError
+from edgepipe.pipeline import candidate as cand
+from edgepipe.pipeline.candidate import CandidateResult, Session
+from edgepipe.versions import tool_versions
+
+
+@dataclass
+class Job:
+    """One candidate to run: ``target`` already carries the candidate's settings."""
+
+    target: Target
+    recipe: Any
+    info: dict[str, Any]
+    workdir: Path
+
+
+@dataclass
+class JobResult:
+    """A job's result, or the one-line reason it could not be built; where it ran."""
+
+    result: CandidateResult | None = None
+    error: str | None = None
+    node: str = "local"
+    host: str = field(default_factory=platform.node)
+
+
+class Executor(Protocol):
+    #: how many candidates a sampled (Optuna) search asks for before telling; the same value gives the
+    #: same candidates whichever executor runs them
+    batch_size: int
+
+    def check(self, targets: list[Target], options: Any) -> None:
+        """Raise :class:`ClusterError` when these targets cannot run here (before any work)."""
+
+    def run(self, session: Session, jobs: list[Job]) -> list[JobResult]:
+        """Run ``jobs``; results in submission order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def board_resource(target: Target) -> str:
+    return f"board:{target.name}"
+
+
+def needs_board(target: Target, options: Any) -> bool:
+    return target.board is not None and bool(options.bench) and not options.local_bench
+
+
+class LocalExecutor:
+    """In this process, one candidate after another (today's behaviour, and the default).
+
+    ``batch_size``: trials a sampled search asks for per round (1: tell after each). Give a cluster's
+    batch size to reproduce a cluster run's sampled candidates here."""
+
+    def __init__(self, batch_size: int = 1) -> None:
+        self.batch_size = max(1, batch_size)
+
+    def check(self, targets: list[Target], options: Any) -> None:
+        return None
+
+    def run(self, session: Session, jobs: list[Job]) -> list[JobResult]:
+        out = []
+        for j in jobs:
+            try:
+                out.append(JobResult(cand.run(session, j.target, j.recipe, j.info, j.workdir)))
+            except EdgepipeError as e:
+                out.append(JobResult(error=str(e)))
+        return out
+
+    def close(self) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray
+
+
+def load_source(model: str | None, options: Any) -> Any:
+    """The model source for ``options`` (what ``release`` loads on the driver; workers load the same)."""
+    from edgepipe.pipeline.stages import source
+
+    return source(model, options.weights)
+
+
+_SESSIONS: dict[str, Session] = {}
+
+
+def _trusting(options: Any) -> Any:
+    from edgepipe.models import trusting
+
+    return trusting(bool(getattr(options, "trust_code", False)))
+
+
+def _worker_session(model: str | None, options: Any, cache_root: str) -> Session:
+    """One session per worker process and (model, options, cache): the source and the references are
+    loaded once per worker, not once per candidate."""
+    import hashlib
+    import pickle
+
+    from edgepipe.pipeline.cache import Cache
+
+    k = hashlib.sha256(pickle.dumps((model, options, cache_root))).hexdigest()
+    if k not in _SESSIONS:
+        scratch = Path(tempfile.mkdtemp(prefix="edgepipe-worker-"))
+        atexit.register(shutil.rmtree, scratch, True)
+        with _trusting(options):
+            src = load_source(model, options)
+        _SESSIONS[k] = Session(src, options, Cache(Path(cache_root), enabled=options.cache),
+                               scratch)
+    return _SESSIONS[k]
+
+
+def _pack(res: CandidateResult, root: Path) -> tuple[CandidateResult, dict[str, bytes]]:
+    """The result with paths made relative to ``root`` and the bytes of every file the release needs."""
+    files: dict[str, bytes] = {}
+
+    def add(p: Path) -> None:
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file():
+                    files[f.relative_to(root).as_posix()] = f.read_bytes()
+        elif p.is_file():
+            files[p.relative_to(root).as_posix()] = p.read_bytes()
+
+    art = res.artifact
+    for f in art.files:
+        add(f)
+    add(res.onnx.path)
+    rel = dataclasses.replace(
+        res,
+        artifact=dataclasses.replace(art, path=art.path.relative_to(root),
+                                     files=[f.relative_to(root) for f in art.files]),
+        onnx=dataclasses.replace(res.onnx, path=res.onnx.path.relative_to(root)),
+        calibration=None,  # type: ignore[arg-type]  # the driver rebuilds it from the data (same bytes)
+    )
+    return rel, files
+
+
+def _unpack(res: CandidateResult, files: dict[str, bytes], dest: Path, options: Any) -> CandidateResult:
+    from edgepipe.pipeline import stages
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    for name, data in files.items():
+        p = dest / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    art = res.artifact
+    return dataclasses.replace(
+        res,
+        artifact=dataclasses.replace(art, path=dest / art.path, files=[dest / f for f in art.files]),
+        onnx=dataclasses.replace(res.onnx, path=dest / res.onnx.path),
+        calibration=stages.calibration_set(stages.load_splits(options.data, res.target)),
+    )
+
+
+def _node() -> tuple[str, str]:
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), platform.node()
+
+
+def _work(model: str | None, options: Any, cache_root: str, cwd: str, versions: dict[str, str], target: Target,
+          recipe: Any, info: dict[str, Any], tag: str) -> dict[str, Any]:
+    """A Ray task: ``candidate.run`` for one candidate on this worker (module-level: workers import it)."""
+    node, host = _node()
+    mine = tool_versions()
+    if mine != versions:
+        return {"refused": _version_diff(host, versions, mine), "node": node, "host": host}
+    if os.path.isdir(cwd):
+        # the driver's directory, where it exists here (one machine, NFS): relative model, weights and
+        # data paths, and a model factory's module, resolve as they did on the driver
+        os.chdir(cwd)
+        if cwd not in sys.path:
+            sys.path.append(cwd)
+    try:
+        with _trusting(options):
+            session = _worker_session(model, options, cache_root)
+    except EdgepipeError as e:
+        return {"error": str(e), "node": node, "host": host}
+    work = session.scratch / "jobs" / tag
+    try:
+        with _trusting(options):
+            res = cand.run(session, target, recipe, info, work)
+        packed, files = _pack(res, work)
+        return {"result": packed, "files": files, "node": node, "host": host}
+    except EdgepipeError as e:
+        return {"error": str(e), "node": node, "host": host}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _versions() -> dict[str, Any]:
+    node, host = _node()
+    return {"node": node, "host": host, "versions": tool_versions()}
+
+
+def _version_diff(host: str, want: dict[str, str], have: dict[str, str]) -> str:
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    parts = ", ".join(f"{k} {have.get(k, 'absent')} (driver: {want.get(k, 'absent')})" for k in diff)
+    return (f"cluster node {host} refused: its versions differ from this machine's ({parts}); the stage cache "
+            "keys would lie: install the same edgepipe and tools on every node")
+
+
+def _auto_address() -> str:
+    """The cluster ``auto`` means: ``$RAY_ADDRESS``, else the last ``ray start`` on this machine."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        found = canonicalize_bootstrap_address("auto")
+    except Exception:  # a private helper: whatever it raises means "none found"
+        found = None
+    if not found:
+        raise ClusterError("--cluster auto: no Ray cluster found (no RAY_ADDRESS, no `ray start` on this machine); "
+                           "start one with `ray start --head`, or pass --cluster HOST:PORT")
+    return str(found)
+
+
+def _reachable(address: str, given: str) -> None:
+    """One line, nothing started, when nothing listens at a ``host:port`` address."""
+    if "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--cluster {address!r}: give HOST:PORT of the Ray head (e.g. 10.0.0.5:6379) or 'auto'")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except OSError as e:
+        how = "; found by --cluster auto: a cluster that has stopped?" if given == "auto" else ""
+        raise ClusterError(f"no Ray cluster at {address} ({e.strerror or e}{how}); start one with `ray start --head "
+                           f"--port {port}` on {host}") from None
+
+
+class RayExecutor:
+    """One Ray task per candidate on the cluster at ``address`` (``"auto"``: the one this machine is in).
+
+    Connects, and checks every node's versions, on construction; :meth:`close` disconnects.
+    """
+
+    def __init__(self, address: str = "auto", *, max_retries: int = 3, batch_size: int | None = None,
+                 board_timeout: float = 600.0) -> None:
+        self.given = address
+        self.board_timeout = board_timeout
+        try:
+            import ray
+        except ImportError:
+            raise ClusterError("--cluster needs Ray: pip install 'edgepipe[cluster]'") from None
+        if address == "auto":
+            address = _auto_address()
+        _reachable(address, self.given)
+        self.address = address
+        self.max_retries = max_retries
+        self._ray = ray
+        if not ray.is_initialized():
+            try:
+                # address given: Ray connects, never starts a cluster of its own
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ClusterError(f"no Ray cluster at {address}: {first}") from None
+        try:
+            self.versions = tool_versions()
+            self._check_versions()
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            self.batch_size = batch_size or max(1, cpus)
+        except BaseException:
+            self.close()
+            raise
+        self.nodes: list[str] = []  # the host each job ran on, in submission order (for the tests and logs)
+
+    def _check_versions(self) -> None:
+        ray = self._ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        probe = ray.remote(num_cpus=0, max_retries=0)(_versions)
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+                for n in alive]
+        for ref in refs:
+            try:
+                r = ray.get(ref, timeout=120)
+            except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError,
+                    ray.exceptions.WorkerCrashedError):
+                continue  # a node that left since ray.nodes() listed it gets no task either
+            if r["versions"] != self.versions:
+                raise ClusterError(_version_diff(r["host"], self.versions, r["versions"]))
+
+    def check(self, targets: list[Target], options: Any) -> None:
+        """Every board resource these targets need is declared by a node of the cluster."""
+        have = set(self._ray.cluster_resources())
+        for t in targets:
+            if needs_board(t, options) and board_resource(t) not in have:
+                r = board_resource(t)
+                raise ClusterError(
+                    f"target {t.name!r} is benchmarked on its board, but no node of the cluster at {self.address} "
+                    f"declares the resource {r!r}; on the host wired to the board run: ray start --address "
+                    f"HEAD:PORT --resources '{{\"{r}\": 1}}' (or pass --local-bench)")
+
+    def run(self, session: Session, jobs: list[Job]) -> list[JobResult]:
+        ray = self._ray
+        task = ray.remote(_work)
+        opts = session.options
+        cache_root = str(session.cache.root.parent)
+        model, cwd = session.source.spec, os.getcwd()
+        refs = []
+        for i, j in enumerate(jobs):
+            resources = {board_resource(j.target): 1} if needs_board(j.target, opts) else {}
+            tag = f"{j.target.name}-{j.info.get('id', i)}-{os.getpid()}-{i}"
+            refs.append(task.options(num_cpus=1, resources=resources, max_retries=self.max_retries).remote(
+                model, opts, cache_root, cwd, self.versions, j.target, j.recipe, j.info, tag))
+        out = []
+        self._wait(refs, {board_resource(j.target) for j in jobs if needs_board(j.target, opts)})
+        for j, r in zip(jobs, ray.get(refs), strict=True):
+            self.nodes.append(r["host"])
+            if "refused" in r:
+                raise ClusterError(r["refused"])
+            if "error" in r:
+                out.append(JobResult(error=r["error"], node=r["node"], host=r["host"]))
+                continue
+            res = _unpack(r["result"], r["files"], j.workdir, opts)
+            for n in res.notes:
+                session.reporter.note(n)
+            out.append(JobResult(res, node=r["node"], host=r["host"]))
+        return out
+
+    def _wait(self, refs: list[Any], boards: set[str]) -> None:
+        """Until every task is done; a board whose node has left gets ``board_timeout`` seconds to return
+        (its tasks wait for it: no other node may time them), then the batch is cancelled, one line."""
+        ray = self._ray
+        gone_since: float | None = None
+        pending = list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=5.0)
+            if not pending or not boards:
+                continue
+            missing = sorted(boards - set(ray.cluster_resources()))
+            if not missing:
+                gone_since = None
+                continue
+            gone_since = gone_since or time.monotonic()
+            if time.monotonic() - gone_since > self.board_timeout:
+                for r in pending:
+                    with contextlib.suppress(Exception):
+                        ray.cancel(r, force=True)
+                raise ClusterError(
+                    f"the node declaring {', '.join(missing)} left the cluster at {self.address} and did not come "
+                    f"back within {self.board_timeout:.0f} s; restart it (ray start --address {self.address} "
+                    f"--resources '{{\"{missing[0]}\": 1}}') and run the release again: finished candidates "
+                    "come from the cache")
+
+    def close(self) -> None:
+        if self._ray.is_initialized():
+            self._ray.shutdown()
+
+
+def executor(cluster: str | None) -> Executor:
+    """``None``: the local executor; else a :class:`RayExecutor` connected to ``cluster``."""
+    return LocalExecutor() if cluster is None else RayExecutor(cluster)
