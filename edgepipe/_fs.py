@@ -234,3 +234,32 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def scratch_dir(kind: str) -> Iterator[Path]:
+    """A private scratch directory ``edgepipe-<kind>-<pid>-*`` in the temp dir, removed afterwards.
+
+    The pid in the name lets the next run remove what a killed run left behind: scratch directories of
+    processes that no longer exist are deleted first.
+    """
+    root = Path(tempfile.gettempdir())
+    for old in root.glob("edgepipe-*-p*-*"):
+        pid = old.name.split("-p", 1)[1].split("-", 1)[0] if "-p" in old.name else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"edgepipe-{kind}-p{os.getpid()}-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

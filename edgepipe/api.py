@@ -488,9 +488,32 @@ def unpack(archive: str | Path, out: str | Path, *, factory: str | None = None) 
             mode = tmp.stat().st_mode
             save_file({k: v.contiguous() for k, v in unpacked.state.items()}, str(tmp), metadata=meta)
             tmp.chmod(mode)  # safetensors writes a fresh, owner-only file
+            _sort_safetensors_metadata(tmp)
     else:
         if not unpacked.input_shape:
             raise ConfigError(f"archive {str(archive)!r} records no input shape; unpack it to .safetensors")
         save_program(module, tuple(unpacked.input_shape), out)
     return out, {"spec": unpacked.spec, "tensors": len(unpacked.state), "sha256": unpacked.sha256,
                  "edits": sorted(unpacked.edits), "hashed": sorted(unpacked.hashed)}
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors keeps metadata in a hash map, so its order (and the file's bytes) varies run to run; the
+    same keys and values in a fixed order give the same bytes. The header keeps its length (padded with
+    spaces, as the format allows), so the tensor data does not move.
+    """
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+        text = json.dumps(ordered, separators=(",", ":")).encode()
+        if len(text) > n:  # cannot happen for the same content; never corrupt the file if it does
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))

@@ -114,3 +114,39 @@ def test_a_second_run_into_the_same_out_fails_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and "being written by another edgepipe run" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written; the lock file went with the lock
+
+
+def test_killed_runs_scratch_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    from edgepipe._fs import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"edgepipe-build-p{int(dead.stdout)}-abc"  # a run killed before its cleanup
+    (stale / "cpu-int8").mkdir(parents=True)
+    mine = tmp_path / "edgepipe-build-notapid"  # not ours to judge: left alone
+    mine.mkdir()
+    with scratch_dir("release") as d:
+        assert d.is_dir() and d.parent == tmp_path and not stale.exists()
+    assert not d.exists() and mine.exists()
+
+
+def test_pt2_and_safetensors_outputs_are_byte_identical_run_to_run(tmp_path):
+    from edgepipe import api
+    from edgepipe.models import load_model, save_program
+
+    m = load_model(None).module
+    a = save_program(m, (1, 1, 32, 32), tmp_path / "a" / "model.pt2").read_bytes()
+    b = save_program(m, (1, 1, 32, 32), tmp_path / "b" / "model.pt2").read_bytes()
+    assert a == b and b".tmp" not in a  # no random temp name inside the archive
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.pt2"]
+    api.pack(out=tmp_path / "m.epk")
+    outs = [api.unpack(tmp_path / "m.epk", tmp_path / f"u{i}.safetensors")[0].read_bytes() for i in range(4)]
+    assert len(set(outs)) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "u0.safetensors"), "pt") as f:
+        assert f.metadata()["edgepipe.spec"] == "edgepipe.models.example:digits_resnet" and len(list(f.keys())) > 50

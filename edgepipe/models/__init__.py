@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +121,6 @@ def save_program(module: nn.Module, input_shape: tuple[int, ...], out: Path) -> 
     """Save ``module`` as a torch.export ``.pt2`` program with a dynamic batch, atomically."""
     import torch
 
-    from edgepipe._fs import atomic_path
 
     example = torch.zeros((2, *input_shape[1:]))
     try:
@@ -127,9 +128,16 @@ def save_program(module: nn.Module, input_shape: tuple[int, ...], out: Path) -> 
                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
     except Exception as e:
         raise ModelLoadError(f"the model does not export with torch.export, so no .pt2 was written: {e}") from e
-    with atomic_path(Path(out)) as tmp:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # torch.export.save names the archive's folder after the file: save under the final name in a private
+    # directory beside ``out`` (not a random temp name, which would make the bytes differ run to run), then
+    # rename it into place
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent) as tmp_dir:
+        tmp = Path(tmp_dir) / out.name
         torch.export.save(program, str(tmp))
-    return Path(out)
+        os.replace(tmp, out)
+    return out
 
 
 def _first_line(e: BaseException) -> str:

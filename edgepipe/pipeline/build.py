@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgepipe._fs import scratch_dir
 from edgepipe._progress import NullReporter, Reporter
 from edgepipe.config.recipe import Recipe, load_recipe
 from edgepipe.errors import BudgetError
@@ -46,7 +46,7 @@ def build(model: str | None, targets: list[str], options: BuildOptions | None = 
     with rep.stage("load model"):
         src = stages.source(model, opts.weights)
     result = BuildResult(model=src.spec)
-    with tempfile.TemporaryDirectory(prefix="edgepipe-") as scratch:
+    with scratch_dir("build") as scratch:
         session = candidate.Session(src, opts, Cache(None, enabled=opts.cache), Path(scratch), rep)
         for t in tgts:
             c = candidate.run(session, t, recipe)

@@ -359,9 +359,9 @@ def release(model: str | None, targets: list[str], space: SearchSpace, out: Path
 
     ``executor``: where candidates run (default: here, one after another); it is checked against the
     targets (a board's resource, say) before any work. Only this process writes the release."""
-    import tempfile
     import time
 
+    from edgepipe._fs import scratch_dir
     from edgepipe._progress import NullReporter
     from edgepipe.pipeline.cache import Cache
     from edgepipe.pipeline.stages import source
@@ -376,7 +376,7 @@ def release(model: str | None, targets: list[str], space: SearchSpace, out: Path
     src = source(model, options.weights)
     outcomes: list[TargetOutcome] = []
     workroot = out / ".work"
-    with tempfile.TemporaryDirectory(prefix="edgepipe-release-") as scratch:
+    with scratch_dir("release") as scratch:
         session = Session(src, options, Cache(None, enabled=options.cache), Path(scratch), rep)
         for item in resolved:
             if isinstance(item, TargetOutcome):
