@@ -40,26 +40,29 @@ def _writing(out: str | Path, trust_code: bool = False) -> Iterator[Path]:
     name = f"--out {str(out)!r}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{name} is a file, not a directory; give a directory (it is created if missing)")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise ConfigError(f"{name} cannot be created: {str(parent)!r} is a file, not a directory")
+    parent = _existing_dir_above(out, f"{name} cannot be created")
     if not os.access(parent, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out, os.W_OK | os.X_OK)):
         raise ConfigError(f"{name} is not writable: no write permission on {str(out if out.is_dir() else parent)!r}")
     with dir_lock(out, wait=False, what=name), trusting(trust_code):
         yield out
 
 
+def _existing_dir_above(path: Path, cannot: str) -> Path:
+    """The nearest existing ancestor of ``path`` (where it would be created); ``ConfigError`` when that is a
+    file, with ``cannot`` leading the message."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{cannot}: {str(parent)!r} is a file, not a directory")
+    return parent
+
+
 def _check_file_out(out: str | Path, what: str = "--out") -> Path:
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"{what} {str(out)!r} is a directory; give the path of the file to write")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise ConfigError(f"{what} {str(out)!r} cannot be written: {str(parent)!r} is a file, not a directory")
+    _existing_dir_above(out, f"{what} {str(out)!r} cannot be written")
     return out
 
 

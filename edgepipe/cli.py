@@ -27,6 +27,27 @@ def _trust_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--trust-code", is_flag=True, help=TRUST_HELP)(f)
 
 
+_RUN_OPTIONS = (
+    click.option("-w", "--weights", type=click.Path(path_type=Path),
+                 help="Weights for a module:factory model (.safetensors, a state dict, or a .pt2 with --trust-code)."),
+    click.option("-d", "--data", default="digits", show_default=True,
+                 help="'digits', an .npz with x and y, or an image folder (one sub-folder per class); split into "
+                      "calibration, validation (choices) and test (reported figures)."),
+    click.option("--input-shape", help="N,C,H,W overriding the targets' input shape, e.g. 1,3,224,224."),
+    click.option("--iterations", type=int, help="Timed iterations per benchmark (default: the target's)."),
+    click.option("--local-bench", is_flag=True, help="Measure on this machine even when a target names a [board]."),
+    click.option("--no-cache", is_flag=True, help="Recompute every stage instead of reusing cached outputs."),
+    _trust_option,
+)
+
+
+def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `build` and `release` share: model weights, data, shape, bench, cache and trust."""
+    for option in reversed(_RUN_OPTIONS):
+        f = option(f)
+    return f
+
+
 def _console(stderr: bool = False) -> Any:
     import os
 
@@ -118,16 +139,9 @@ def cli(debug: bool) -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
               help="Release root; each target lands in OUT/<target>/.")
 @click.option("-r", "--recipe", help="Compression recipe (.toml) applied before export.")
-@click.option("-w", "--weights", type=click.Path(path_type=Path), help="Weights for a module:factory model (.safetensors or a state dict).")
-@click.option("-d", "--data", default="digits", show_default=True,
-              help="Calibration/evaluation data: 'digits', an .npz with x and y, or an image folder (one sub-folder per class).")
-@click.option("--input-shape", help="N,C,H,W overriding the target's input shape, e.g. 1,3,224,224.")
-@click.option("--iterations", type=int, help="Timed iterations per benchmark (default: the target's).")
+@_run_options
 @click.option("--no-bench", is_flag=True, help="Skip latency and memory measurement.")
-@click.option("--local-bench", is_flag=True, help="Measure on this machine even when a target names a [board].")
-@click.option("--no-cache", is_flag=True, help="Recompute every stage instead of reusing cached outputs.")
 @click.option("--allow-accuracy-drop", is_flag=True, help="Release even when top-1 drops more than the target's budget.")
-@_trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no progress bars).")
 def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | None, weights: Path | None,
           data: str, input_shape: str | None, iterations: int | None, no_bench: bool, local_bench: bool, no_cache: bool,
@@ -250,14 +264,7 @@ class ReleaseLive:
 @click.option("-s", "--search", "search", type=click.Path(path_type=Path),
               help="Search space TOML (recipes x per-backend settings); default: the shipped space.")
 @click.option("--max-trials", type=int, help="Cap candidates per target (sampled with Optuna beyond it).")
-@click.option("-w", "--weights", type=click.Path(path_type=Path), help="Weights for a module:factory model.")
-@click.option("-d", "--data", default="digits", show_default=True,
-              help="digits, an .npz with x and y, or an image folder (split into calibration/validation/test).")
-@click.option("--input-shape", help="N,C,H,W overriding the targets' input shape.")
-@click.option("--iterations", type=int, help="Timed iterations per benchmark (default: the target's).")
-@click.option("--local-bench", is_flag=True, help="Measure on this machine even when a target names a [board].")
-@click.option("--no-cache", is_flag=True, help="Recompute every stage instead of reusing cached outputs.")
-@_trust_option
+@_run_options
 @click.option("--cluster", metavar="ADDRESS|auto",
               help="Run the candidates as tasks on the Ray cluster at HOST:PORT ('auto': the one this machine "
                    "is in); a target with a [board] is benchmarked on the node declaring board:<target>.")

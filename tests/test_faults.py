@@ -11,35 +11,22 @@ from PIL import Image
 
 from edgepipe.errors import ConfigError, DataError
 
-
-def _main_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    from edgepipe.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    err = capsys.readouterr().err
-    assert e.value.code == 1, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # --out
 
 
-def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+def test_out_that_is_a_file_is_one_line(tmp_path, cli_error):
     (tmp_path / "dist").write_text("not a directory")
-    line = _main_error(capsys, "build", "-t", "cpu-int8", "--out", str(tmp_path / "dist"), "--no-bench")
+    line = cli_error("build", "-t", "cpu-int8", "--out", str(tmp_path / "dist"), "--no-bench")
     assert "is a file, not a directory" in line
-    line = _main_error(capsys, "build", "-t", "cpu-int8", "--out", str(tmp_path / "dist" / "sub"), "--no-bench")
+    line = cli_error("build", "-t", "cpu-int8", "--out", str(tmp_path / "dist" / "sub"), "--no-bench")
     assert "cannot be created" in line and "is a file" in line
-    line = _main_error(capsys, "export", "--out", str(tmp_path))
+    line = cli_error("export", "--out", str(tmp_path))
     assert "is a directory; give the path of the file" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist"]
 
 
-def test_out_that_cannot_be_written_is_one_line(tmp_path, capsys):
+def test_out_that_cannot_be_written_is_one_line(tmp_path, cli_error):
     if os.geteuid() == 0:  # root writes anywhere a permission bit allows: use a place no one can write
         if not Path("/proc/self").exists():
             pytest.skip("needs /proc when run as root")
@@ -47,7 +34,7 @@ def test_out_that_cannot_be_written_is_one_line(tmp_path, capsys):
     else:
         (tmp_path / "ro").mkdir(mode=0o500)
         out = tmp_path / "ro" / "dist"
-    line = _main_error(capsys, "build", "-t", "cpu-int8", "--out", str(out), "--no-bench")
+    line = cli_error("build", "-t", "cpu-int8", "--out", str(out), "--no-bench")
     assert "is not writable" in line or "cannot be created" in line
 
 
@@ -132,28 +119,28 @@ def test_input_shape_too_large_to_fit_is_refused(tmp_path):
     (["--iterations", "0"], "bench iterations = 0: must be an integer >= 1"),
     (["--warmup", "-2"], "bench warmup = -2: must be an integer >= 0"),
 ])
-def test_bench_settings_out_of_range_are_one_line(args, expected, capsys, example_onnx):
-    assert expected in _main_error(capsys, "bench", str(example_onnx.path), *args)
+def test_bench_settings_out_of_range_are_one_line(args, expected, example_onnx, cli_error):
+    assert expected in cli_error("bench", str(example_onnx.path), *args)
 
 
-def test_build_iterations_out_of_range_is_one_line(capsys, tmp_path):
-    line = _main_error(capsys, "build", "-t", "cpu-int8", "--iterations", "-1", "--out", str(tmp_path / "d"))
+def test_build_iterations_out_of_range_is_one_line(tmp_path, cli_error):
+    line = cli_error("build", "-t", "cpu-int8", "--iterations", "-1", "--out", str(tmp_path / "d"))
     assert "--iterations -1: must be >= 1" in line
     assert not (tmp_path / "d").exists()
 
 
-def test_a_full_disk_is_one_line(capsys, monkeypatch):
+def test_a_full_disk_is_one_line(monkeypatch, cli_error):
     from edgepipe import api
 
     def full(*a, **kw):
         raise OSError(28, "No space left on device", "/cache/stages/x")
 
     monkeypatch.setattr(api, "targets", full)
-    line = _main_error(capsys, "targets")
+    line = cli_error("targets")
     assert line.startswith("error: No space left on device (/cache/stages/x)")
 
 
-def test_onnx_with_a_custom_op_is_one_line_and_releases_nothing(tmp_path, capsys):
+def test_onnx_with_a_custom_op_is_one_line_and_releases_nothing(tmp_path, cli_error):
     import onnx
     from onnx import TensorProto, helper
 
@@ -164,6 +151,6 @@ def test_onnx_with_a_custom_op_is_one_line_and_releases_nothing(tmp_path, capsys
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                       helper.make_opsetid("com.example", 1)]), tmp_path / "m.onnx")
     out = tmp_path / "dist"
-    line = _main_error(capsys, "build", str(tmp_path / "m.onnx"), "-t", "cpu-fp32", "--out", str(out), "--no-bench")
+    line = cli_error("build", str(tmp_path / "m.onnx"), "-t", "cpu-fp32", "--out", str(out), "--no-bench")
     assert "onnxruntime cannot load" in line and "com.example:MyOp" in line
     assert not out.exists() or not any(out.iterdir())

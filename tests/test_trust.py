@@ -33,19 +33,6 @@ def _one_error_line(r: subprocess.CompletedProcess[str]) -> str:
     return errors[0]
 
 
-def _main_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    """Run the CLI in this process; it must exit 1 with exactly one `error:` line and no traceback."""
-    from edgepipe.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    err = capsys.readouterr().err
-    assert e.value.code == 1, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 class _Touch:
     """Unpickling this creates ``path``: what a hostile file would do, harmlessly."""
 
@@ -250,7 +237,7 @@ def test_ssh_and_scp_put_double_dash_before_the_destination(monkeypatch, tmp_pat
         assert dd < dest and not any(a.startswith("-") for a in cmd[dd + 1:]), cmd
 
 
-def test_cli_device_option_injection_is_one_line(capsys, example_onnx, tmp_path):
-    line = _main_error(capsys, "bench", str(example_onnx.path), "--device", f"-oProxyCommand=touch {tmp_path}/x")
+def test_cli_device_option_injection_is_one_line(example_onnx, tmp_path, cli_error):
+    line = cli_error("bench", str(example_onnx.path), "--device", f"-oProxyCommand=touch {tmp_path}/x")
     assert "must not be empty or start with '-'" in line
     assert not (tmp_path / "x").exists()

@@ -24,10 +24,10 @@ import itertools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 from edgepipe._hashing import sha256_json
-from edgepipe.config._schema import load_toml
+from edgepipe.config._schema import _coerce, load_toml
 from edgepipe.config.options import backend_names, options_class
 from edgepipe.config.target import PRECISIONS
 from edgepipe.errors import ConfigError
@@ -127,33 +127,6 @@ def _allowed(backend: str) -> dict[str, Any]:
     return out
 
 
-def _check_value(where: str, tp: Any, v: Any) -> Any:
-    base = tp
-    if get_origin(tp) in (typing.Union, __import__("types").UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if v is None and len(args) < len(get_args(tp)):
-            return None
-        base = args[0] if len(args) == 1 else tp
-    if get_origin(base) is Literal:
-        allowed = get_args(base)
-        if v not in allowed:
-            raise ConfigError(f"{where} = {v!r}: allowed values: {', '.join(map(repr, allowed))}")
-        return v
-    if base is bool:
-        if not isinstance(v, bool):
-            raise ConfigError(f"{where} = {v!r}: expected true or false")
-        return v
-    if base in (int, float):
-        if isinstance(v, bool) or not isinstance(v, int | float) or (base is int and not isinstance(v, int)):
-            raise ConfigError(f"{where} = {v!r}: expected {base.__name__}")
-        return v
-    if base is str:
-        if not isinstance(v, str):
-            raise ConfigError(f"{where} = {v!r}: expected a string")
-        return v
-    return v  # tuples and tables: the backend's options dataclass checks them when the candidate is built
-
-
 def _values(where: str, tp: Any, raw: Any) -> Values:
     if isinstance(raw, dict):
         unknown = set(raw) - {"low", "high", "step", "log"}
@@ -169,7 +142,7 @@ def _values(where: str, tp: Any, raw: Any) -> Values:
         raw = [raw]
     if not raw:
         raise ConfigError(f"{where} is an empty list: give at least one value, or leave the key out")
-    return tuple(_check_value(f"{where}[{i}]", tp, v) for i, v in enumerate(raw))
+    return tuple(_coerce(tp, v, f"{where}[{i}]") for i, v in enumerate(raw))
 
 
 def search_from_dict(data: dict[str, Any], where: str = "search space") -> SearchSpace:

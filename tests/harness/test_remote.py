@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
-import subprocess
-import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -29,32 +25,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def board(tmp_path_factory):
-    if SSHD is None or os.geteuid() != 0:
-        pytest.skip("needs openssh-server (sshd) and root to run a loopback sshd")
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    os.chmod(d / "authorized_keys", 0o600)
-    port = _free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        f"PidFile {d / 'sshd.pid'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-        "StrictModes no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n")
-    Path("/run/sshd").mkdir(exist_ok=True)
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
-    for _ in range(50):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
-    b = Board(host="127.0.0.1", user="root", port=port, python=sys.executable, workdir=str(d / "board"),
-              identity_file=str(d / "client_key"),
-              ssh_options=("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"))
-    yield b
-    proc.terminate()
-    proc.wait(timeout=10)
+def board(loopback_board):
+    return loopback_board
 
 
 def test_worker_zip_is_self_contained_and_reproducible(tmp_path):

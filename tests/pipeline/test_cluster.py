@@ -118,36 +118,16 @@ def cluster(nodes):
 
 
 @pytest.fixture(scope="module")
-def board_target(tmp_path_factory):
-    """A target file named loopboard.toml whose [board] is a loopback sshd running this Python."""
-    if SSHD is None or os.geteuid() != 0:
-        pytest.skip("needs openssh-server (sshd) and root to run a loopback sshd")
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    os.chmod(d / "authorized_keys", 0o600)
-    port = _free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        f"PidFile {d / 'sshd.pid'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-        "StrictModes no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n")
-    Path("/run/sshd").mkdir(exist_ok=True)
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.DEVNULL)
-    for _ in range(50):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
-    target = d / f"{BOARD}.toml"
+def board_target(loopback_board, tmp_path_factory):
+    """A target file named loopboard.toml whose [board] is the loopback sshd running this Python."""
+    b = loopback_board
+    target = tmp_path_factory.mktemp("board") / f"{BOARD}.toml"
+    options = ", ".join(f'"{o}"' for o in b.ssh_options)
     target.write_text(
         (Path(__file__).parents[2] / "targets" / "cpu-int8.toml").read_text().replace('description = "', 'description = "loopback board: ')
-        + f'\n[board]\nhost = "127.0.0.1"\nuser = "root"\nport = {port}\npython = "{sys.executable}"\n'
-          f'workdir = "{d / "board"}"\nidentity_file = "{d / "client_key"}"\n'
-          'ssh_options = ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]\n')
-    yield target
-    proc.terminate()
-    proc.wait(timeout=10)
+        + f'\n[board]\nhost = "{b.host}"\nuser = "{b.user}"\nport = {b.port}\npython = "{b.python}"\n'
+          f'workdir = "{b.workdir}"\nidentity_file = "{b.identity_file}"\nssh_options = [{options}]\n')
+    return target
 
 
 def _search(tmp_path: Path) -> Path:
