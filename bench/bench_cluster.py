@@ -2,9 +2,10 @@
 
     python bench/bench_cluster.py [--workers 2] [--targets cpu-int8] [--address HEAD:PORT]
 
-Runs `edgepipe release` on the bundled example with a grid of recipes ["none"] x calibration x activation
-type, once with the local executor (one candidate after another in this process) and once with
-``--cluster`` (each candidate a Ray task). Without ``--address`` it starts a throwaway cluster on
+Runs `edgepipe release` on the bundled example with a grid of recipes x calibration x activation
+type, with the local executor at 1 worker (one candidate after another in this process) and at
+``--workers`` processes (the local pool, one bench at a time), and once with ``--cluster`` (each
+candidate a Ray task). Without ``--address`` it starts a throwaway cluster on
 127.0.0.1: a head with no CPUs and ``--workers`` worker nodes of one CPU each, one after the other, and
 ends exactly those processes afterwards. Every run gets a fresh, empty stage cache, so every stage is
 computed (the figures are cold-start throughput, references included); the two releases must choose
@@ -30,7 +31,7 @@ from pathlib import Path
 from edgepipe import api
 
 SEARCH = """
-recipes = ["none"]
+recipes = ["none", "structured-50"]
 [onnxruntime]
 calibration = ["minmax", "percentile"]
 activation_type = ["uint8", "int8"]
@@ -90,10 +91,12 @@ def local_cluster(workers: int):
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def _run(label: str, targets: list[str], search: Path, root: Path, iterations: int, cluster: str | None):
+def _run(label: str, targets: list[str], search: Path, root: Path, iterations: int, cluster: str | None,
+         workers: int | None = None):
     os.environ["EDGEPIPE_CACHE_DIR"] = str(root / f"cache-{label}")  # cold: every stage computed
     t0 = time.perf_counter()
-    r = api.release(None, targets, out=root / label, search=search, iterations=iterations, cluster=cluster)
+    r = api.release(None, targets, out=root / label, search=search, iterations=iterations, cluster=cluster,
+                    workers=workers)
     wall = time.perf_counter() - t0
     n = sum(len(o.tried) for o in r.outcomes)
     chosen = {o.target.name: o.chosen.candidate.id if o.chosen else None for o in r.outcomes}
@@ -113,7 +116,8 @@ def main() -> None:
         root = Path(tmp)
         search = root / "search.toml"
         search.write_text(SEARCH)
-        rows = [_run("local", targets, search, root, args.iterations, None)]
+        rows = [_run("local-1w", targets, search, root, args.iterations, None, 1),
+                _run(f"local-{args.workers}w", targets, search, root, args.iterations, None, args.workers)]
         if args.address:
             rows.append(_run("ray", targets, search, root, args.iterations, args.address))
         else:

@@ -115,6 +115,7 @@ def release(
     reporter: Reporter | None = None,
     progress: Callable[[str, str, str, str, str], None] | None = None,
     cluster: str | Executor | None = None,
+    workers: int | None = None,
     **options: Any,
 ) -> ReleaseResult:
     """For every target, search the candidates (recipe × quantization settings), keep the best that meets
@@ -127,7 +128,8 @@ def release(
         search: a search-space TOML (``None``: the shipped default space).
         max_trials: caps candidates per target (overrides the file's ``max_trials``).
         reporter: stage progress; ``progress`` is called as each candidate moves on.
-        cluster: ``None`` (default): candidates run in this process. ``"auto"`` or a Ray address
+        cluster: ``None`` (default): candidates run in a local process pool of ``workers`` processes
+            (default: the cores of this machine; 1: in this process), one bench at a time. ``"auto"`` or a Ray address
             (``HOST:PORT``): they run as Ray tasks on that cluster (see :mod:`edgepipe.pipeline.executors`);
             the cluster is checked (reachable, board resources, versions) before any work. An
             executor object (:class:`edgepipe.pipeline.executors.RayExecutor`, ...) is used as given
@@ -146,11 +148,15 @@ def release(
     space = load_search(search)
     if max_trials is not None:
         space = dc.replace(space, max_trials=max_trials)
-    if cluster is None:
-        with _writing(opts.out, opts.trust_code):
-            return _release(model, list(targets), space, Path(out), opts, reporter, progress)
-    from edgepipe.pipeline.executors import RayExecutor
+    from edgepipe.pipeline.executors import PoolExecutor, RayExecutor
 
+    if cluster is None:
+        pool = PoolExecutor(workers)
+        try:
+            with _writing(opts.out, opts.trust_code):
+                return _release(model, list(targets), space, Path(out), opts, reporter, progress, executor=pool)
+        finally:
+            pool.close()
     if not isinstance(cluster, str):
         with _writing(opts.out, opts.trust_code):
             return _release(model, list(targets), space, Path(out), opts, reporter, progress, executor=cluster)

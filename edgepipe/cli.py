@@ -268,10 +268,13 @@ class ReleaseLive:
 @click.option("--cluster", metavar="ADDRESS|auto",
               help="Run the candidates as tasks on the Ray cluster at HOST:PORT ('auto': the one this machine "
                    "is in); a target with a [board] is benchmarked on the node declaring board:<target>.")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N",
+              help="Without --cluster: run candidates in N local processes, one bench at a time "
+                   "(default: the cores here; 1: one after another in this process).")
 @click.option("--json", "as_json", is_flag=True, help="Print index.json and the run's figures as JSON.")
 def release(model: str | None, targets: str, out: Path, search: Path | None, max_trials: int | None,
             weights: Path | None, data: str, input_shape: str | None, iterations: int | None, local_bench: bool,
-            no_cache: bool, trust_code: bool, cluster: str | None, as_json: bool) -> int:
+            no_cache: bool, trust_code: bool, cluster: str | None, workers: int | None, as_json: bool) -> int:
     """Find the best artifact for every target, by measurement, under its budgets, and release it.
 
     For each target, every candidate of the search space (recipe x quantization settings) runs
@@ -290,6 +293,9 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
     from edgepipe import api
 
     specs = [t.strip() for t in targets.split(",") if t.strip()]
+    if cluster is not None and workers is not None:
+        raise click.UsageError("--workers sizes the local pool; with --cluster the cluster's CPUs decide: "
+                               "give one of them")
     executor = None
     if cluster is not None:  # connect (and check the nodes) before the live display: a failure is one line
         from edgepipe.pipeline.executors import RayExecutor
@@ -300,7 +306,8 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
             result = api.release(model, specs, out=out, search=search, max_trials=max_trials, reporter=live,
                                  progress=live.progress, weights=weights, data=data,
                                  input_shape=_shape(input_shape), iterations=iterations, cache=not no_cache,
-                                 local_bench=local_bench, trust_code=trust_code, cluster=executor)
+                                 local_bench=local_bench, trust_code=trust_code, cluster=executor,
+                                 workers=workers)
     finally:
         if executor is not None:
             executor.close()

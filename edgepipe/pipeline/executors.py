@@ -5,8 +5,9 @@ recipe, the candidate's manifest record) and returns one :class:`JobResult` per 
 Both executors run the same function, :func:`edgepipe.pipeline.candidate.run`, i.e. the same typed stages
 (compress → export → compile → evaluate → bench) with the same stage cache; nothing is re-implemented.
 
-* :class:`LocalExecutor` (the default): in this process, one candidate after another, as ``release``
-  always did.
+* :class:`PoolExecutor` (the default): a process pool sized to the cores of this machine, one bench at a
+  time (``--workers 1``: in this process, one candidate after another).
+* :class:`LocalExecutor`: in this process, one candidate after another (what the pool does with one worker).
 * :class:`RayExecutor`: one Ray task per candidate on an existing Ray cluster.
 
 How artifacts travel (RayExecutor). A task runs ``candidate.run`` on a worker node, with the stage cache
@@ -26,9 +27,11 @@ path (correct, less reuse; the path must be writable there).
 
 Resources. A target with a ``[board]`` (bench on, no ``local_bench``) runs only on a node declaring the
 Ray custom resource ``board:<target name>``, 1 per task, so a board times one thing at a time (its whole
-candidate runs there: a board node should be a host with CPU to spare). A TensorRT engine build would
-need ``backend:tensorrt`` or a GPU; today compile makes a build bundle on any CPU, so no resource is
-asked for it. Benchmarks of targets without a board run on whichever node the task lands on, next to
+candidate runs there: a board node should be a host with CPU to spare). A TensorRT target's candidates
+run on a node declaring ``backend:tensorrt`` (1 per task: one engine build at a time per declared unit)
+where the cluster has one, else on a GPU (``num_gpus=1``) where it has one: ``compile`` builds the
+engine there; a cluster with neither makes the engine build bundle on any CPU node, as ``compile`` does
+on any machine without TensorRT (see :func:`task_resources`). Benchmarks of targets without a board run on whichever node the task lands on, next to
 other tasks: declare few CPUs per node (``ray start --num-cpus``) when latency budgets are tight.
 
 Checked before any work: a cluster is reachable at the address (else one line, nothing started); every
@@ -131,6 +134,116 @@ class LocalExecutor:
         return None
 
 
+def cores() -> int:
+    """The cores this process may use (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _pool_init(lock: Any, threads: int) -> None:
+    """A pool worker: its benches take the lock the pool's workers share; torch and onnxruntime get
+    ``threads`` threads each, so the workers do not oversubscribe the cores."""
+    from edgepipe.pipeline import stages
+
+    stages.bench_lock = lock
+    stages.bench_spans = []
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _pool_work(model: str | None, options: Any, cache_root: str, cwd: str, target: Target, recipe: Any,
+               info: dict[str, Any], tag: str) -> dict[str, Any]:
+    from edgepipe.pipeline import stages
+
+    r = _run_job(model, options, cache_root, cwd, target, recipe, info, tag, f"pid {os.getpid()}",
+                 platform.node())
+    r["bench_spans"], stages.bench_spans = stages.bench_spans, []
+    return r
+
+
+class PoolExecutor:
+    """The local default: a process pool sized to the cores, one bench at a time.
+
+    Each worker process (spawned, so nothing of the driver's torch state is shared) runs the same task as
+    a Ray worker: ``candidate.run`` with the stage cache rooted at the driver's, and returns the result
+    with the bytes of its files; the driver writes them under its work directory (byte-identical to an
+    in-process run). Every measurement holds a lock the workers share: while one worker times its
+    artifact the others may compress or compile, but never time. A batch of one job, or ``workers=1``,
+    runs in this process with no pool. The pool starts on the first batch and lives until :meth:`close`.
+
+    ``batch_size`` (default: ``workers``): trials a sampled search asks for before telling; give the same
+    value to reproduce a run made with another executor."""
+
+    def __init__(self, workers: int | None = None, batch_size: int | None = None) -> None:
+        if workers is not None and workers < 1:
+            raise EdgepipeError(f"--workers {workers}: give 1 or more (default: the {cores()} cores here)")
+        self.workers = workers or cores()
+        self.batch_size = max(1, batch_size or self.workers)
+        self._pool: Any = None
+        self._local = LocalExecutor(self.batch_size)
+        self.nodes: list[str] = []  # which worker ran each job, in submission order ("local": this process)
+        #: (worker, start, end) of every measurement the workers made (wall clock), for the tests and logs
+        self.bench_spans: list[tuple[str, float, float]] = []
+
+    def check(self, targets: list[Target], options: Any) -> None:
+        return None
+
+    def _start(self) -> Any:
+        if self._pool is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = mp.get_context("spawn")
+            threads = max(1, cores() // self.workers)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_init,
+                                             initargs=(ctx.Lock(), threads))
+        return self._pool
+
+    def run(self, session: Session, jobs: list[Job]) -> list[JobResult]:
+        if self.workers == 1 or len(jobs) <= 1:
+            self.nodes += ["local"] * len(jobs)
+            return self._local.run(session, jobs)
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._start()
+        opts = session.options
+        cache_root = str(session.cache.root.parent)
+        model, cwd = session.source.spec, os.getcwd()
+        futures = [pool.submit(_pool_work, model, opts, cache_root, cwd, j.target, j.recipe, j.info,
+                               f"{j.target.name}-{j.info.get('id', i)}-{os.getpid()}-{i}")
+                   for i, j in enumerate(jobs)]
+        out = []
+        try:
+            for j, f in zip(jobs, futures, strict=True):
+                r = f.result()
+                self.nodes.append(r["node"])
+                self.bench_spans += [(r["node"], a, b) for a, b in r.get("bench_spans") or []]
+                if "error" in r:
+                    out.append(JobResult(error=r["error"], node=r["node"], host=r["host"]))
+                    continue
+                res = _unpack(r["result"], r["files"], j.workdir, opts)
+                for n in res.notes:
+                    session.reporter.note(n)
+                out.append(JobResult(res, node=r["node"], host=r["host"]))
+        except BrokenProcessPool:
+            self.close()
+            raise EdgepipeError("a worker process of the local pool died (out of memory? killed?); run the release "
+                                "again (finished candidates come from the cache), or pass --workers 1") from None
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Ray
 
@@ -220,13 +333,9 @@ def _node() -> tuple[str, str]:
     return ray.get_runtime_context().get_node_id(), platform.node()
 
 
-def _work(model: str | None, options: Any, cache_root: str, cwd: str, versions: dict[str, str], target: Target,
-          recipe: Any, info: dict[str, Any], tag: str) -> dict[str, Any]:
-    """A Ray task: ``candidate.run`` for one candidate on this worker (module-level: workers import it)."""
-    node, host = _node()
-    mine = tool_versions()
-    if mine != versions:
-        return {"refused": _version_diff(host, versions, mine), "node": node, "host": host}
+def _run_job(model: str | None, options: Any, cache_root: str, cwd: str, target: Target, recipe: Any,
+             info: dict[str, Any], tag: str, node: str, host: str) -> dict[str, Any]:
+    """``candidate.run`` for one candidate in this worker process (a Ray task's or a pool worker's)."""
     if os.path.isdir(cwd):
         # the driver's directory, where it exists here (one machine, NFS): relative model, weights and
         # data paths, and a model factory's module, resolve as they did on the driver
@@ -248,6 +357,16 @@ def _work(model: str | None, options: Any, cache_root: str, cwd: str, versions: 
         return {"error": str(e), "node": node, "host": host}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _work(model: str | None, options: Any, cache_root: str, cwd: str, versions: dict[str, str], target: Target,
+          recipe: Any, info: dict[str, Any], tag: str) -> dict[str, Any]:
+    """A Ray task: ``candidate.run`` for one candidate on this worker (module-level: workers import it)."""
+    node, host = _node()
+    mine = tool_versions()
+    if mine != versions:
+        return {"refused": _version_diff(host, versions, mine), "node": node, "host": host}
+    return _run_job(model, options, cache_root, cwd, target, recipe, info, tag, node, host)
 
 
 def _versions() -> dict[str, Any]:
@@ -290,6 +409,27 @@ def _reachable(address: str, given: str) -> None:
         how = "; found by --cluster auto: a cluster that has stopped?" if given == "auto" else ""
         raise ClusterError(f"no Ray cluster at {address} ({e.strerror or e}{how}); start one with `ray start --head "
                            f"--port {port}` on {host}") from None
+
+
+#: a node that can build TensorRT engines (TensorRT and a GPU) declares this custom resource
+TENSORRT_RESOURCE = "backend:tensorrt"
+
+
+def task_resources(target: Target, options: Any, have: dict[str, float]) -> tuple[dict[str, float], float]:
+    """The custom resources and GPUs a candidate of ``target`` asks of a cluster offering ``have``.
+
+    A board target: its board (1, so the board times one thing at a time). A TensorRT target: a node
+    declaring ``backend:tensorrt`` where one does, else a GPU where the cluster has one, so ``compile``
+    builds the engine there; a cluster with neither makes the build bundle on any CPU node, as
+    ``compile`` does on a machine without TensorRT."""
+    if needs_board(target, options):
+        return {board_resource(target): 1}, 0
+    if target.backend == "tensorrt":
+        if have.get(TENSORRT_RESOURCE):
+            return {TENSORRT_RESOURCE: 1}, 0
+        if have.get("GPU"):
+            return {}, 1
+    return {}, 0
 
 
 class RayExecutor:
@@ -364,10 +504,12 @@ class RayExecutor:
         cache_root = str(session.cache.root.parent)
         model, cwd = session.source.spec, os.getcwd()
         refs = []
+        have = self._ray.cluster_resources()
         for i, j in enumerate(jobs):
-            resources = {board_resource(j.target): 1} if needs_board(j.target, opts) else {}
+            resources, gpus = task_resources(j.target, opts, have)
             tag = f"{j.target.name}-{j.info.get('id', i)}-{os.getpid()}-{i}"
-            refs.append(task.options(num_cpus=1, resources=resources, max_retries=self.max_retries).remote(
+            refs.append(task.options(num_cpus=1, num_gpus=gpus, resources=resources,
+                                     max_retries=self.max_retries).remote(
                 model, opts, cache_root, cwd, self.versions, j.target, j.recipe, j.info, tag))
         out = []
         self._wait(refs, {board_resource(j.target) for j in jobs if needs_board(j.target, opts)})
@@ -414,6 +556,7 @@ class RayExecutor:
             self._ray.shutdown()
 
 
-def executor(cluster: str | None) -> Executor:
-    """``None``: the local executor; else a :class:`RayExecutor` connected to ``cluster``."""
-    return LocalExecutor() if cluster is None else RayExecutor(cluster)
+def executor(cluster: str | None = None, workers: int | None = None) -> Executor:
+    """``None``: the local process pool (``workers``, default: the cores); else a :class:`RayExecutor`
+    connected to ``cluster``."""
+    return PoolExecutor(workers) if cluster is None else RayExecutor(cluster)

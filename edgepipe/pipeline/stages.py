@@ -8,6 +8,7 @@ and the cluster executors all compose these; none of them re-implements one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
@@ -318,6 +319,8 @@ def evaluate(artifact: Artifact, target: Target, splits: Splits, cache: Cache,
     evaluated, stand_in = runnable(artifact)
     inputs = {"artifact": artifact_sha256(evaluated), "validation": splits.validation.sha256,
               "test": splits.test.sha256}
+    if evaluated.metadata.get("disabled_optimizers"):  # how the stand-in runs is part of what it measures
+        inputs["runtime"] = {"disabled_optimizers": sorted(evaluated.metadata["disabled_optimizers"])}
     key = sha256_json(inputs)
     hit = cache.get("evaluate", key)
     if hit is not None:
@@ -344,6 +347,14 @@ def bench_settings(target: Target, iterations: int | None = None) -> BenchSettin
     return BenchSettings(threads=r.threads, batch=r.batch, warmup=r.warmup, iterations=iterations or r.iterations)
 
 
+#: held around every measurement; the process pool sets it to a lock its workers share, so a machine
+#: times one thing at a time while the other workers compress and compile
+bench_lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+#: where a pool worker notes when it held the lock (wall-clock start and end of each measurement), so the
+#: driver can show that no two measurements overlapped; ``None``: not noted
+bench_spans: list[tuple[float, float]] | None = None
+
+
 def bench(artifact: Artifact, target: Target, settings: BenchSettings, cache: Cache, *,
           on_board: bool = True) -> tuple[Measurement, StageRecord]:
     """Latency and memory in a fresh worker, here or on the target's board (cached per machine)."""
@@ -360,12 +371,16 @@ def bench(artifact: Artifact, target: Target, settings: BenchSettings, cache: Ca
     if hit is not None:
         m = Measurement(**hit.record["measurement"])
     else:
-        if board is not None:
-            from edgepipe.harness.remote import measure_remote
+        with bench_lock:
+            t0 = time.time()
+            if board is not None:
+                from edgepipe.harness.remote import measure_remote
 
-            m = measure_remote(artifact, board, settings)
-        else:
-            m = measure(artifact, settings)
+                m = measure_remote(artifact, board, settings)
+            else:
+                m = measure(artifact, settings)
+            if bench_spans is not None:
+                bench_spans.append((t0, time.time()))
         stored = cache.put("bench", key, [], {"measurement": m.to_dict()})
         if stored is not None:  # another worker measured the same key first: everyone uses that figure
             m = Measurement(**stored.record["measurement"])

@@ -109,6 +109,45 @@ def test_int8_qdq_accuracy_on_onnxruntime_within_one_point(int8, splits, fp32_to
     assert acc >= 0.95 and fp32_top1 - acc <= 0.01
 
 
+def test_a_near_dead_channel_does_not_break_the_evaluation_of_the_fp16_qdq_graph(example_model, splits, tmp_path):
+    """Real networks (EfficientNet-Lite0's pretrained weights) have channels whose weights are ~0. In the
+    fp16 Q/DQ graph modelopt makes for TensorRT their weight scale is an fp16 subnormal, and onnxruntime's
+    WeightBiasQuantization transformer computed their bias scale (input x weight scale) in fp16: 0, bias / 0,
+    and every sample got one class (2.5 % on EfficientNet-Lite0). The graph itself computes the right thing
+    (it does with onnxruntime's optimizers off), and so must the evaluation that stands in for the engine."""
+    import copy
+
+    import onnxruntime as ort
+    import torch
+
+    from edgepipe.export import export
+
+    model = copy.deepcopy(example_model)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        conv.weight[:4] *= 1e-6  # four near-dead output channels, each keeps its (BatchNorm) bias
+    src = export(model, (1, 1, 32, 32), tmp_path / "dead.onnx")
+    t = load_target("jetson-orin-nano-int8")
+    art = TRT.compile(src, t, CalibrationSet(splits.calibration.x, "digits:calibration"), tmp_path / "trt")
+    stand_in = TRT.stand_in(art)
+    assert stand_in is not None
+    qdq = stand_in.artifact.path
+    scales = [numpy_helper.to_array(i) for i in onnx.load(str(qdq)).graph.initializer if i.name.endswith("scale_2")]
+    assert any(s.dtype == np.float16 and (s < np.float16(6.1e-5)).any() for s in scales)  # the trap is there
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(qdq), so, providers=["CPUExecutionProvider"])
+    x = splits.evaluation.x
+    truth = plain.run(None, {plain.get_inputs()[0].name: x})[0].astype(np.float32)
+    ours = predict(backends.get("onnxruntime").load(stand_in.artifact), x).astype(np.float32)
+    assert np.mean(ours.argmax(1) == truth.argmax(1)) >= 0.99
+    assert np.abs(ours - truth).max() < 0.5
+    dead_fp32 = top1(backends.get("onnxruntime").load(Artifact("onnxruntime", "fp32", src.path)), x,
+                     splits.evaluation.y)
+    assert _stand_in_top1(art, splits) >= dead_fp32 - 0.02
+
+
 def test_fp16_graph_keeps_io_fp32_and_accuracy(example_onnx, calib, splits, tmp_path, fp32_top1):
     art = TRT.compile(example_onnx, _target("fp16"), calib, tmp_path)
     m = onnx.load(str(tmp_path / "model.fp16.onnx"))

@@ -100,11 +100,12 @@ class _Nodes:
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
-    """A head (no CPUs: it schedules only) and two 1-CPU workers, one declaring board:loopboard."""
+    """A head (no CPUs: it schedules only) and two 1-CPU workers, one declaring backend:tensorrt (its
+    TensorRT candidates make build bundles: no GPU here), the other board:loopboard."""
     n = _Nodes(tmp_path_factory.mktemp("ray-nodes"))
     try:
         n.start()
-        n.start("--num-cpus", "1")
+        n.start("--num-cpus", "1", "--resources", json.dumps({"backend:tensorrt": 1}))
         n.start("--num-cpus", "1", "--resources", json.dumps({f"board:{BOARD}": 1}))
         yield n
     finally:
@@ -148,7 +149,7 @@ def test_cluster_release_is_byte_identical_to_a_local_one(cluster, tmp_path, mon
     on_cluster = api.release(None, ["cpu-int8"], out=tmp_path / "cluster", search=search, bench=False,
                              cluster=cluster)
     monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(tmp_path / "cache-local"))
-    local = api.release(None, ["cpu-int8"], out=tmp_path / "local", search=search, bench=False)
+    local = api.release(None, ["cpu-int8"], out=tmp_path / "local", search=search, bench=False, workers=1)
     assert _chosen(on_cluster) == _chosen(local)
     assert (tmp_path / "cluster" / "SHA256SUMS").read_bytes() == (tmp_path / "local" / "SHA256SUMS").read_bytes()
     nodes = {t.node for o in on_cluster.outcomes for t in o.tried}
@@ -209,6 +210,40 @@ def test_board_benchmarks_run_only_on_the_boards_node_and_match_local(cluster, b
     assert {t.node for t in board.tried} == board_nodes
 
 
+def test_tensorrt_candidates_run_only_on_the_node_declaring_backend_tensorrt(cluster, tmp_path):
+    import ray
+
+    search = tmp_path / "trt.toml"
+    search.write_text('recipes = ["none"]\n[tensorrt]\ncalibration = ["minmax", "entropy"]\n')
+    r = api.release(None, ["cpu-int8", "jetson-orin-nano-int8"], out=tmp_path / "rel", search=search, bench=False,
+                    cluster=cluster)
+    ray.init(address=cluster, logging_level="ERROR", log_to_driver=False)
+    try:
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        trt = {n["NodeID"] for n in alive if "backend:tensorrt" in n["Resources"]}
+    finally:
+        ray.shutdown()
+    assert len(trt) == 1
+    jetson = next(o for o in r.outcomes if o.target.name == "jetson-orin-nano-int8")
+    assert jetson.status == "released" and len(jetson.tried) == 2
+    assert {t.node for t in jetson.tried} == trt
+    m = json.loads((tmp_path / "rel" / "jetson-orin-nano-int8" / "manifest.json").read_text())
+    assert m["accuracy"]["evaluated_on"]  # no GPU on that node either: a bundle, its ONNX run on onnxruntime
+
+
+def test_task_resources_ask_for_tensorrt_then_a_gpu_then_nothing():
+    from edgepipe.config import load_target
+    from edgepipe.pipeline.executors import task_resources
+    from edgepipe.pipeline.stages import BuildOptions
+
+    opts = BuildOptions()
+    trt, cpu = load_target("jetson-orin-nano-int8"), load_target("cpu-int8")
+    assert task_resources(trt, opts, {"CPU": 4, "backend:tensorrt": 1, "GPU": 1}) == ({"backend:tensorrt": 1}, 0)
+    assert task_resources(trt, opts, {"CPU": 4, "GPU": 2}) == ({}, 1)
+    assert task_resources(trt, opts, {"CPU": 4}) == ({}, 0)
+    assert task_resources(cpu, opts, {"CPU": 4, "GPU": 2, "backend:tensorrt": 1}) == ({}, 0)
+
+
 def test_a_worker_node_killed_mid_release_loses_nothing(nodes, tmp_path, monkeypatch):
     """A third worker joins, and is killed (its whole process group) once every worker is busy: Ray runs
     its lost task again on another node, and the release is the local one, byte for byte."""
@@ -240,7 +275,7 @@ def test_a_worker_node_killed_mid_release_loses_nothing(nodes, tmp_path, monkeyp
         ex.close()
     on_cluster = out["r"]
     monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(tmp_path / "cache-local"))
-    local = api.release(None, ["cpu-int8"], out=tmp_path / "local", search=search, bench=False)
+    local = api.release(None, ["cpu-int8"], out=tmp_path / "local", search=search, bench=False, workers=1)
     assert len([t for o in on_cluster.outcomes for t in o.tried if t.result is not None]) == 4
     assert _chosen(on_cluster) == _chosen(local)
     assert (tmp_path / "cluster" / "SHA256SUMS").read_bytes() == (tmp_path / "local" / "SHA256SUMS").read_bytes()
