@@ -209,6 +209,48 @@ def export(
     return ex.onnx_model(Path(out)), rec.details["parity"]
 
 
+def sensitivity(
+    model: str | None = None,
+    target: str = "cpu-int8",
+    *,
+    weights: Path | None = None,
+    data: str = "digits",
+    input_shape: tuple[int, ...] | None = None,
+    equalize: bool | None = None,
+    samples: int = 32,
+    trust_code: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Per-layer sensitivity to int8 of ``model`` for ``target``: every layer quantized alone, its logit
+    error against fp32 on calibration samples, most sensitive first (see :mod:`edgepipe.quantize`).
+
+    ``equalize``: measure on the equalized, bias-corrected model (``None``: as the target says).
+
+    Returns:
+        ``{"model", "target", "method", "equalized", "samples", "layers": [LayerError dicts]}``.
+    """
+    import dataclasses as dc
+    import tempfile
+
+    from edgepipe.models import load_model
+    from edgepipe.pipeline import stages
+    from edgepipe.pipeline.cache import Cache
+    from edgepipe.quantize import layer_sensitivity
+
+    src = load_model(model, weights, trust_code=trust_code)
+    t = stages.resolve_targets([target], input_shape)[0]
+    if equalize is not None:
+        t = dc.replace(t, calibration=dc.replace(t.calibration, equalize=equalize))
+    splits = stages.load_splits(data, t)
+    calib = stages.calibration_set(splits)
+    with tempfile.TemporaryDirectory(prefix="edgepipe-sensitivity-") as tmp:
+        onnx, _ = stages.export(stages.original(src), t, splits, Path(tmp), Cache())
+        onnx, _ = stages.equalized(onnx, dc.replace(t, precision="int8"), calib, Path(tmp))
+        errors = layer_sensitivity(onnx, calib.x, t.calibration.method, samples=samples, progress=progress)
+    return {"model": src.spec, "target": t.name, "method": t.calibration.method, "equalized": t.calibration.equalize,
+            "samples": min(samples, len(calib.x)), "layers": [e.to_dict() for e in errors]}
+
+
 def compile(model: str, target: str, *, out: str | Path = "dist", data: str = "digits",
             reporter: Reporter | None = None, **options: Any) -> BuildResult:
     """Compile an ONNX (or torch) model for one target, evaluate it, and write its release directory (no bench)."""

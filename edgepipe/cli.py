@@ -418,6 +418,63 @@ def _compression_table(records: list[dict[str, Any]]) -> None:
     _console().print(t)
 
 
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--analyze", is_flag=True, required=True,
+              help="Measure every layer's sensitivity to int8 (the only mode today; required).")
+@click.option("-t", "--target", default="cpu-int8", show_default=True,
+              help="Target whose calibration method (and equalize setting) is used.")
+@click.option("-w", "--weights", type=click.Path(path_type=Path), help="Weights for a module:factory model.")
+@click.option("-d", "--data", default="digits", show_default=True, help="Samples: 'digits', 'photos', .npz, folder.")
+@click.option("--input-shape", help="N,C,H,W (default: the target's).")
+@click.option("--equalize/--no-equalize", default=None,
+              help="Measure on the equalized, bias-corrected model (default: as the target says).")
+@click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Calibration samples each quantized copy runs.")
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Rows in the table.")
+@_trust_option
+@click.option("--json", "as_json", is_flag=True, help="Print every layer as JSON.")
+def quantize(model: str | None, analyze: bool, target: str, weights: Path | None, data: str, input_shape: str | None,
+             equalize: bool | None, samples: int, top: int, trust_code: bool, as_json: bool) -> None:
+    """Show which layers int8 hurts: each layer quantized alone, the rest in float.
+
+    For every Conv/Gemm/MatMul, a copy of MODEL with only that layer int8 (weights per channel,
+    its input activation calibrated with the target's method) runs on calibration samples; the table
+    ranks layers by the normalised mean squared error of the logits against fp32 (and top-1 agreement).
+    A target's `calibration.float_layers = k` keeps the k worst in float; `edgepipe release` can
+    search k (`float_layers = [0, 2, 4]` in a search file's backend table).
+
+    \b
+    Examples:
+      edgepipe quantize --analyze
+      edgepipe quantize edgepipe.models.zoo:efficientnet_lite0 --analyze --data photos --equalize
+    """
+    from rich.progress import Progress
+
+    from edgepipe import api
+
+    with Progress(console=_console(stderr=True), transient=True, disable=as_json) as bar:
+        task = bar.add_task("quantizing one layer at a time", total=None)
+        report = api.sensitivity(model, target, weights=weights, data=data, input_shape=_shape(input_shape),
+                                 equalize=equalize, samples=samples, trust_code=trust_code,
+                                 progress=lambda n: bar.advance(task, n))
+    if as_json:
+        _emit_json(report)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"int8 sensitivity per layer: {report['model']} ({report['target']}, {report['method']} "
+                    f"calibration{', equalized' if report['equalized'] else ''}, {report['samples']} samples)")
+    for col in ("rank", "layer", "op", "logit NMSE", "top-1 agreement"):
+        t.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    for i, e in enumerate(report["layers"][:top], 1):
+        t.add_row(str(i), e["name"], e["op"], f"{e['nmse']:.2e}", f"{e['agreement']:.1%}")
+    _console().print(t)
+    n = len(report["layers"])
+    click.echo(f"{n} layers; the {min(top, n)} most sensitive shown. Keep the worst k in float with "
+               "calibration.float_layers = k in the target (or search it: float_layers = [0, 2, 4]).")
+
+
 @cli.command("compile")
 @click.argument("model")
 @click.option("-t", "--target", required=True, help="Target name or .toml path.")

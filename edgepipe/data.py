@@ -144,11 +144,13 @@ def digits(chw: tuple[int, int, int] = (1, 32, 32)) -> Dataset:
     return Dataset("digits", fit_to_shape(x, chw), d.target.astype(np.int64))
 
 
-#: scikit-image's bundled real photos (natural scenes, objects, a cat, a rocket, coffee, a motorcycle ...)
+#: scikit-image's bundled real photos of things ImageNet has classes for (a cat, espresso, a rocket, a
+#: motorcycle, a man with a camera, a clock, the moon, ...). Its texture and microscopy images (grass,
+#: gravel, a printed page, coins, stained cells) are left out: EfficientNet-Lite0's top-1 on their crops
+#: beats the runner-up by 0.04-0.12 on average, so any rounding flips them and agreement would measure noise.
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
-          "camera.png", "coins.png", "clock_motion.png", "brick.png", "grass.png", "gravel.png", "moon.png",
-          "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "page.png", "color.png")
-PHOTO_SAMPLES = 400
+          "camera.png", "clock_motion.png", "brick.png", "moon.png", "retina.jpg")
+PHOTO_SAMPLES = 1000
 
 
 def photo_crops(chw: tuple[int, int, int] = (3, 224, 224), n: int = PHOTO_SAMPLES, seed: int = 0) -> np.ndarray:

@@ -108,10 +108,11 @@ class OnnxRuntimeBackend(Backend):
         if target.precision == "fp32":
             shutil.copyfile(onnx.path, out)
             return Artifact(self.name, "fp32", out)
-        return Artifact(self.name, "int8", out, metadata=self._quantize(onnx, calibration, target.calibration.method, opts, out))
+        return Artifact(self.name, "int8", out, metadata=self._quantize(onnx, calibration, target.calibration.method, opts,
+                                                                        out, target.calibration.keep_float))
 
     def _quantize(self, onnx: OnnxModel, calibration: CalibrationSet, method: str, opts: OrtOptions,
-                  out: Path) -> dict[str, Any]:
+                  out: Path, target_keep: tuple[str, ...] = ()) -> dict[str, Any]:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -130,10 +131,20 @@ class OnnxRuntimeBackend(Backend):
                 reader: _Reader | None = _Reader(onnx.input_name, calibration.x, batch)
                 ranges: dict[str, Any] = {}
                 if any(k not in _FORWARDED for k in calibrator):  # options quantize_static would drop
-                    ranges = {"calibration_cache_path": _calibrate(pre, Path(tmp), calib_method, calibrator, reader)}
+                    ranges = {"calibration_cache_path": calibrate_ranges(pre, Path(tmp), calib_method, calibrator, reader)}
                     reader = None
+                keep = list(target_keep)
+                if keep:
+                    import onnx as onnx_lib
+
+                    have = {n.name for n in onnx_lib.load(str(pre), load_external_data=False).graph.node}
+                    missing = [n for n in keep if n not in have]
+                    if missing:
+                        raise CompileError(f"calibration.keep_float names {missing[0]!r}, which is not a node of "
+                                           f"{onnx.path.name} (after onnxruntime's pre-processing)")
                 quantize_static(
                     str(pre), str(out), reader,
+                    nodes_to_exclude=keep,
                     quant_format=QuantFormat.QDQ,
                     per_channel=opts.per_channel,
                     reduce_range=opts.reduce_range,
@@ -154,6 +165,7 @@ class OnnxRuntimeBackend(Backend):
             "activation_type": opts.activation_type,
             "weight_type": "int8",
             "per_channel": opts.per_channel,
+            "float_nodes": list(target_keep),
             "calibration": {**calibration.record(), "method": method, "calibrator": dict(calibrator)},
         }
 
@@ -162,7 +174,7 @@ class OnnxRuntimeBackend(Backend):
         return OrtRunner(artifact.path, threads, tuple(artifact.metadata.get("disabled_optimizers", ())))
 
 
-def _calibrate(model: Path, tmp: Path, method: Any, options: dict[str, Any], reader: _Reader) -> Path:
+def calibrate_ranges(model: Path, tmp: Path, method: Any, options: dict[str, Any], reader: _Reader) -> Path:
     """Run onnxruntime's calibrator with ``options`` on ``model``; the ranges, as quantize_static's cache file."""
     import inspect
 

@@ -270,9 +270,16 @@ class OpenVinoBackend(Backend):
 
     def _ignored_scope(self, model: ov.Model, target: Target, opts: OpenVinoOptions) -> Any:
         nncf = _nncf()
-        if not (opts.ignored_scope or opts.ignored_patterns):
-            return None
         names = {op.get_friendly_name() for op in model.get_ordered_ops()}
+        # mixed precision (calibration.keep_float, ONNX node names): OpenVINO splits a Conv with a bias into
+        # "<name>/WithoutBiases" (the convolution, what int8 runs) and "<name>" (the Add)
+        keep = [f"{n}/WithoutBiases" if f"{n}/WithoutBiases" in names else n for n in target.calibration.keep_float]
+        for n in keep:
+            if n not in names:
+                raise ConfigError(f"target {target.name!r}: calibration.keep_float names {n!r}, which is not an "
+                                  "operation of this model")
+        if not (opts.ignored_scope or opts.ignored_patterns or keep):
+            return None
         layers = _layers(model)
         hint = ", ".join(layers[:8]) + (f", ... ({len(layers)} in all)" if len(layers) > 8 else "")
         for n in opts.ignored_scope:
@@ -283,7 +290,7 @@ class OpenVinoBackend(Backend):
             if not any(re.fullmatch(p, n) for n in names):
                 raise ConfigError(f"target {target.name!r}: options.ignored_patterns {p!r} matches no operation "
                                   f"of this model; its layers are: {hint}")
-        return nncf.IgnoredScope(names=list(opts.ignored_scope), patterns=list(opts.ignored_patterns))
+        return nncf.IgnoredScope(names=[*opts.ignored_scope, *keep], patterns=list(opts.ignored_patterns))
 
     def _quantize(self, model: ov.Model, target: Target, calibration: CalibrationSet,
                   opts: OpenVinoOptions) -> tuple[ov.Model, dict[str, Any]]:
@@ -313,6 +320,7 @@ class OpenVinoBackend(Backend):
             "weights": "symmetric int8, per channel, min/max",
             "ignored_scope": list(opts.ignored_scope),
             "ignored_patterns": list(opts.ignored_patterns),
+            "float_nodes": list(target.calibration.keep_float),
             "calibration": {**calibration.record(), "method": target.calibration.method},
             "quantized_layers": quantized_layers(quantized),
         }

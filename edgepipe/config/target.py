@@ -32,12 +32,22 @@ class Calibration:
     method: CalibrationMethod = "minmax"
     samples: int = 256
     seed: int = 0
+    #: mixed precision: keep this many layers in float, the most sensitive to int8 first (per-layer
+    #: sensitivity measured at compile, see edgepipe.quantize); 0: every layer int8
+    float_layers: int = 0
+    #: cross-layer equalization and bias correction on the ONNX before the backend quantizes it
+    #: (see edgepipe.quantize.equalize)
+    equalize: bool = False
+    #: mixed precision by name: these ONNX nodes stay in float (filled from float_layers at compile)
+    keep_float: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ConfigError(
                 f"calibration.samples = {self.samples}: the calibration set would be empty; use 1 or more"
             )
+        if self.float_layers < 0:
+            raise ConfigError(f"calibration.float_layers = {self.float_layers}: give 0 (every layer int8) or more")
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,10 @@ def candidate_target(target: Target, settings: dict[str, Any]) -> Target:
             calib["method"] = v
         elif k == "calibration_samples":
             calib["samples"] = int(v)
+        elif k == "float_layers":
+            calib["float_layers"] = int(v)
+        elif k == "equalize":
+            calib["equalize"] = bool(v)
         else:
             opts[k] = tuple(v) if isinstance(v, list) else v
     if calib:

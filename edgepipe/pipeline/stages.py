@@ -268,12 +268,56 @@ def compile(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdi
         artifact = Artifact(backend.name, rec["precision"], out / rec["path"], [out / n for n in rec["files"]],
                             rec["metadata"])
     else:
-        artifact = backend.compile(onnx, target, calibration, out)
+        quantized_from, eq = equalized(onnx, target, calibration, workdir)
+        target, plan = mixed_precision(quantized_from, target, calibration)
+        artifact = backend.compile(quantized_from, target, calibration, out)
+        if eq:
+            artifact.metadata["equalization"] = eq
+        if plan:
+            artifact.metadata["mixed_precision"] = plan
         rec = {"precision": artifact.precision, "path": artifact.path.name,
                "files": [p.name for p in artifact.files], "metadata": artifact.metadata}
         cache.put(kind, key, artifact.files, rec)
     return artifact, StageRecord("compile", inputs, artifact_sha256(artifact), timer.seconds, hit is not None,
                                  {"backend": backend.name, "precision": artifact.precision})
+
+
+def equalized(onnx: OnnxModel, target: Target, calibration: CalibrationSet,
+              workdir: Path) -> tuple[OnnxModel, dict[str, Any]]:
+    """The model the backend quantizes: ``onnx`` equalized and bias-corrected when the int8 target asks
+    (``calibration.equalize``), else ``onnx`` itself; and the record of what was done."""
+    import dataclasses
+
+    if target.precision != "int8" or not target.calibration.equalize:
+        return onnx, {}
+    from edgepipe.quantize.equalize import equalize
+
+    path = workdir / "equalized" / onnx.path.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = equalize(onnx.path, path, calibration.x)
+    record["method"] = ("cross-layer equalization (ReLU6 kept exact on the calibration samples) and bias correction "
+                        "of int8 weight rounding, Nagel et al. 2019")
+    return dataclasses.replace(onnx, path=path, sha256=sha256_file(path)), record
+
+
+def mixed_precision(onnx: OnnxModel, target: Target, calibration: CalibrationSet) -> tuple[Target, dict[str, Any]]:
+    """``target`` with ``calibration.keep_float`` filled from ``float_layers`` (the most sensitive layers,
+    measured here) and the plan's record; the target as it is when it asks for no float layers."""
+    import dataclasses
+
+    cal = target.calibration
+    if target.precision != "int8" or (not cal.float_layers and not cal.keep_float):
+        return target, {}
+    if cal.keep_float:
+        return target, {"float_layers": len(cal.keep_float), "kept_float": list(cal.keep_float), "chosen_by": "target"}
+    from edgepipe.quantize import keep_float, layer_sensitivity
+
+    errors = layer_sensitivity(onnx, calibration.x, cal.method)
+    keep = keep_float(errors, cal.float_layers)
+    plan = {"float_layers": cal.float_layers, "kept_float": list(keep),
+            "chosen_by": "per-layer sensitivity: each layer int8 alone, logit NMSE on calibration samples",
+            "sensitivity": [e.to_dict() for e in errors[: max(10, cal.float_layers)]]}
+    return dataclasses.replace(target, calibration=dataclasses.replace(cal, keep_float=keep)), plan
 
 
 def artifact_sha256(artifact: Artifact) -> str:

@@ -140,13 +140,15 @@ class TensorRTBackend(Backend):
         plan = plan_for(target, opts, onnx.input_name, onnx.input_shape)
         preflight.check(onnx_lib.load(str(onnx.path)), f"{onnx.path.name}")
         quantization: dict[str, Any] = {"precision": target.precision}
-        model = self._precision_graph(onnx, target.precision, calibration, target.calibration.method, opts)
+        model = self._precision_graph(onnx, target.precision, calibration, target.calibration.method, opts,
+                                      target.calibration.keep_float)
         if target.precision == "int8":
             quantization.update({
                 "tool": "nvidia-modelopt ONNX PTQ (modelopt.onnx.quantization), onnxruntime CPU calibration",
                 "method": _METHODS[target.calibration.method], "activations": "int8, per tensor, symmetric",
                 "weights": "int8, per output channel, symmetric", "zero_points": 0,
-                "unquantized_layers": opts.high_precision, "calibration": {**calibration.record(), "method": target.calibration.method},
+                "unquantized_layers": opts.high_precision, "float_nodes": list(target.calibration.keep_float),
+                "calibration": {**calibration.record(), "method": target.calibration.method},
             })
         elif target.precision == "fp16":
             quantization["tool"] = "nvidia-modelopt AutoCast (fp16, fp32 inputs and outputs)"
@@ -190,7 +192,7 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def _precision_graph(onnx: OnnxModel, precision: str, calibration: CalibrationSet, method: str,
-                         opts: TrtOptions) -> Any:
+                         opts: TrtOptions, keep_float: tuple[str, ...] = ()) -> Any:
         """The graph with the precision in it: Q/DQ int8, AutoCast fp16, or the fp32 export as it is."""
         import onnx as onnx_lib
 
@@ -199,7 +201,7 @@ class TensorRTBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="edgepipe-trt-") as tmp:
             out = Path(tmp) / "converted.onnx"
             modelopt.convert(precision, onnx.path, out, onnx.input_name, calibration.x,
-                             method=_METHODS[method], high_precision=opts.high_precision)
+                             method=_METHODS[method], high_precision=opts.high_precision, keep_float=keep_float)
             return onnx_lib.load(str(out))
 
     @staticmethod

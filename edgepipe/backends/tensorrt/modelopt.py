@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,8 @@ def _int8(spec: dict[str, Any], x: np.ndarray) -> Any:
     out = Path(spec["workdir"]) / "model.qdq.onnx"
     quantize(onnx_path=spec["src"], quantize_mode="int8", calibration_data={spec["input_name"]: x},
              calibration_method=spec["method"], calibration_eps=["cpu"], output_path=str(out),
-             high_precision_dtype=spec["high_precision"], dq_only=True, log_level="ERROR")
+             high_precision_dtype=spec["high_precision"], dq_only=True, log_level="ERROR",
+             nodes_to_exclude=[f"^{re.escape(n)}$" for n in spec.get("keep_float", [])] or None)
     return onnx.load(str(out))
 
 
@@ -64,7 +66,7 @@ def _child(spec: dict[str, Any]) -> None:
 
 
 def convert(mode: str, src: Path, out: Path, input_name: str, x: np.ndarray, *, method: str = "max",
-            high_precision: str = "fp16", timeout_s: float = 1800) -> None:
+            high_precision: str = "fp16", keep_float: tuple[str, ...] = (), timeout_s: float = 1800) -> None:
     """Write ``src`` converted by modelopt to ``out``: ``mode`` "int8" (Q/DQ PTQ) or "fp16" (AutoCast)."""
     what = "int8 calibration (nvidia-modelopt ONNX PTQ)" if mode == "int8" else "fp16 conversion (nvidia-modelopt AutoCast)"
     with tempfile.TemporaryDirectory(prefix="edgepipe-modelopt-") as tmp:
@@ -74,7 +76,7 @@ def convert(mode: str, src: Path, out: Path, input_name: str, x: np.ndarray, *, 
         np.save(work / "calibration.npy", np.ascontiguousarray(x, dtype=np.float32))
         spec = {"mode": mode, "src": str(model), "out": str(out), "input_name": input_name,
                 "calibration": str(work / "calibration.npy"), "method": method,
-                "high_precision": high_precision, "workdir": tmp}
+                "high_precision": high_precision, "keep_float": list(keep_float), "workdir": tmp}
         (work / "spec.json").write_text(json.dumps(spec))
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[3])  # the checkout or site-packages
