@@ -44,13 +44,18 @@ _FORWARDED = {"symmetric": "CalibTensorRangeSymmetric", "moving_average": "Calib
               "percentile": "CalibPercentile"}
 
 
-#: onnxruntime's graph transformer that rewrites a Q/DQ Conv's float bias as int32, with the bias scale
-#: computed as input scale x weight scale *in the graph's float type*. In an fp16 Q/DQ graph (what
-#: modelopt makes for TensorRT) a channel whose weight scale is an fp16 subnormal (a near-dead channel,
-#: 6e-8) gets a bias scale that underflows to 0: bias / 0, and the whole network answers one class
-#: (EfficientNet-Lite0: 2.5 % agreement where the graph computes 77.5 %). TensorRT keeps biases in float,
-#: so a stand-in for its graph runs without this transformer.
-FP16_UNSAFE_OPTIMIZERS = ("WeightBiasQuantization",)
+#: onnxruntime's graph transformer (basic level) that, for a Conv/Gemm whose input comes from a
+#: DequantizeLinear, quantizes its float weight (per tensor) and bias (int32) when the session starts.
+#: Two ways it changes what a graph computes:
+#: * a layer that mixed precision keeps in float, after an int8 one, gets int8 per-tensor weights after
+#:   all (EfficientNet-Lite0 with its first depthwise conv kept float: logit NMSE 0.012 -> 0.23);
+#: * in an fp16 Q/DQ graph (what modelopt makes for TensorRT) it computes the bias scale, input scale x
+#:   weight scale, in fp16: a near-dead channel's subnormal weight scale (6e-8) makes it 0, bias / 0, and
+#:   the network answers one class (EfficientNet-Lite0: 2.5 % agreement where the graph computes 77.5 %).
+#: Artifacts that need it off say so in their metadata (``disabled_optimizers``), and every onnxruntime
+#: session edgepipe opens for them, evaluation and bench, leaves it out.
+QDQ_UNSAFE_OPTIMIZERS = ("WeightBiasQuantization",)
+FP16_UNSAFE_OPTIMIZERS = QDQ_UNSAFE_OPTIMIZERS
 
 
 class OrtRunner:
@@ -108,8 +113,10 @@ class OnnxRuntimeBackend(Backend):
         if target.precision == "fp32":
             shutil.copyfile(onnx.path, out)
             return Artifact(self.name, "fp32", out)
-        return Artifact(self.name, "int8", out, metadata=self._quantize(onnx, calibration, target.calibration.method, opts,
-                                                                        out, target.calibration.keep_float))
+        meta = self._quantize(onnx, calibration, target.calibration.method, opts, out, target.calibration.keep_float)
+        if target.calibration.keep_float:  # else onnxruntime int8s the float layers when the session starts
+            meta["disabled_optimizers"] = list(QDQ_UNSAFE_OPTIMIZERS)
+        return Artifact(self.name, "int8", out, metadata=meta)
 
     def _quantize(self, onnx: OnnxModel, calibration: CalibrationSet, method: str, opts: OrtOptions,
                   out: Path, target_keep: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -130,8 +137,11 @@ class OnnxRuntimeBackend(Backend):
                 quant_pre_process(str(onnx.path), str(pre), skip_symbolic_shape=False)
                 reader: _Reader | None = _Reader(onnx.input_name, calibration.x, batch)
                 ranges: dict[str, Any] = {}
-                if any(k not in _FORWARDED for k in calibrator):  # options quantize_static would drop
-                    ranges = {"calibration_cache_path": calibrate_ranges(pre, Path(tmp), calib_method, calibrator, reader)}
+                if any(k not in _FORWARDED for k in calibrator) or target_keep:
+                    # options quantize_static would drop; or float layers, whose int8 neighbours' outputs
+                    # must be quantized on their activation's range
+                    ranges = {"calibration_cache_path": calibrate_ranges(pre, Path(tmp), calib_method, calibrator,
+                                                                         reader, activation_ranges=bool(target_keep))}
                     reader = None
                 keep = list(target_keep)
                 if keep:
@@ -174,8 +184,33 @@ class OnnxRuntimeBackend(Backend):
         return OrtRunner(artifact.path, threads, tuple(artifact.metadata.get("disabled_optimizers", ())))
 
 
-def calibrate_ranges(model: Path, tmp: Path, method: Any, options: dict[str, Any], reader: _Reader) -> Path:
-    """Run onnxruntime's calibrator with ``options`` on ``model``; the ranges, as quantize_static's cache file."""
+def _activation_outputs(model: Path) -> dict[str, str]:
+    """layer output -> the output of the Relu/Clip that alone reads it."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    out = {}
+    for n in graph.node:
+        if n.op_type in ("Conv", "Gemm", "MatMul"):
+            r = readers.get(n.output[0], [])
+            if len(r) == 1 and r[0].op_type in ("Relu", "Clip"):
+                out[n.output[0]] = r[0].output[0]
+    return out
+
+
+def calibrate_ranges(model: Path, tmp: Path, method: Any, options: dict[str, Any], reader: _Reader,
+                     activation_ranges: bool = False) -> Path:
+    """Run onnxruntime's calibrator with ``options`` on ``model``; the ranges, as quantize_static's cache file.
+
+    ``activation_ranges``: a layer's output that only a Relu/Clip reads gets the range of the activation's
+    output. The whole-int8 model fuses the two and quantizes after the activation anyway; where the
+    activation's reader stays in float (mixed precision) onnxruntime would otherwise quantize the layer's
+    pre-activation output on its raw range (EfficientNet-Lite0's stem: -83..70, a 0.6 step for values
+    ReLU6 then keeps in 0..6): with the activation's range the Q/DQ pair is the activation."""
     import inspect
 
     import onnxruntime
@@ -193,5 +228,10 @@ def calibrate_ranges(model: Path, tmp: Path, method: Any, options: dict[str, Any
     )
     calibrator.collect_data(reader)
     path = tmp / "ranges.json"
-    save_tensors_data(calibrator.compute_data(), path)
+    data = calibrator.compute_data()
+    if activation_ranges:
+        for pre, post in _activation_outputs(model).items():
+            if pre in data and post in data:
+                data[pre] = data[post]
+    save_tensors_data(data, path)
     return path

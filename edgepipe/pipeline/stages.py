@@ -270,6 +270,8 @@ def compile(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdi
     else:
         quantized_from, eq = equalized(onnx, target, calibration, workdir)
         target, plan = mixed_precision(quantized_from, target, calibration)
+        if eq and target.calibration.keep_float:  # the float layers' biases must not be corrected
+            quantized_from, eq = equalized(onnx, target, calibration, workdir)
         artifact = backend.compile(quantized_from, target, calibration, out)
         if eq:
             artifact.metadata["equalization"] = eq
@@ -294,7 +296,7 @@ def equalized(onnx: OnnxModel, target: Target, calibration: CalibrationSet,
 
     path = workdir / "equalized" / onnx.path.name
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = equalize(onnx.path, path, calibration.x)
+    record = equalize(onnx.path, path, calibration.x, keep_float=target.calibration.keep_float)
     record["method"] = ("cross-layer equalization (ReLU6 kept exact on the calibration samples) and bias correction "
                         "of int8 weight rounding, Nagel et al. 2019")
     return dataclasses.replace(onnx, path=path, sha256=sha256_file(path)), record

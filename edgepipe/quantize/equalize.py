@@ -172,10 +172,13 @@ def _channel_stats(path: Path, tensors: list[str], x: np.ndarray, batch: int = 1
     return {t: (mx[t], sm[t] / count) for t in tensors}
 
 
-def equalize(src: Path, out: Path, x: np.ndarray, *, bias_correction: bool = True) -> dict[str, Any]:
+def equalize(src: Path, out: Path, x: np.ndarray, *, bias_correction: bool = True,
+             keep_float: tuple[str, ...] = ()) -> dict[str, Any]:
     """Write ``src`` equalized (and bias-corrected) to ``out``; returns what was done, for the manifest.
 
-    ``x``: calibration samples (NCHW float32), for the pre-activation maxima and the layer input means."""
+    ``x``: calibration samples (NCHW float32), for the pre-activation maxima and the layer input means.
+    ``keep_float``: layers that stay in float (mixed precision): their biases are not corrected (there is
+    no int8 rounding to correct for, and a correction would be an error of its own)."""
     import onnx
 
     from edgepipe._fs import atomic_path
@@ -212,19 +215,19 @@ def equalize(src: Path, out: Path, x: np.ndarray, *, bias_correction: bool = Tru
     record: dict[str, Any] = {"equalized_pairs": len(pairs), "channels_rescaled": scaled,
                               "channels_kept (saturating ReLU6 or dead)": kept}
     if bias_correction:
-        record["bias_corrected_layers"] = _correct_biases(g, model, x)
+        record["bias_corrected_layers"] = _correct_biases(g, model, x, set(keep_float))
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
     return record
 
 
-def _correct_biases(g: _Graph, model: Any, x: np.ndarray) -> int:
+def _correct_biases(g: _Graph, model: Any, x: np.ndarray, skip: set[str]) -> int:
     """Lower each Conv's bias by its int8 weight rounding error times the mean of its input."""
     import tempfile
 
     import onnx
 
-    convs = [n for n in g.nodes if g.conv_weight(n) is not None and g.conv_weight(n).ndim == 4]
+    convs = [n for n in g.nodes if g.conv_weight(n) is not None and g.conv_weight(n).ndim == 4 and n.name not in skip]
     with tempfile.TemporaryDirectory(prefix="edgepipe-equalize-") as tmp:
         p = Path(tmp) / "eq.onnx"
         onnx.save(model, str(p))

@@ -2,7 +2,8 @@
 
 The model is calibrated once (onnxruntime's calibrator, the target's method); then, for every layer that
 int8 kernels run (Conv, Gemm, MatMul), a copy of the model with *only that layer* quantized (its weights
-int8 per channel, its input activation uint8 with the calibrated range, as ``cpu-int8`` does) runs on
+int8 per channel, its input activation uint8 with the calibrated range, as ``cpu-int8`` does; a Relu or
+Clip right after it quantized with it, as int8 kernels fuse them) runs on
 the samples, and its logits are compared with the fp32 logits: the normalised mean squared error
 (MSE / mean square of the fp32 logits) and the top-1 agreement. The layers with the largest error are the
 ones a mixed-precision plan keeps in float (:func:`keep_float`).
@@ -48,9 +49,13 @@ class LayerError:
 def _logits(path: Path, x: np.ndarray, batch: int = 16) -> np.ndarray:
     import onnxruntime as ort
 
+    from edgepipe.backends.onnxruntime import QDQ_UNSAFE_OPTIMIZERS
+
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # the float layers after the one quantized layer must stay float (see QDQ_UNSAFE_OPTIMIZERS)
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(QDQ_UNSAFE_OPTIMIZERS))
     name = s.get_inputs()[0].name
     static = s.get_inputs()[0].shape[0]
     step = static if isinstance(static, int) and static > 0 else batch
@@ -75,6 +80,26 @@ def layers(path: Path) -> list[tuple[str, str]]:
 
     return [(n.name, n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node
             if n.op_type in LAYER_OPS]
+
+
+def _with_activation(path: Path) -> dict[str, list[str]]:
+    """Each layer with the Relu/Clip that alone reads its output: quantized together, as in the whole int8
+    model, where the activation is folded and the layer's output is quantized on the activation's range.
+    (Quantizing the layer alone would quantize its pre-activation output, whose range can be 25x wider
+    than ReLU6's: EfficientNet-Lite0's stem went from 0.3 to the real error.)"""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    out = {}
+    for n in graph.node:
+        if n.op_type in LAYER_OPS:
+            nxt = readers.get(n.output[0], [])
+            out[n.name] = [n.name] + ([nxt[0].name] if len(nxt) == 1 and nxt[0].op_type in ("Relu", "Clip") else [])
+    return out
 
 
 def layer_sensitivity(onnx_model: OnnxModel, x: np.ndarray, method: str = "minmax", samples: int = 32,
@@ -104,12 +129,13 @@ def layer_sensitivity(onnx_model: OnnxModel, x: np.ndarray, method: str = "minma
         reader = _Reader(onnx_model.input_name, x, 1 if static else 32)
         ranges = calibrate_ranges(onnx_model.path, work, getattr(CalibrationMethod, _METHODS[method]), calibrator,
                                   reader)
+        together = _with_activation(onnx_model.path)
         for name, op in layers(onnx_model.path):
             q = work / "one.onnx"
             try:
                 quantize_static(str(onnx_model.path), str(q), None, quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                nodes_to_quantize=[name], calibration_cache_path=str(ranges), extra_options=extra)
+                                nodes_to_quantize=together[name], calibration_cache_path=str(ranges), extra_options=extra)
             except Exception as e:  # onnxruntime raises plain exceptions of many kinds
                 raise CompileError(f"per-layer sensitivity: quantizing {name!r} ({op}) alone failed: {e}") from e
             y = _logits(q, run_x)

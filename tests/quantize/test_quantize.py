@@ -216,3 +216,40 @@ def test_cli_quantize_analyze_prints_every_layer_as_json(capsys):
     assert len(names) == 16 and len(set(names)) == 16
     nmse = [layer["nmse"] for layer in report["layers"]]
     assert nmse == sorted(nmse, reverse=True) and nmse[0] > 0
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "recipes" / "search").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_search_space_loads_and_its_candidates_are_valid(path):
+    from edgepipe.config.search import load_search
+    from edgepipe.pipeline.search import candidate_target
+
+    space = load_search(path)
+    shipped = {"onnxruntime": "cpu-int8", "openvino": "intel-cpu-int8", "tflite": "arm64-cpu-int8",
+               "tensorrt": "jetson-orin-nano-int8"}
+    for backend, name in shipped.items():
+        for _recipe, settings in space.grid(backend):
+            candidate_target(load_target(name), settings)  # the backend accepts every candidate
+
+
+def test_onnxruntime_float_layers_stay_float_when_the_session_starts(example_onnx, splits, tmp_path):
+    """onnxruntime's WeightBiasQuantization would int8 (per tensor) a float layer fed by a DequantizeLinear
+    when the session starts; the artifact says to leave it out, and edgepipe's runner does: it computes
+    exactly the graph (onnxruntime with every optimizer off)."""
+    import onnxruntime as ort
+
+    from edgepipe.pipeline.cache import Cache
+
+    calib = CalibrationSet(splits.calibration.x, "digits:calibration")
+    t = load_target("cpu-int8")
+    t = dataclasses.replace(t, calibration=dataclasses.replace(t.calibration, float_layers=3))
+    art, _ = stages.compile(example_onnx, t, calib, tmp_path, Cache(enabled=False))
+    assert art.metadata["disabled_optimizers"] == ["WeightBiasQuantization"]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(art.path), so, providers=["CPUExecutionProvider"])
+    x = splits.test.x[:64]
+    truth = plain.run(None, {plain.get_inputs()[0].name: x})[0]
+    runner = backends.get("onnxruntime").load(art)
+    ours = runner({runner.inputs[0].name: x})[0]
+    assert np.abs(ours - truth).max() < 5e-3 * np.abs(truth).max()  # int8 kernel rounding only (13x that without)
