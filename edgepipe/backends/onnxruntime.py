@@ -184,8 +184,9 @@ class OnnxRuntimeBackend(Backend):
         return OrtRunner(artifact.path, threads, tuple(artifact.metadata.get("disabled_optimizers", ())))
 
 
-def _activation_outputs(model: Path) -> dict[str, str]:
-    """layer output -> the output of the Relu/Clip that alone reads it."""
+def fused_activations(model: Path) -> dict[str, Any]:
+    """Each Conv/Gemm/MatMul node's name -> the Relu/Clip node that alone reads its output (the pairs int8
+    kernels fuse)."""
     import onnx
 
     graph = onnx.load(str(model), load_external_data=False).graph
@@ -198,7 +199,7 @@ def _activation_outputs(model: Path) -> dict[str, str]:
         if n.op_type in ("Conv", "Gemm", "MatMul"):
             r = readers.get(n.output[0], [])
             if len(r) == 1 and r[0].op_type in ("Relu", "Clip"):
-                out[n.output[0]] = r[0].output[0]
+                out[n.name] = (n, r[0])
     return out
 
 
@@ -230,7 +231,8 @@ def calibrate_ranges(model: Path, tmp: Path, method: Any, options: dict[str, Any
     path = tmp / "ranges.json"
     data = calibrator.compute_data()
     if activation_ranges:
-        for pre, post in _activation_outputs(model).items():
+        for layer, act in fused_activations(model).values():
+            pre, post = layer.output[0], act.output[0]
             if pre in data and post in data:
                 data[pre] = data[post]
     save_tensors_data(data, path)

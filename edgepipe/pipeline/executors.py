@@ -221,13 +221,7 @@ class PoolExecutor:
                 r = f.result()
                 self.nodes.append(r["node"])
                 self.bench_spans += [(r["node"], a, b) for a, b in r.get("bench_spans") or []]
-                if "error" in r:
-                    out.append(JobResult(error=r["error"], node=r["node"], host=r["host"]))
-                    continue
-                res = _unpack(r["result"], r["files"], j.workdir, opts)
-                for n in res.notes:
-                    session.reporter.note(n)
-                out.append(JobResult(res, node=r["node"], host=r["host"]))
+                out.append(_job_result(r, j, session))
         except BrokenProcessPool:
             self.close()
             raise EdgepipeError("a worker process of the local pool died (out of memory? killed?); run the release "
@@ -325,6 +319,17 @@ def _unpack(res: CandidateResult, files: dict[str, bytes], dest: Path, options: 
         onnx=dataclasses.replace(res.onnx, path=dest / res.onnx.path),
         calibration=stages.calibration_set(stages.load_splits(options.data, res.target)),
     )
+
+
+def _job_result(r: dict[str, Any], job: Job, session: Session) -> JobResult:
+    """A worker's answer (a Ray task's or a pool worker's) as the job's result, its files written under
+    the job's work directory and its notes passed on."""
+    if "error" in r:
+        return JobResult(error=r["error"], node=r["node"], host=r["host"])
+    res = _unpack(r["result"], r["files"], job.workdir, session.options)
+    for n in res.notes:
+        session.reporter.note(n)
+    return JobResult(res, node=r["node"], host=r["host"])
 
 
 def _node() -> tuple[str, str]:
@@ -517,13 +522,7 @@ class RayExecutor:
             self.nodes.append(r["host"])
             if "refused" in r:
                 raise ClusterError(r["refused"])
-            if "error" in r:
-                out.append(JobResult(error=r["error"], node=r["node"], host=r["host"]))
-                continue
-            res = _unpack(r["result"], r["files"], j.workdir, opts)
-            for n in res.notes:
-                session.reporter.note(n)
-            out.append(JobResult(res, node=r["node"], host=r["host"]))
+            out.append(_job_result(r, j, session))
         return out
 
     def _wait(self, refs: list[Any], boards: set[str]) -> None:

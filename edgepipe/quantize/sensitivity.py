@@ -87,19 +87,10 @@ def _with_activation(path: Path) -> dict[str, list[str]]:
     model, where the activation is folded and the layer's output is quantized on the activation's range.
     (Quantizing the layer alone would quantize its pre-activation output, whose range can be 25x wider
     than ReLU6's: EfficientNet-Lite0's stem went from 0.3 to the real error.)"""
-    import onnx
+    from edgepipe.backends.onnxruntime import fused_activations
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    readers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    out = {}
-    for n in graph.node:
-        if n.op_type in LAYER_OPS:
-            nxt = readers.get(n.output[0], [])
-            out[n.name] = [n.name] + ([nxt[0].name] if len(nxt) == 1 and nxt[0].op_type in ("Relu", "Clip") else [])
-    return out
+    fused = fused_activations(path)
+    return {name: [name] + ([fused[name][1].name] if name in fused else []) for name, _op in layers(path)}
 
 
 def layer_sensitivity(onnx_model: OnnxModel, x: np.ndarray, method: str = "minmax", samples: int = 32,
