@@ -118,15 +118,16 @@ def layer_sensitivity(onnx_model: OnnxModel, x: np.ndarray, method: str = "minma
         ref = _logits(onnx_model.path, run_x)
         static = isinstance(onnx_model.input_shape[0], int) and onnx_model.input_shape[0] == 1
         reader = _Reader(onnx_model.input_name, x, 1 if static else 32)
-        ranges = calibrate_ranges(onnx_model.path, work, getattr(CalibrationMethod, _METHODS[method]), calibrator,
-                                  reader)
+        calibrate_method = getattr(CalibrationMethod, _METHODS[method])
+        ranges = calibrate_ranges(onnx_model.path, work, calibrate_method, calibrator, reader)
         together = _with_activation(onnx_model.path)
         for name, op in layers(onnx_model.path):
             q = work / "one.onnx"
             try:
                 quantize_static(str(onnx_model.path), str(q), None, quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                nodes_to_quantize=together[name], calibration_cache_path=str(ranges), extra_options=extra)
+                                nodes_to_quantize=together[name], calibration_cache_path=str(ranges),
+                                calibrate_method=calibrate_method, extra_options=extra)
             except Exception as e:  # onnxruntime raises plain exceptions of many kinds
                 raise CompileError(f"per-layer sensitivity: quantizing {name!r} ({op}) alone failed: {e}") from e
             y = _logits(q, run_x)

@@ -101,7 +101,8 @@ def test_relu6_channels_that_saturate_are_left_alone(relu6_onnx, splits, tmp_pat
     assert np.allclose(_logits(out, big[:32]), _logits(relu6_onnx.path, big[:32]), atol=1e-4)
 
 
-def test_sensitivity_ranks_the_layer_int8_hurts_first(relu6_onnx, splits, tmp_path):
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_sensitivity_ranks_the_layer_int8_hurts_first(method, relu6_onnx, splits, tmp_path):
     """A weight outlier in the pointwise layer makes it the one int8 resolves worst."""
     m = onnx.load(str(relu6_onnx.path))
     inits = {i.name: i for i in m.graph.initializer}
@@ -112,7 +113,7 @@ def test_sensitivity_ranks_the_layer_int8_hurts_first(relu6_onnx, splits, tmp_pa
     bad = tmp_path / "bad.onnx"
     onnx.save(m, str(bad))
     model = dataclasses.replace(relu6_onnx, path=bad)
-    errors = layer_sensitivity(model, splits.calibration.x[:64], samples=32)
+    errors = layer_sensitivity(model, splits.calibration.x[:64], method, samples=32)
     assert len(errors) == 4 and errors[0].name == pw.name
     assert errors[0].nmse > 10 * errors[-1].nmse
     assert keep_float(errors, 2) == tuple(sorted(e.name for e in errors[:2]))
