@@ -447,7 +447,8 @@ def quantize(model: str | None, analyze: bool, target: str, weights: Path | None
     \b
     Examples:
       edgepipe quantize --analyze
-      edgepipe quantize edgepipe.models.zoo:efficientnet_lite0 --analyze --data photos --equalize
+      edgepipe quantize edgepipe.models.zoo:efficientnet_lite0 --analyze --data photos \\
+        --input-shape 1,3,224,224 --equalize
     """
     from rich.progress import Progress
 
