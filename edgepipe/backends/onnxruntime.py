@@ -52,17 +52,17 @@ _FORWARDED = {"symmetric": "CalibTensorRangeSymmetric", "moving_average": "Calib
 #: * in an fp16 Q/DQ graph (what modelopt makes for TensorRT) it computes the bias scale, input scale x
 #:   weight scale, in fp16: a near-dead channel's subnormal weight scale (6e-8) makes it 0, bias / 0, and
 #:   the network answers one class (EfficientNet-Lite0: 2.5 % agreement where the graph computes 77.5 %).
-#: Artifacts that need it off say so in their metadata (``disabled_optimizers``), and every onnxruntime
-#: session edgepipe opens for them, evaluation and bench, leaves it out.
+#: Every onnxruntime session edgepipe opens (evaluation, bench, sensitivity, stand-ins) leaves it out. On
+#: a graph quantized whole (int8 weights, int32 biases) and on a float graph it has nothing to do, so
+#: leaving it out costs nothing there. An onnxruntime artifact with float layers also names it in its
+#: metadata (``disabled_optimizers``), for whoever loads the ``.onnx`` with their own session.
 QDQ_UNSAFE_OPTIMIZERS = ("WeightBiasQuantization",)
-FP16_UNSAFE_OPTIMIZERS = QDQ_UNSAFE_OPTIMIZERS
 
 
 class OrtRunner:
-    """An ``InferenceSession`` on the CPU execution provider (``disabled_optimizers``: onnxruntime graph
-    transformers left out, by name)."""
+    """An ``InferenceSession`` on the CPU execution provider, without :data:`QDQ_UNSAFE_OPTIMIZERS`."""
 
-    def __init__(self, path: Path, threads: int | None, disabled_optimizers: tuple[str, ...] = ()) -> None:
+    def __init__(self, path: Path, threads: int | None) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -73,7 +73,7 @@ class OrtRunner:
         so.log_severity_level = 3  # errors only: its graph-optimizer warnings (fp16 folding, ...) are not for users
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
-                                                disabled_optimizers=list(disabled_optimizers))
+                                                disabled_optimizers=list(QDQ_UNSAFE_OPTIMIZERS))
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidGraph, NotImplemented, ...)
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CompileError(f"onnxruntime cannot load {path.name}: {text.rpartition('failed:')[2].strip() or text}; "
@@ -114,7 +114,7 @@ class OnnxRuntimeBackend(Backend):
             shutil.copyfile(onnx.path, out)
             return Artifact(self.name, "fp32", out)
         meta = self._quantize(onnx, calibration, target.calibration.method, opts, out, target.calibration.keep_float)
-        if target.calibration.keep_float:  # else onnxruntime int8s the float layers when the session starts
+        if target.calibration.keep_float:  # a deployment's own session must leave it out too
             meta["disabled_optimizers"] = list(QDQ_UNSAFE_OPTIMIZERS)
         return Artifact(self.name, "int8", out, metadata=meta)
 
@@ -181,7 +181,7 @@ class OnnxRuntimeBackend(Backend):
 
     def load(self, artifact: Artifact, threads: int | None = None) -> OrtRunner:
         self.require("run")
-        return OrtRunner(artifact.path, threads, tuple(artifact.metadata.get("disabled_optimizers", ())))
+        return OrtRunner(artifact.path, threads)
 
 
 def fused_activations(model: Path) -> dict[str, Any]:

@@ -46,20 +46,11 @@ class LayerError:
         return asdict(self)
 
 
-def _logits(path: Path, x: np.ndarray, batch: int = 16) -> np.ndarray:
-    import onnxruntime as ort
+def _logits(path: Path, x: np.ndarray) -> np.ndarray:
+    from edgepipe.backends.onnxruntime import OrtRunner
+    from edgepipe.evaluate import predict
 
-    from edgepipe.backends.onnxruntime import QDQ_UNSAFE_OPTIMIZERS
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    # the float layers after the one quantized layer must stay float (see QDQ_UNSAFE_OPTIMIZERS)
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=list(QDQ_UNSAFE_OPTIMIZERS))
-    name = s.get_inputs()[0].name
-    static = s.get_inputs()[0].shape[0]
-    step = static if isinstance(static, int) and static > 0 else batch
-    return np.concatenate([s.run(None, {name: x[i:i + step]})[0] for i in range(0, len(x), step)]).astype(np.float32)
+    return predict(OrtRunner(path, None), x).astype(np.float32)
 
 
 @contextlib.contextmanager

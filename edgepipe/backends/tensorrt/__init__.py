@@ -219,11 +219,8 @@ class TensorRTBackend(Backend):
         except ConfigError:
             return None
         onnx_path = root / manifest["onnx"]["file"]
-        from edgepipe.backends.onnxruntime import FP16_UNSAFE_OPTIMIZERS
-
         return StandIn(
-            artifact=Artifact("onnxruntime", manifest["precision"], onnx_path,
-                              metadata={"disabled_optimizers": list(FP16_UNSAFE_OPTIMIZERS)}),
+            artifact=Artifact("onnxruntime", manifest["precision"], onnx_path),
             evaluates=(f"{onnx_path.name} on onnxruntime (CPU): the graph TensorRT builds the engine from, so "
                        "the accuracy the engine will have, up to kernel rounding"),
             bench=("TensorRT engines are timed on the device they are built for: copy the release directory "
