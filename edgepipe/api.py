@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from edgepipe import backends
 from edgepipe._progress import Reporter
 from edgepipe.config import Board, Target, load_target, target_files
 from edgepipe.config.recipe import Recipe
-from edgepipe.errors import ConfigError
+from edgepipe.errors import BackendUnavailable, BenchmarkError, ConfigError
 from edgepipe.harness import BenchSettings, Measurement, measure
 from edgepipe.pipeline import BuildOptions, BuildResult
 from edgepipe.pipeline import build as _build
@@ -320,22 +322,138 @@ def resolve_board(spec: str) -> Board:
 
 
 def bench(artifact: str | Path, *, threads: int | None = None, batch: int = 1, warmup: int = 20,
-          iterations: int = 200, duration_s: float | None = None, device: str | Board | None = None) -> Measurement:
+          iterations: int = 200, duration_s: float | None = None, device: str | Board | None = None,
+          verify: bool = False, data: str | None = None) -> Measurement:
     """Measure an artifact's latency and memory in a fresh worker process, here or on a board over SSH.
 
     Args:
         artifact: a release directory or an artifact file.
         device: ``None`` for this machine; a board (``[user@]host[:port]``, a target name with a
             ``[board]`` table, or a :class:`Board`) to measure there.
+        verify: also measure top-1 where it runs (the board's own runtime) on the release's test split,
+            and compare its answers with this host's run of the same file: the measurement's ``eval``
+            holds top-1, the release's recorded top-1 and the comparison (needs a release directory).
+        data: the evaluation data, when not the source the release records.
     """
     art = resolve_artifact(artifact)
     settings = BenchSettings(threads=threads, batch=batch, warmup=warmup, iterations=iterations, duration_s=duration_s)
-    if device is None:
-        return measure(art, settings)
-    from edgepipe.harness.remote import measure_remote
+    board = None if device is None else device if isinstance(device, Board) else resolve_board(device)
+    if not verify:
+        if board is None:
+            return measure(art, settings)
+        from edgepipe.harness.remote import measure_remote
 
-    board = device if isinstance(device, Board) else resolve_board(device)
-    return measure_remote(art, board, settings)
+        return measure_remote(art, board, settings)
+    import tempfile
+
+    from edgepipe.ship import verify as ver
+
+    release = art.path.parent
+    with tempfile.TemporaryDirectory(prefix="edgepipe-verify-") as tmp:
+        x, y, name = ver.eval_split(release, data)
+        npz = Path(tmp) / f"eval-{name.replace('/', '_')}.npz"
+        np.savez(npz, x=x, y=np.asarray(y, np.int64))
+        if board is None:
+            m = measure(art, settings, eval_path=npz)
+        else:
+            from edgepipe.harness.remote import measure_remote
+
+            m = measure_remote(art, board, settings, eval_path=npz)
+    return _verified(m, release, x, y)
+
+
+def _verified(m: Measurement, release: Path, x: np.ndarray, y: np.ndarray) -> Measurement:
+    """``m`` with its eval record's logits compared with this host's run of the same release."""
+    import dataclasses
+
+    from edgepipe.harness.worker import decode_logits
+    from edgepipe.release import MANIFEST
+    from edgepipe.ship import verify as ver
+    from edgepipe.types import Manifest
+
+    ev = dict(m.eval or {})
+    if "logits" not in ev:
+        raise BenchmarkError("the worker returned no logits to verify")
+    there = decode_logits(ev)
+    del ev["logits"]
+    ev["release_top1"] = Manifest.read(release / MANIFEST).accuracy.top1
+    try:
+        here, here_name = ver.local_logits(release, x)
+        ev["comparison"] = ver.compare(here, there, y, here_name, m.where).to_dict()
+    except (BackendUnavailable, ImportError) as e:  # this host cannot run the artifact: top-1 only
+        ev["comparison"] = None
+        ev["comparison_skipped"] = f"this host cannot run the artifact to compare: {e}"
+    return dataclasses.replace(m, eval=ev)
+
+
+def docker_context(release: str | Path, platform: str, out: str | Path, *, base_image: str | None = None,
+                   python: str = "3.11", data: str | None = None) -> Any:
+    """Write the self-contained build context of ``release``'s runtime image for ``platform``
+    (see :mod:`edgepipe.ship.context`); no Docker engine is needed."""
+    from edgepipe.ship.context import write_context
+
+    return write_context(Path(release), Path(out), platform, base_image=base_image, python=python, data=data)
+
+
+def docker_build(release: str | Path, platform: str, tag: str, *, context: str | Path | None = None,
+                 base_image: str | None = None, python: str = "3.11", data: str | None = None) -> dict[str, Any]:
+    """Write the context, then build it into image ``tag`` with the local Docker engine.
+
+    Without an engine the context is still written and ``DockerError`` says what is missing.
+    Returns ``{"context": ..., "image": ...}``.
+    """
+    from edgepipe.ship.engine import ARCH, Docker
+
+    release = Path(release)
+    ctx_dir = Path(context) if context else Path("docker-context") / f"{release.name}-{ARCH.get(platform, 'x')}"
+    ctx = docker_context(release, platform, ctx_dir, base_image=base_image, python=python, data=data)
+    built = Docker().build(ctx.directory, tag, platform, base_image)
+    return {"context": ctx.to_dict(), "image": built.to_dict()}
+
+
+def docker_run(tag: str, *, verify: bool = False, iterations: int = 200, warmup: int = 20,
+               threads: int | None = None) -> Measurement:
+    """Run image ``tag``: it benchmarks its release (and with ``verify`` evaluates the release's test split
+    with the image's runtime; the answers are compared with this host's run of the same file, copied
+    out of the image)."""
+    import json as _json
+    import tempfile
+
+    from edgepipe.harness import parse_worker_output
+    from edgepipe.ship.engine import Docker
+
+    engine = Docker()
+    args = ["--iterations", str(iterations), "--warmup", str(warmup)]
+    if threads:
+        args += ["--threads", str(threads)]
+    if verify:
+        args += ["--eval", "/opt/edgepipe/eval.npz"]
+    out = engine.run(tag, args)
+    result = parse_worker_output(out, f"the release in image {tag}", "/opt/venv/bin/python", f"image {tag}")
+    with tempfile.TemporaryDirectory(prefix="edgepipe-image-") as tmp:
+        engine.copy_out(tag, {"/release": Path(tmp) / "release", "/opt/edgepipe/eval.npz": Path(tmp) / "eval.npz",
+                              "/opt/edgepipe/context.json": Path(tmp) / "context.json"})
+        art = resolve_artifact(Path(tmp) / "release")
+        m = Measurement(**result, size_bytes=art.size_bytes, backend=art.backend, precision=art.precision)
+        if not verify:
+            return m
+        with np.load(Path(tmp) / "eval.npz", allow_pickle=False) as d:
+            x, y = d["x"], d["y"]
+        m = _verified(m, Path(tmp) / "release", x, y)
+        ctx = _json.loads((Path(tmp) / "context.json").read_text())
+    import dataclasses
+
+    return dataclasses.replace(m, eval={**(m.eval or {}), "image": tag, "platform": ctx.get("platform")})
+
+
+def docker_base(platform: str, tag: str | None = None, *, packages: tuple[str, ...] = (),
+                suite: str = "bookworm", mirror: str | None = None) -> Any:
+    """A Debian base image of ``platform`` made from the package mirror (no registry), loaded as ``tag``."""
+    from edgepipe.ship import base
+
+    arch = base.ARCH.get(platform, "x")
+    return base.build_base(platform, tag or f"local/debian-{arch}:{suite}",
+                           tuple(dict.fromkeys([*base.DEFAULT_PACKAGES, *packages])), suite, mirror)
 
 
 @dataclass(frozen=True)

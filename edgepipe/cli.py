@@ -175,6 +175,8 @@ def _ms(d: dict[str, Any] | None, key: str) -> str:
 def _build_table(result: Any) -> None:
     from rich.table import Table
 
+    from edgepipe.harness import speedup
+
     t = Table(title=f"edgepipe build: {result.model}")
     for col in ("target", "backend", "prec.", "top-1", "drop pts", "p50 ms", "p99 ms", "speed-up", "mem MB",
                 "size KiB"):
@@ -191,14 +193,19 @@ def _build_table(result: Any) -> None:
                       _ms(ref_lat, "p50_ms"), _ms(ref_lat, "p99_ms"), "1.00x" if ref_lat else "-", mem,
                       f"{src.bytes / 1024:.0f}" if src and not m.compression else "-", style="dim")
         lat = m.latency
-        speed = f"{ref_lat['p50_ms'] / lat['p50_ms']:.2f}x" if lat and ref_lat else "-"
+        ratio = speedup(ref_lat, lat)
+        speed = f"{ratio:.2f}x" if ratio is not None else "-"
+        if lat and (lat.get("host") or {}).get("emulated"):
+            speed += " (emulated)"
         mem = f"{lat['peak_rss_above_baseline_mb']:.1f}" if lat else "-"
         t.add_row(m.name, art.backend, art.precision, f"{acc.top1:.2%}", f"{acc.drop_points:+.2f}",
                   _ms(lat, "p50_ms"), _ms(lat, "p99_ms"), speed, mem, f"{art.size_bytes / 1024:.0f}")
     console = _console()
     console.print(t)
     console.print("mem MB: peak resident memory of the bench worker above its baseline; drop pts: top-1 points "
-                  "below the original model in fp32 (test split); speed-up: reference p50 / target p50.", style="dim")
+                  "below the original model in fp32 (test split); speed-up: reference p50 / target p50, shown only when "
+                  "both were timed on the same machine; (emulated): timed under qemu-user, which proves function, "
+                  "not speed.", style="dim")
     for r in result.results:
         console.print(f"released [bold]{r.manifest.name}[/] -> {r.release_dir}/", highlight=False)
     for n in result.notes:
@@ -512,26 +519,49 @@ def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: str 
 @click.option("--duration", type=float, help="Time-box the timed loop to this many seconds instead.")
 @click.option("--device", "device", metavar="BOARD",
               help="Measure on a board over SSH: [user@]host[:port], or a target name with a [board] table.")
+@click.option("--verify", is_flag=True,
+              help="Also measure top-1 where it runs (the board's own runtime) on the release's test split and "
+                   "compare its answers with this machine's run of the same file.")
+@click.option("-d", "--data", help="With --verify: the evaluation data, if not the source the release records.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurement as JSON.")
 def bench(artifact: Path, threads: int | None, batch: int, warmup: int, iterations: int,
-          duration: float | None, device: str | None, as_json: bool) -> None:
+          duration: float | None, device: str | None, verify: bool, data: str | None, as_json: bool) -> None:
     """Measure ARTIFACT's latency and memory in a fresh worker process.
 
     ARTIFACT is a release directory, or a model file (.onnx, ...). Reports p50/p90/p99/mean latency,
     throughput, load time and peak resident memory above the worker's baseline. With --device, the
     artifact and the worker (one zip file) are copied to the board over SSH (keys, no password) and
-    run by its Python, which needs numpy and the artifact's runtime, not torch or edgepipe.
+    run by its Python, which needs numpy and the artifact's runtime, not torch or edgepipe. The
+    report says which machine measured, and when it ran under emulation (qemu-user): then the figures
+    prove the artifact runs there, not how fast.
+
+    \b
+    Examples:
+      edgepipe bench dist/cpu-int8
+      edgepipe bench dist/raspberry-pi-5 --device raspberry-pi-5 --verify   # the target's [board]
+      edgepipe bench dist/arm64-cpu-int8 --device pi@192.168.1.20:22 --json
     """
     from edgepipe import api
+    from edgepipe.errors import BenchmarkError
 
-    m = api.bench(artifact, threads=threads, batch=batch, warmup=warmup, iterations=iterations, duration_s=duration,
-                  device=device)
+    try:
+        m = api.bench(artifact, threads=threads, batch=batch, warmup=warmup, iterations=iterations,
+                      duration_s=duration, device=device, verify=verify, data=data)
+    except BenchmarkError as e:
+        if as_json and getattr(e, "partial", None) is not None:  # a board dropped: keep what it measured
+            _emit_json({"ok": False, "error": str(e), "partial": e.partial})  # type: ignore[attr-defined]
+            sys.exit(1)
+        raise
     if as_json:
         _emit_json(m.to_dict())
         return
+    _measurement_table(m, f"edgepipe bench: {artifact} ({m.backend} {m.precision})".replace(" )", ")"))
+
+
+def _measurement_table(m: Any, title: str) -> None:
     from rich.table import Table
 
-    t = Table(title=f"edgepipe bench: {artifact} ({m.backend} {m.precision})".replace(" )", ")"))
+    t = Table(title=title)
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "throughput_per_s", "load_ms",
@@ -540,8 +570,22 @@ def bench(artifact: Path, threads: int | None, batch: int, warmup: int, iteratio
     t.add_row("size_bytes", str(m.size_bytes))
     t.add_row("iterations x batch", f"{m.iterations} x {m.batch}")
     if m.host:
-        t.add_row("measured on", f"{m.host.get('node', '')} ({m.host.get('machine', '')})")
-    _console().print(t)
+        t.add_row("measured on", m.where)
+    ev = m.eval
+    if ev:
+        t.add_row("top-1 there", f"{ev['top1']:.2%} on {ev['samples']} samples (release: {ev['release_top1']:.2%})")
+        c = ev.get("comparison")
+        if c:
+            t.add_row("top-1 here", f"{c['here_top1']:.2%} ({c['here']})")
+            t.add_row("answers agree", f"{c['agreement']:.2%}")
+            t.add_row("largest logit difference", f"{c['max_abs_logit_diff']:.4g}")
+        elif ev.get("comparison_skipped"):
+            t.add_row("comparison", ev["comparison_skipped"])
+    console = _console()
+    console.print(t)
+    if m.emulated:
+        console.print(f"[yellow]note:[/] measured under emulation ({m.emulated}): these figures prove the artifact "
+                      "runs there, not how fast; they are never a board's latency", highlight=False)
 
 
 @cli.command("targets")
@@ -599,6 +643,127 @@ def engine_build(bundle: Path, out: Path | None, as_json: bool) -> None:
         click.echo(f"built {record['file']} ({record['bytes'] / 2**20:.1f} MiB) with TensorRT {record['tensorrt']} "
                    f"on {record['device']} in {record['seconds']:.1f} s ({record['typing']}ly typed); recorded in "
                    f"{Path(bundle) / 'tensorrt-bundle.json' if Path(bundle).is_dir() else bundle}")
+
+
+@cli.group("docker")
+def docker_group() -> None:
+    """Runtime images of a release: build context, image, run (a Docker engine, or just the context).
+
+    \b
+    edgepipe docker base  --platform linux/arm64                      # a Debian base, no registry needed
+    edgepipe docker build dist/arm64-cpu-int8 --platform linux/arm64 --tag edgepipe/pi5:1.0 \\
+                          --base-image local/debian-arm64:bookworm
+    edgepipe docker run   edgepipe/pi5:1.0 --verify                   # bench JSON; top-1 vs this host
+
+    The context (Dockerfile, release, the platform's wheels pinned by sha256, the bench worker, the
+    test split) builds offline; its Dockerfile defaults to the official python:3.11-slim base.
+    """
+
+
+@docker_group.command("build")
+@click.argument("release", type=click.Path(path_type=Path))
+@click.option("--platform", "platform", required=True, type=click.Choice(["linux/amd64", "linux/arm64"]),
+              help="The image's platform (its wheels are downloaded for it).")
+@click.option("-t", "--tag", required=True, help="Image name:tag, e.g. edgepipe/pi5:1.0.")
+@click.option("--base-image", help="Base image (default: python:3.11-slim-bookworm; TensorRT: NVIDIA's).")
+@click.option("--context", "context", type=click.Path(path_type=Path),
+              help="Where to write the build context [default: docker-context/<release>-<arch>].")
+@click.option("--python", "python", default="3.11", show_default=True, help="The base image's CPython (wheels' tag).")
+@click.option("-d", "--data", help="Evaluation data, if not the source the release records.")
+@click.option("--context-only", is_flag=True, help="Write the context and stop (no engine needed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the context and image records as JSON.")
+def docker_build(release: Path, platform: str, tag: str, base_image: str | None, context: Path | None, python: str,
+                 data: str | None, context_only: bool, as_json: bool) -> None:
+    """Write RELEASE's image build context, then build the image with the local Docker engine.
+
+    Without an engine (or with --context-only) the context is still written, ready for `docker build`
+    elsewhere. With buildx the image is cross-built for --platform; without it the classic builder
+    builds from a base image of that platform (make one with `edgepipe docker base`).
+    """
+    from edgepipe import api
+    from edgepipe.errors import DockerError
+    from edgepipe.ship.engine import ARCH
+
+    ctx_dir = context or Path("docker-context") / f"{release.name}-{ARCH[platform]}"
+    ctx = api.docker_context(release, platform, ctx_dir, base_image=base_image, python=python, data=data)
+    if not as_json:
+        _console().print(f"context: {ctx.directory}/ ({ctx.wheels} wheels, {ctx.wheels_bytes / 1e6:.1f} MB, "
+                         f"base {ctx.base_image})", highlight=False)
+    if context_only:
+        if as_json:
+            _emit_json({"context": ctx.to_dict(), "image": None})
+        return
+    from edgepipe.ship.engine import Docker
+
+    try:
+        engine = Docker()
+    except DockerError as e:
+        raise DockerError(f"{e}. The context is written: {ctx.directory}/ (docker build {ctx.directory})") from None
+    with _status(as_json, f"building {tag} ({platform}) in {ctx.directory}"):
+        built = engine.build(ctx.directory, tag, platform, base_image)
+    if as_json:
+        _emit_json({"context": ctx.to_dict(), "image": built.to_dict()})
+        return
+    _console().print(f"built [bold]{tag}[/] ({platform}, {built.builder} builder) in {built.seconds:.0f} s, "
+                     f"{built.size_bytes / 1e6:.0f} MB" + (f"; {built.note}" if built.note else ""), highlight=False)
+
+
+@contextlib.contextmanager
+def _status(quiet: bool, label: str) -> Iterator[None]:
+    if quiet:
+        yield
+        return
+    with _console(stderr=True).status(label):
+        yield
+
+
+@docker_group.command("run")
+@click.argument("image")
+@click.option("--verify", is_flag=True, help="Also evaluate the release's test split with the image's runtime and "
+              "compare its answers with this machine's run of the same file (copied out of the image).")
+@click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="Runtime threads (default: the runtime's own).")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurement as JSON.")
+def docker_run(image: str, verify: bool, iterations: int, warmup: int, threads: int | None, as_json: bool) -> None:
+    """Run IMAGE (made by `edgepipe docker build`): it benchmarks its release and prints JSON.
+
+    The container runs with no network. An arm64 image on an x86 host runs under QEMU emulation: the
+    report says so, and its figures prove function, not speed.
+    """
+    from edgepipe import api
+
+    m = api.docker_run(image, verify=verify, iterations=iterations, warmup=warmup, threads=threads)
+    if as_json:
+        _emit_json(m.to_dict())
+        return
+    _measurement_table(m, f"edgepipe docker run: {image} ({m.backend} {m.precision})")
+
+
+@docker_group.command("base")
+@click.option("--platform", "platform", required=True, type=click.Choice(["linux/amd64", "linux/arm64"]))
+@click.option("-t", "--tag", help="Image name [default: local/debian-<arch>:<suite>].")
+@click.option("--include", "include", multiple=True, metavar="PKG", help="Extra Debian packages (repeatable).")
+@click.option("--suite", default="bookworm", show_default=True)
+@click.option("--mirror", help="Debian mirror [default: this machine's apt source].")
+@click.option("--json", "as_json", is_flag=True, help="Print the base record as JSON.")
+def docker_base(platform: str, tag: str | None, include: tuple[str, ...], suite: str, mirror: str | None,
+                as_json: bool) -> None:
+    """Make a Debian base image (python3 + venv) of PLATFORM from the package mirror and load it.
+
+    For machines that cannot pull from a registry. Needs root (or user namespaces) and mmdebstrap or
+    debootstrap; an arm64 root on x86 is configured under QEMU (qemu-user-static + binfmt): about
+    2 minutes with mmdebstrap. The root is cached under $EDGEPIPE_CACHE_DIR/bases.
+    """
+    from edgepipe import api
+
+    with _status(as_json, f"making a Debian {suite} root for {platform}"):
+        b = api.docker_base(platform, tag, packages=include, suite=suite, mirror=mirror)
+    if as_json:
+        _emit_json(b.to_dict())
+        return
+    how = "from the cache" if b.cached else f"in {b.seconds:.0f} s"
+    _console().print(f"loaded [bold]{b.tag}[/] ({platform}, {', '.join(b.packages)}) {how}", highlight=False)
 
 
 @cli.group()

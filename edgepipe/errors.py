@@ -45,3 +45,7 @@ class BudgetError(EdgepipeError):
 
 class ClusterError(EdgepipeError):
     """The Ray cluster is unreachable, lacks a resource the targets need, or a node's versions differ."""
+
+
+class DockerError(EdgepipeError):
+    """The Docker engine is missing, or building or running an image failed."""

@@ -80,11 +80,17 @@ def render_report(m: Manifest) -> str:
     if m.bench_skipped:
         summary.append(("not benchmarked", m.bench_skipped))
     if lat:
-        summary += [("latency p50 / p90 / p99", f"{lat['p50_ms']:.3f} / {lat['p90_ms']:.3f} / {lat['p99_ms']:.3f} ms"),
+        from edgepipe.harness import speedup, where
+
+        summary += [("latency measured on", where(lat)),
+                    ("latency p50 / p90 / p99", f"{lat['p50_ms']:.3f} / {lat['p90_ms']:.3f} / {lat['p99_ms']:.3f} ms"),
                     ("throughput", f"{lat['throughput_per_s']:.1f} / s at batch {lat['batch']}"),
                     ("peak memory above baseline", f"{lat['peak_rss_above_baseline_mb']:.1f} MB")]
-        if ref:
-            summary.append(("speed-up vs fp32 reference", f"{ref['p50_ms'] / lat['p50_ms']:.2f}x"))
+        ratio = speedup(ref, lat)
+        if ratio is not None:
+            summary.append(("speed-up vs fp32 reference", f"{ratio:.2f}x (both timed on {where(lat)})"))
+        elif ref:
+            summary.append(("speed-up vs fp32 reference", f"not shown: the fp32 reference was timed on {where(ref)}"))
     budgets = [(k, f"{'ok' if b.ok else 'MISSED'}: {b.value:.3f} (limit {b.limit})") for k, b in m.budgets.items()]
     files = [(f.name, f"{f.bytes:,} bytes, sha256 {f.sha256}") for f in a.files]
     stages = [(s.name, "skipped: " + s.skipped if s.skipped else f"output sha256 {s.output_sha256}") for s in m.stages]

@@ -18,10 +18,18 @@ from edgepipe._fs import atomic_path
 from edgepipe._telemetry import NO_TELEMETRY_ENV
 from edgepipe.config import Board
 from edgepipe.errors import BenchmarkError
-from edgepipe.harness import BenchSettings, Measurement, _settings, parse_worker_output
+from edgepipe.harness import BenchSettings, Measurement, _settings, parse_worker_output, partial_figures
 from edgepipe.types import Artifact
 
-_MAIN = "from edgepipe.harness.worker import main\nmain()\n"
+_MAIN = """\
+import json, sys
+try:
+    from edgepipe.harness.worker import main
+except ModuleNotFoundError as e:  # the board's Python lacks numpy: said as data, the host names the pip line
+    print(json.dumps({"ok": False, "error": f"ModuleNotFoundError: {e}", "missing": (e.name or "").split(".")[0]}))
+    sys.exit(0)
+main()
+"""
 
 
 def worker_zip(dest_dir: Path) -> Path:
@@ -59,11 +67,15 @@ class SSH:
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s)
         except subprocess.TimeoutExpired as e:
-            raise BenchmarkError(f"board {self.dest}: {what} ran past {self.timeout_s:.0f} s") from e
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            raise _stopped(f"board {self.dest}: {what} ran past {self.timeout_s:.0f} s", out) from e
         if r.returncode != 0:
             tail = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
-            raise BenchmarkError(f"board {self.dest}: {what} failed: {tail}; check that `ssh {self.dest}` works "
-                                 "without a password (keys) and the host is reachable")
+            msg = f"board {self.dest}: {what} failed: {tail}"
+            if partial_figures(r.stdout) is not None:  # it had started: the board or the link dropped mid-run
+                raise _stopped(msg, r.stdout)
+            raise BenchmarkError(f"{msg}; check that `ssh -p {self.board.port} {self.dest}` works without a "
+                                 "password (keys) and the host is reachable")
         return r.stdout
 
     def run(self, command: str, what: str) -> str:
@@ -74,26 +86,53 @@ class SSH:
                    f"{self.dest}:{remote_dir}/"], "copying files")
 
 
+def _stopped(message: str, stdout: str) -> BenchmarkError:
+    """The error for a run that stopped part-way, saying where, with the figures measured so far kept on
+    the exception (``.partial``)."""
+    p = partial_figures(stdout)
+    if p is None:
+        return BenchmarkError(message)
+    phase = p.get("phase")
+    if phase == "loaded":
+        where = f"after loading the artifact ({p.get('load_ms', 0):.0f} ms), during warm-up"
+    elif phase == "timing":
+        of = f" of {p['of']}" if p.get("of") else ""
+        where = (f"while timing, after {p['iterations']}{of} iterations (p50 so far {p['p50_ms']:.3f} ms, "
+                 f"mean {p['mean_ms']:.3f} ms)")
+    else:
+        where = (f"after timing ({p['iterations']} iterations, p50 {p['p50_ms']:.3f} ms), while evaluating "
+                 "the samples")
+    err = BenchmarkError(f"{message}: it stopped {where}; the figures so far are kept (--json prints them)")
+    err.partial = p  # type: ignore[attr-defined]
+    return err
+
+
 def measure_remote(artifact: Artifact, board: Board, settings: BenchSettings | None = None,
-                   scratch: Path | None = None) -> Measurement:
-    """Copy the artifact and the worker to ``board``, measure there, and return the board's figures."""
+                   scratch: Path | None = None, eval_path: Path | None = None) -> Measurement:
+    """Copy the artifact and the worker to ``board``, measure there, and return the board's figures.
+
+    With ``eval_path`` (an .npz of ``x`` and ``y``) the board's runtime also runs every sample, and the
+    measurement's ``eval`` holds its top-1 and logits. A board that drops part-way raises a
+    ``BenchmarkError`` that says where it stopped and keeps the figures so far in ``.partial``.
+    """
     import tempfile
 
     s = settings or BenchSettings()
     ssh = SSH(board, s.timeout_s)
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in artifact.files if p.is_file())).hexdigest()[:16]
-    remote_dir = f"{board.workdir.rstrip('/')}/{digest}"
+    extra = [eval_path] if eval_path is not None else []
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*artifact.files, *extra] if p.is_file())).hexdigest()
+    remote_dir = f"{board.workdir.rstrip('/')}/{digest[:16]}"
     with tempfile.TemporaryDirectory() as tmp:
         wz = worker_zip(scratch or Path(tmp))
         ssh.run(f"mkdir -p {shlex.quote(remote_dir)}", "creating the work directory")
-        ssh.copy([wz, *[p for p in artifact.files if p.is_file()]], remote_dir)
+        ssh.copy([wz, *[p for p in artifact.files if p.is_file()], *extra], remote_dir)
     root = artifact.path.parent
     remote = Artifact(artifact.backend, artifact.precision, Path(remote_dir) / artifact.path.name,
                       [Path(remote_dir) / p.relative_to(root).name for p in artifact.files], artifact.metadata)
-    payload = json.dumps(_settings(remote, s))
+    payload = json.dumps(_settings(remote, s, Path(remote_dir) / eval_path.name if eval_path else None))
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in NO_TELEMETRY_ENV.items())
     out = ssh.run(f"{env} {shlex.quote(board.python)} "
                   f"{shlex.quote(remote_dir + '/' + wz.name)} {shlex.quote(payload)}", "running the worker")
-    result = parse_worker_output(out, f"{artifact.path.name} on {ssh.dest}")
+    result = parse_worker_output(out, f"{artifact.path.name} on {ssh.dest}", board.python, f"board {ssh.dest}")
     return Measurement(**result, size_bytes=artifact.size_bytes, backend=artifact.backend,
                        precision=artifact.precision)

@@ -1,11 +1,20 @@
 """The measuring worker: load one artifact in a fresh process, warm up, time, print one JSON line.
 
 Run as ``python -m edgepipe.harness.worker '<json settings>'``. It imports only numpy, the standard
-library and the artifact's own runtime (through its backend), so the same worker runs on a board.
+library and the artifact's own runtime (through its backend), so the same worker runs on a board and as
+the entrypoint of a runtime image (``--release DIR [--eval FILE.npz]``: the artifact a release's
+manifest names).
+
+With ``"eval": {"path": "x.npz"}`` in the settings it also runs every sample of the file (``x``, ``y``)
+and reports top-1 and the logits, so accuracy is measured by the board's own runtime. While it times it
+prints ``{"partial": ...}`` lines, so a board that drops mid-run still leaves the figures so far. It
+reports the machine, and whether this process runs under qemu-user emulation (then its latency proves
+function only, never speed).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import platform
 import sys
@@ -13,7 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+try:
+    import numpy as np
+except ModuleNotFoundError:  # reported as data by main(), so the host can name the package to install
+    np = None  # type: ignore[assignment]
 
 
 def _status_mb(field: str) -> float:
@@ -44,11 +56,82 @@ def _input(shape: tuple[Any, ...], batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(dims, dtype=np.float32)
 
 
+#: the Python modules a backend's runtime can be imported from (any one will do)
+RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",),
+                   "tflite": ("ai_edge_litert", "tflite_runtime"), "tensorrt": ("tensorrt",)}
+_X86 = ("GenuineIntel", "AuthenticAMD", "HygonGenuine")
+
+
+def emulation() -> str | None:
+    """``"qemu-user"`` when this process is a foreign binary run by qemu-user (binfmt), else ``None``.
+
+    qemu-user answers ``/proc/self/exe`` with the guest binary, but not ``/proc/thread-self/exe``, which
+    the kernel resolves to the interpreter (``qemu-aarch64-static``). As a second sign, an ARM process
+    that reads an x86 vendor in ``/proc/cpuinfo`` (qemu-user passes the host's through) is emulated.
+    """
+    import os
+
+    try:
+        if "qemu-" in os.path.basename(os.readlink("/proc/thread-self/exe")):
+            return "qemu-user"
+    except OSError:
+        pass
+    machine = platform.machine().lower()
+    if not (machine.startswith("arm") or machine.startswith("aarch")):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read(65536)
+    except OSError:
+        return None
+    return "qemu-user" if any(v in info for v in _X86) else None
+
+
+def host_info() -> dict[str, Any]:
+    return {"machine": platform.machine(), "system": platform.system(), "node": platform.node(),
+            "processor": platform.processor(), "python": platform.python_version(), "emulated": emulation()}
+
+
+def _partial(phase: str, **figures: Any) -> None:
+    sys.stdout.write(json.dumps({"partial": {"phase": phase, **figures}}) + "\n")
+    sys.stdout.flush()
+
+
+def _stats(ms: Any) -> dict[str, float]:
+    return {"p50_ms": float(np.percentile(ms, 50)), "mean_ms": float(ms.mean()), "iterations": int(len(ms))}
+
+
+def evaluate(runner: Any, path: str, with_logits: bool = True) -> dict[str, Any]:
+    """Top-1 of ``runner`` on the samples of ``path`` (an .npz with ``x`` and ``y``), and the logits."""
+    from edgepipe.evaluate import predict
+
+    with np.load(path, allow_pickle=False) as d:
+        x, y = np.asarray(d["x"], np.float32), np.asarray(d["y"])
+    logits = np.asarray(predict(runner, x), np.float32)
+    out: dict[str, Any] = {"top1": float((logits.argmax(1) == y).mean()), "samples": int(len(y)),
+                           "dataset": Path(path).name}
+    if with_logits:
+        out["logits"] = {"shape": list(logits.shape), "float32_b64": base64.b64encode(logits.tobytes()).decode()}
+    return out
+
+
+def decode_logits(record: dict[str, Any]) -> Any:
+    """The logits array of an ``evaluate`` record."""
+    raw = base64.b64decode(record["logits"]["float32_b64"])
+    return np.frombuffer(raw, np.float32).reshape(record["logits"]["shape"])
+
+
 def measure(settings: dict[str, Any]) -> dict[str, Any]:
     """Load, warm up and time one artifact; returns the figures as a dict."""
+    import importlib.util
+
     from edgepipe import backends
     from edgepipe.types import Artifact
 
+    wanted = RUNTIME_MODULES.get(settings["backend"], ())
+    if wanted and not any(importlib.util.find_spec(m) for m in wanted):
+        raise ModuleNotFoundError(f"No module named {wanted[0]!r} (the {settings['backend']} runtime)",
+                                  name=wanted[0])
     baseline = _rss_mb()
     backend = backends.get(settings["backend"])
     artifact = Artifact(settings["backend"], settings.get("precision", ""), Path(settings["path"]),
@@ -60,20 +143,24 @@ def measure(settings: dict[str, Any]) -> dict[str, Any]:
     feeds = {spec.name: x}
     runner(feeds)
     load_ms = (time.perf_counter() - t0) * 1e3
+    _partial("loaded", load_ms=load_ms, host=host_info())
     for _ in range(settings.get("warmup", 20)):
         runner(feeds)
     times: list[float] = []
     duration = settings.get("duration_s")
     iterations = settings.get("iterations", 200)
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     while len(times) < iterations if not duration else time.perf_counter() - start < duration:
         t = time.perf_counter()
         runner(feeds)
         times.append(time.perf_counter() - t)
+        if t - last > 1.0:  # figures so far, about once a second
+            last = t
+            _partial("timing", of=None if duration else iterations, **_stats(np.array(times) * 1e3))
     ms = np.array(times) * 1e3
     peak = _peak_rss_mb()
     device_mb = getattr(runner, "device_memory_mb", None)  # GPU runners report the device memory they took
-    return {
+    result = {
         "iterations": len(ms),
         "warmup": settings.get("warmup", 20),
         "batch": int(x.shape[0]),
@@ -91,17 +178,46 @@ def measure(settings: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": peak,
         "peak_rss_above_baseline_mb": peak - baseline,
         "device_memory_mb": device_mb() if callable(device_mb) else None,
-        "host": {"machine": platform.machine(), "system": platform.system(), "node": platform.node(),
-                 "processor": platform.processor(), "python": platform.python_version()},
+        "host": host_info(),
     }
+    ev = settings.get("eval")
+    if ev:
+        _partial("timed", **{k: result[k] for k in ("p50_ms", "mean_ms", "iterations", "load_ms")})
+        result["eval"] = evaluate(runner, ev["path"], ev.get("logits", True))
+    return result
+
+
+def release_settings(release: str, argv: list[str]) -> dict[str, Any]:
+    """Settings for the artifact a release directory's manifest names (the runtime images' entrypoint):
+    ``--release DIR [--eval FILE.npz] [--iterations N] [--warmup N] [--threads N]``."""
+    from edgepipe.release import artifact_from_release
+
+    art = artifact_from_release(Path(release))
+    if art is None:
+        raise ValueError(f"{release!r} is not a release directory (no manifest.json naming an artifact)")
+    opts = dict(zip(argv[::2], argv[1::2], strict=False))
+    s: dict[str, Any] = {"backend": art.backend, "precision": art.precision, "path": str(art.path),
+                         "files": [str(p) for p in art.files], "metadata": art.metadata,
+                         "threads": int(opts["--threads"]) if "--threads" in opts else None,
+                         "batch": 1, "warmup": int(opts.get("--warmup", 20)),
+                         "iterations": int(opts.get("--iterations", 200)), "duration_s": None, "seed": 0}
+    if opts.get("--eval"):
+        s["eval"] = {"path": opts["--eval"], "logits": True}
+    return s
 
 
 def main() -> None:
-    settings = json.loads(sys.argv[1])
     try:
+        if np is None:
+            raise ModuleNotFoundError("No module named 'numpy'", name="numpy")
+        args = sys.argv[1:]
+        settings = release_settings(args[1], args[2:]) if args and args[0] == "--release" else json.loads(args[0])
         result = {"ok": True, **measure(settings)}
+    except ModuleNotFoundError as e:  # the board or image lacks a package: the host names the pip line
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "missing": (e.name or "").split(".")[0],
+                  "host": host_info()}
     except Exception as e:  # reported to the parent as data, not a traceback
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "host": host_info()}
     sys.stdout.write("\n" + json.dumps(result) + "\n")
 
 

@@ -15,6 +15,7 @@ from edgepipe import backends
 from edgepipe._progress import NullReporter, Reporter
 from edgepipe.config import Target
 from edgepipe.data import Splits
+from edgepipe.errors import BenchmarkError
 from edgepipe.harness import Measurement
 from edgepipe.models import ModelSource
 from edgepipe.pipeline import stages
@@ -70,7 +71,7 @@ class Session:
     def reference(self, target: Target, splits: Splits) -> Reference:
         """The original model's fp32 figures for this target's input, threads and bench settings."""
         key = (target.input_shape, target.dynamic_batch, target.runtime, stages.data_sha256(splits),
-               self.options.bench, self.options.iterations)
+               self.options.bench, self.options.iterations, None if self.options.local_bench else target.board)
         if key not in self._references:
             ref_target = dataclasses.replace(target, name=f"{target.name}-reference", backend="onnxruntime",
                                              precision="fp32", options={}, board=None)
@@ -82,9 +83,19 @@ class Session:
             ev, _ = stages.evaluate(art, ref_target, splits, self.cache, self.reporter)
             m = None
             if self.options.bench:
-                with self.reporter.stage(f"{target.name}: bench fp32 reference"):
-                    m, _ = stages.bench(art, ref_target, stages.bench_settings(target, self.options.iterations),
-                                        self.cache, on_board=False)
+                # a board target's reference is timed on that board, so a speed-up compares like with like
+                board = target.board if not self.options.local_bench else None
+                where = f"board {board.host}" if board else "here"
+                with self.reporter.stage(f"{target.name}: bench fp32 reference ({where})"):
+                    try:
+                        m, _ = stages.bench(art, dataclasses.replace(ref_target, board=board),
+                                            stages.bench_settings(target, self.options.iterations), self.cache,
+                                            on_board=board is not None)
+                    except BenchmarkError as e:
+                        if board is None:
+                            raise
+                        self.reporter.note(f"{target.name}: no speed-up: the fp32 reference (onnxruntime) could not "
+                                           f"be timed on the board: {e}")
             self._references[key] = Reference(ev.validation_top1, ev.test_top1, m)
         return self._references[key]
 
@@ -117,6 +128,9 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
             m, bench_rec = stages.bench(artifact, target, stages.bench_settings(target, opts.iterations), cache,
                                         on_board=on_board)
         records.append(bench_rec)
+    if m is not None and m.emulated:
+        notes.append(f"{target.name}: measured on {m.where}: emulation proves function, not speed"
+                     + (" (its latency is not checked against max_latency_ms)" if target.budgets.max_latency_ms else ""))
     for n in notes:
         rep.note(n)
     val_drop = round((ref.validation_top1 - ev.validation_top1) * 100, 4)
