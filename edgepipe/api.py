@@ -387,7 +387,7 @@ def _verified(m: Measurement, release: Path, x: np.ndarray, y: np.ndarray) -> Me
 
 
 def docker_context(release: str | Path, platform: str, out: str | Path, *, base_image: str | None = None,
-                   python: str = "3.11", data: str | None = None) -> Any:
+                   python: str | None = None, data: str | None = None) -> Any:
     """Write the self-contained build context of ``release``'s runtime image for ``platform``
     (see :mod:`edgepipe.ship.context`); no Docker engine is needed."""
     from edgepipe.ship.context import write_context
@@ -396,7 +396,7 @@ def docker_context(release: str | Path, platform: str, out: str | Path, *, base_
 
 
 def docker_build(release: str | Path, platform: str, tag: str, *, context: str | Path | None = None,
-                 base_image: str | None = None, python: str = "3.11", data: str | None = None) -> dict[str, Any]:
+                 base_image: str | None = None, python: str | None = None, data: str | None = None) -> dict[str, Any]:
     """Write the context, then build it into image ``tag`` with the local Docker engine.
 
     Without an engine the context is still written and ``DockerError`` says what is missing.

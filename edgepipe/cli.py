@@ -668,11 +668,12 @@ def docker_group() -> None:
 @click.option("--base-image", help="Base image (default: python:3.11-slim-bookworm; TensorRT: NVIDIA's).")
 @click.option("--context", "context", type=click.Path(path_type=Path),
               help="Where to write the build context [default: docker-context/<release>-<arch>].")
-@click.option("--python", "python", default="3.11", show_default=True, help="The base image's CPython (wheels' tag).")
+@click.option("--python", "python", help="The base image's CPython, for the wheels' tag [default: 3.11; NVIDIA "
+              "bases: theirs].")
 @click.option("-d", "--data", help="Evaluation data, if not the source the release records.")
 @click.option("--context-only", is_flag=True, help="Write the context and stop (no engine needed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the context and image records as JSON.")
-def docker_build(release: Path, platform: str, tag: str, base_image: str | None, context: Path | None, python: str,
+def docker_build(release: Path, platform: str, tag: str, base_image: str | None, context: Path | None, python: str | None,
                  data: str | None, context_only: bool, as_json: bool) -> None:
     """Write RELEASE's image build context, then build the image with the local Docker engine.
 

@@ -1,8 +1,9 @@
-"""Shared fixtures: the trained example model, its data splits, an exported ONNX of it, and a loopback
-SSH board (a real sshd on 127.0.0.1)."""
+"""Shared fixtures: the trained example model, its data splits, an exported ONNX of it, a loopback SSH
+board (a real sshd on 127.0.0.1), a Docker engine with arm64 emulation, and an emulated aarch64 board."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,196 @@ def cli_error(capsys: pytest.CaptureFixture[str]):
         return lines[0]
 
     return run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Docker, arm64 emulation and an emulated aarch64 board (tests marked `docker`)
+
+BASES_CACHE = Path(os.environ.get("EDGEPIPE_TEST_BASES") or Path.home() / ".cache" / "edgepipe" / "bases")
+BOARD_PACKAGES = ("openssh-server",)  # the arm64 base doubles as the board's root
+
+
+def _engine_answers(env: dict[str, str]) -> bool:
+    import shutil
+    import subprocess
+
+    docker = shutil.which("docker")
+    if docker is None:
+        return False
+    r = subprocess.run([docker, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True,
+                       env=env, timeout=30)
+    return r.returncode == 0
+
+
+def register_qemu_binfmt() -> str | None:
+    """Register qemu-user-static's aarch64 handler with binfmt_misc (root); ``None`` or why it cannot."""
+    binfmt = Path("/proc/sys/fs/binfmt_misc")
+    if (binfmt / "qemu-aarch64").exists():
+        return None
+    conf = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")
+    if not conf.is_file():
+        return "qemu-user-static is not installed (apt-get install qemu-user-static)"
+    import subprocess
+
+    if not (binfmt / "register").exists():
+        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], capture_output=True)
+    line = next(ln for ln in conf.read_text().splitlines() if ln.startswith(":"))
+    try:
+        (binfmt / "register").write_text(line)
+    except OSError as e:
+        return f"cannot register the aarch64 binfmt handler: {e}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory):
+    """A Docker engine for the session: the one DOCKER_HOST (or the default socket) names if it answers,
+    else a private dockerd started here (root; no bridge network, no iptables). arm64 emulation
+    (qemu binfmt) is registered too. Skipped only without root or without docker.io installed."""
+    import shutil
+    import subprocess
+    import time
+
+    env = dict(os.environ)
+    proc = None
+    if not _engine_answers(env):
+        dockerd = shutil.which("dockerd")
+        if dockerd is None or os.geteuid() != 0 or shutil.which("docker") is None:
+            pytest.skip("needs Docker's engine and root: apt-get install docker.io (the README's set-up line does)")
+        d = Path("/tmp") / f"edgepipe-dockerd-{os.getpid()}"  # short: unix socket paths are limited to 108 bytes
+        d.mkdir(exist_ok=True)
+        sock = f"unix://{d}/docker.sock"
+        log = open(tmp_path_factory.mktemp("dockerd") / "dockerd.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen([dockerd, "--data-root", str(d / "data"), "--exec-root", str(d / "exec"),
+                                 "--pidfile", str(d / "dockerd.pid"), "--host", sock, "--bridge=none",
+                                 "--iptables=false"], stdout=log, stderr=subprocess.STDOUT)
+        env["DOCKER_HOST"] = sock
+        for _ in range(120):
+            if _engine_answers(env):
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"dockerd exited with {proc.returncode}; see {log.name}")
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"dockerd did not answer in 60 s; see {log.name}")
+    why = register_qemu_binfmt() if os.geteuid() == 0 else None
+    if why:
+        pytest.fail(why)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DOCKER_HOST", env.get("DOCKER_HOST", ""))
+        if not env.get("DOCKER_HOST"):
+            mp.delenv("DOCKER_HOST")
+        from edgepipe.ship.engine import Docker
+
+        yield Docker()
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def bases(docker_engine):
+    """Debian bookworm bases made from the mirror (cached between runs in BASES_CACHE):
+    ``{"linux/amd64": tag, "linux/arm64": tag}``; the arm64 one carries openssh-server for the board."""
+    import tempfile
+
+    from edgepipe.ship import base
+
+    out = {}
+    for platform, extra in (("linux/amd64", ()), ("linux/arm64", BOARD_PACKAGES)):
+        tar, _, _ = base.rootfs(platform, (*base.DEFAULT_PACKAGES, *extra), cache=BASES_CACHE)
+        tag = f"edgepipe-test/debian-{base.ARCH[platform]}:bookworm"
+        with tempfile.TemporaryDirectory() as tmp:
+            docker_engine.load(base.image_archive(tar, tag, platform, Path(tmp) / "image.tar"))
+        assert docker_engine.image_arch(tag) == base.ARCH[platform]
+        out[platform] = tag
+    return out
+
+
+@pytest.fixture(scope="session")
+def releases(tmp_path_factory: pytest.TempPathFactory):
+    """The example released (no bench) for one target per CPU runtime: ``{target: release dir}``."""
+    from edgepipe import api
+
+    out = tmp_path_factory.mktemp("releases")
+    api.build(None, ["cpu-int8", "intel-cpu-int8", "arm64-cpu-int8"], out=out, bench=False)
+    return {t: out / t for t in ("cpu-int8", "intel-cpu-int8", "arm64-cpu-int8")}
+
+
+BOARD_DOCKERFILE = """\
+FROM {base}
+COPY wheels/ /tmp/wheels/
+COPY requirements.lock /tmp/requirements.lock
+RUN python3 -m venv /opt/board \\
+    && /opt/board/bin/python -m pip install --no-cache-dir --no-index --find-links /tmp/wheels --require-hashes \\
+       -r /tmp/requirements.lock \\
+    && rm -rf /tmp/wheels && mkdir -p /run/sshd /root/.ssh && chmod 700 /root/.ssh && ssh-keygen -A
+COPY authorized_keys /root/.ssh/authorized_keys
+"""
+
+
+class EmulatedBoard:
+    """An aarch64 container (qemu-user) with sshd on 127.0.0.1 and a venv of numpy, LiteRT and onnxruntime."""
+
+    def __init__(self, engine, image: str, key: Path, tmp: Path) -> None:
+        self.engine, self.image, self.key, self.tmp = engine, image, key, tmp
+        self.containers: list[str] = []
+
+    def start(self, python: str = "/opt/board/bin/python"):
+        """Start one board container; returns its :class:`Board` (and the container name as ``.name``)."""
+        import socket
+        import time
+        import uuid
+
+        from edgepipe.config import Board
+        from edgepipe.ship.emulation import DOCKER_ARGS
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        name = f"edgepipe-board-{uuid.uuid4().hex[:8]}"
+        self.engine._run(["run", "-d", "--name", name, "--network", "host", *DOCKER_ARGS, self.image,
+                          "/usr/sbin/sshd", "-D", "-e", "-p", str(port), "-o", "ListenAddress=127.0.0.1",
+                          "-o", "PasswordAuthentication=no", "-o", "UsePAM=no",
+                          "-o", "PermitRootLogin=prohibit-password"], timeout=120)
+        self.containers.append(name)
+        for _ in range(200):  # sshd under emulation takes a moment
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        board = Board(host="127.0.0.1", user="root", port=port, python=python, workdir="/tmp/edgepipe",
+                      identity_file=str(self.key),
+                      ssh_options=("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"))
+        return board, name
+
+    def close(self) -> None:
+        for c in self.containers:
+            self.engine._run(["rm", "-f", c], check=False, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def emulated_board(docker_engine, bases, tmp_path_factory: pytest.TempPathFactory):
+    """A real aarch64 userland behind real sshd on 127.0.0.1 (key auth): an arm64 container under QEMU."""
+    import subprocess
+
+    from edgepipe.ship import wheels
+    from edgepipe.versions import tool_versions
+
+    d = tmp_path_factory.mktemp("board")
+    v = tool_versions()
+    house = wheels.wheelhouse({"numpy": v["numpy"], "ai-edge-litert": v["ai-edge-litert"],
+                               "onnxruntime": v["onnxruntime"]}, "linux/arm64")
+    wheels.copy_into(house, d)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "key")], check=True)
+    (d / "authorized_keys").write_text((d / "key.pub").read_text())
+    (d / "Dockerfile").write_text(BOARD_DOCKERFILE.format(base=bases["linux/arm64"]))
+    docker_engine._run(["build", "--network", "none", "-t", "edgepipe-test/board:arm64", str(d)],
+                       env={"DOCKER_BUILDKIT": "0"}, what="build (board)")
+    b = EmulatedBoard(docker_engine, "edgepipe-test/board:arm64", d / "key", d)
+    yield b
+    b.close()

@@ -35,6 +35,7 @@ class Capabilities:
     calibration_methods: tuple[str, ...] = ()
     extra: str | None = None  # pip extra that installs what it needs: edgepipe[<extra>]
     modules: tuple[str, ...] = ()  # Python modules it imports to compile and run
+    run_modules: tuple[str, ...] | None = None  # the ones running an artifact needs (None: all of ``modules``)
     needs_gpu: bool = False
     artifact_suffixes: tuple[str, ...] = ()  # how `edgepipe bench FILE` recognises its artifacts
     platforms: tuple[str, ...] = ()  # what the artifact runs on, for `edgepipe targets`
@@ -54,11 +55,13 @@ class Backend(abc.ABC):
 
     def check(self) -> Availability:
         """Can this machine compile and run this backend? Default: are its modules importable."""
-        missing = [m for m in self.capabilities.modules if importlib.util.find_spec(m) is None]
+        caps = self.capabilities
+        missing = [m for m in caps.modules if importlib.util.find_spec(m) is None]
         if missing:
-            how = f"pip install 'edgepipe[{self.capabilities.extra}]'" if self.capabilities.extra else "install it"
+            how = f"pip install 'edgepipe[{caps.extra}]'" if caps.extra else "install it"
             reason = f"{', '.join(missing)} not installed: {how}"
-            return Availability(False, False, reason)
+            run = caps.run_modules is not None and not set(missing) & set(caps.run_modules)
+            return Availability(False, run, reason)  # a runtime-only machine (an image, a board) still runs
         return Availability(True, True)
 
     def check_target(self, target: Target) -> Availability:

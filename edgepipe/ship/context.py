@@ -9,6 +9,7 @@ directory is complete or absent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -25,8 +26,14 @@ DEFAULT_BASES = {  # the images users build from; tests here pass a base made by
     "tensorrt": {"linux/amd64": "nvcr.io/nvidia/tensorrt:25.10-py3",
                  "linux/arm64": "nvcr.io/nvidia/l4t-jetpack:r36.4.0"},
 }
-# what each family's image installs besides what its base image brings
-TRT_EXTRA = ("onnx", "click", "rich", "psutil", "tomli-w", "cuda-python")
+# the NVIDIA images bring TensorRT and CUDA; edgepipe's engine build adds these (versions from this
+# machine), with the base's Python and a cuda-python and numpy that fit the base's CUDA and TensorRT
+TRT_EXTRA = ("onnx", "click", "rich", "psutil", "tomli-w")
+TRT_BASE = {  # tensorrt:25.10-py3: Python 3.12, CUDA 13; JetPack 6.1 (r36.4): Python 3.10, CUDA 12.6, TensorRT 10.3
+    "linux/amd64": {"python": "3.12", "cuda-python": "13.0.3"},
+    "linux/arm64": {"python": "3.10", "cuda-python": "12.6.2.post1", "numpy": "1.26.4"},
+}
+DEFAULT_PYTHON = "3.11"  # python:3.11-slim-bookworm, and Debian bookworm's python3
 
 
 @dataclass(frozen=True)
@@ -46,13 +53,18 @@ class Context:
         return {**asdict(self), "directory": str(self.directory)}
 
 
-def requirements(manifest: Any, backend: str, runtime: str | None = None) -> dict[str, str]:
+def requirements(manifest: Any, backend: str, runtime: str | None = None, platform: str = "linux/amd64") -> dict[str, str]:
     """The distributions (exact versions: those the release was built and verified with) its image needs."""
     from edgepipe.versions import tool_versions
 
     have = {**tool_versions(), **manifest.tools}
 
     def pin(dist: str) -> str:
+        from importlib import metadata
+
+        if dist not in have:
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                have[dist] = metadata.version(dist)
         if dist not in have:
             raise ConfigError(f"the release's manifest records no version of {dist} and it is not installed "
                               f"here; install it (pip install {dist}) so the image can pin the same version")
@@ -64,22 +76,18 @@ def requirements(manifest: Any, backend: str, runtime: str | None = None) -> dic
     if dists is None:
         raise ConfigError(f"no runtime image for backend {backend!r}")
     if backend == "tensorrt":
-        from importlib import metadata
-
-        out = {"numpy": pin("numpy")}
-        for d in dists:
-            try:
-                out[d] = metadata.version(d)
-            except metadata.PackageNotFoundError:
-                raise ConfigError(f"{d} is not installed here, so its version for the TensorRT image is unknown: "
-                                  f"pip install 'edgepipe[tensorrt,tensorrt-run]'") from None
-        return out
+        base = TRT_BASE[platform]
+        return {"numpy": base.get("numpy", pin("numpy")), "cuda-python": base["cuda-python"],
+                **{d: pin(d) for d in dists}}
     return {"numpy": pin("numpy"), **{d: pin(d) for d in dists}}
 
 
 def write_context(release: Path, out: Path, platform: str, *, base_image: str | None = None,
-                  python: str = "3.11", data: str | None = None) -> Context:
-    """Write the build context for ``release``'s image of ``platform`` into ``out`` (replaced whole)."""
+                  python: str | None = None, data: str | None = None) -> Context:
+    """Write the build context for ``release``'s image of ``platform`` into ``out`` (replaced whole).
+
+    ``python``: the base image's CPython (the wheels' tag); default 3.11, or the NVIDIA base's.
+    """
     from edgepipe.harness.remote import worker_zip
     from edgepipe.release import MANIFEST, artifact_from_release
     from edgepipe.types import Manifest
@@ -94,7 +102,8 @@ def write_context(release: Path, out: Path, platform: str, *, base_image: str | 
     family = "tensorrt" if backend == "tensorrt" else "runtime"
     runtime = (m.target.get("options") or {}).get("runtime")
     base = base_image or DEFAULT_BASES[family][platform]
-    house = wheels.wheelhouse(requirements(m, backend, runtime), platform, python)
+    python = python or (TRT_BASE[platform]["python"] if family == "tensorrt" else DEFAULT_PYTHON)
+    house = wheels.wheelhouse(requirements(m, backend, runtime, platform), platform, python)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
