@@ -396,7 +396,8 @@ def docker_context(release: str | Path, platform: str, out: str | Path, *, base_
 
 
 def docker_build(release: str | Path, platform: str, tag: str, *, context: str | Path | None = None,
-                 base_image: str | None = None, python: str | None = None, data: str | None = None) -> dict[str, Any]:
+                 base_image: str | None = None, python: str | None = None, data: str | None = None,
+                 no_cache: bool = False) -> dict[str, Any]:
     """Write the context, then build it into image ``tag`` with the local Docker engine.
 
     Without an engine the context is still written and ``DockerError`` says what is missing.
@@ -407,7 +408,7 @@ def docker_build(release: str | Path, platform: str, tag: str, *, context: str |
     release = Path(release)
     ctx_dir = Path(context) if context else Path("docker-context") / f"{release.name}-{ARCH.get(platform, 'x')}"
     ctx = docker_context(release, platform, ctx_dir, base_image=base_image, python=python, data=data)
-    built = Docker().build(ctx.directory, tag, platform, base_image)
+    built = Docker().build(ctx.directory, tag, platform, base_image, no_cache=no_cache)
     return {"context": ctx.to_dict(), "image": built.to_dict()}
 
 

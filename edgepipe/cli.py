@@ -672,9 +672,10 @@ def docker_group() -> None:
               "bases: theirs].")
 @click.option("-d", "--data", help="Evaluation data, if not the source the release records.")
 @click.option("--context-only", is_flag=True, help="Write the context and stop (no engine needed).")
+@click.option("--no-cache", is_flag=True, help="Build every layer again (the engine's layer cache unused).")
 @click.option("--json", "as_json", is_flag=True, help="Print the context and image records as JSON.")
 def docker_build(release: Path, platform: str, tag: str, base_image: str | None, context: Path | None, python: str | None,
-                 data: str | None, context_only: bool, as_json: bool) -> None:
+                 data: str | None, context_only: bool, no_cache: bool, as_json: bool) -> None:
     """Write RELEASE's image build context, then build the image with the local Docker engine.
 
     Without an engine (or with --context-only) the context is still written, ready for `docker build`
@@ -701,7 +702,7 @@ def docker_build(release: Path, platform: str, tag: str, base_image: str | None,
     except DockerError as e:
         raise DockerError(f"{e}. The context is written: {ctx.directory}/ (docker build {ctx.directory})") from None
     with _status(as_json, f"building {tag} ({platform}) in {ctx.directory}"):
-        built = engine.build(ctx.directory, tag, platform, base_image)
+        built = engine.build(ctx.directory, tag, platform, base_image, no_cache=no_cache)
     if as_json:
         _emit_json({"context": ctx.to_dict(), "image": built.to_dict()})
         return

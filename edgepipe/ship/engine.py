@@ -73,7 +73,8 @@ class Docker:
         r = self._run(["image", "inspect", "--format", "{{.Architecture}}", ref], check=False, timeout=60)
         return r.stdout.strip() if r.returncode == 0 else None
 
-    def build(self, context: Path, tag: str, platform: str, base_image: str | None = None) -> Built:
+    def build(self, context: Path, tag: str, platform: str, base_image: str | None = None,
+              no_cache: bool = False) -> Built:
         """Build ``context`` into ``tag`` for ``platform``.
 
         With buildx: ``buildx build --platform --load`` (a base of another platform is emulated with
@@ -82,7 +83,7 @@ class Docker:
         """
         if platform not in PLATFORMS:
             raise DockerError(f"platform {platform!r}: give one of {', '.join(PLATFORMS)}")
-        args = ["--network", "none", "-t", tag]
+        args = ["--network", "none", "-t", tag, *(["--no-cache"] if no_cache else [])]
         if base_image:
             args += ["--build-arg", f"BASE_IMAGE={base_image}"]
         t0 = time.perf_counter()
