@@ -54,7 +54,7 @@ def main() -> None:
                          f"{c.get('agreement', float('nan')):.2%}", f"{c.get('max_abs_logit_diff', float('nan')):.4g}"))
             print(f"{tag}: {built['image']['builder']} builder; {c}", file=sys.stderr)
     head = ("image (runtime)", "platform", "context+build s", "build s", "MB", "p50 ms", "ran", "top-1 there",
-            "agree w/ x86", "max |dlogit|")
+            "agree w/ x86", "max abs dlogit")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
