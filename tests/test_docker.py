@@ -166,26 +166,32 @@ def test_amd64_image_builds_offline_and_benchmarks_its_release(docker_engine, ba
 
 
 @pytest.mark.docker
-def test_arm64_litert_image_runs_under_emulation_and_matches_x86(docker_engine, bases, releases, tmp_path, capsys):
+@pytest.mark.parametrize("target,family", [("arm64-cpu-int8", "tflite"), ("cpu-int8", "onnxruntime")])
+def test_arm64_image_runs_under_emulation_and_matches_x86(docker_engine, bases, releases, tmp_path, capsys, target,
+                                                          family):
     from edgepipe.cli import main
 
-    rel = releases["arm64-cpu-int8"]
-    ctx = tmp_path / "ctx"
+    rel = releases[target]
+    tag = f"edgepipe-test/{target}:arm64"
     with pytest.raises(SystemExit) as e:
-        main(["docker", "build", str(rel), "--platform", "linux/arm64", "--tag", "edgepipe-test/pi:1",
-              "--base-image", bases["linux/arm64"], "--context", str(ctx), "--json"])
+        main(["docker", "build", str(rel), "--platform", "linux/arm64", "--tag", tag,
+              "--base-image", bases["linux/arm64"], "--context", str(tmp_path / "ctx"), "--json"])
     assert e.value.code == 0
     built = json.loads(capsys.readouterr().out)
     assert built["image"]["platform"] == "linux/arm64" and built["image"]["builder"] in ("buildx", "classic")
     with pytest.raises(SystemExit) as e:
-        main(["docker", "run", "edgepipe-test/pi:1", "--verify", "--iterations", "10", "--warmup", "2", "--json"])
+        main(["docker", "run", tag, "--verify", "--iterations", "10", "--warmup", "2", "--json"])
     assert e.value.code == 0
     m = json.loads(capsys.readouterr().out)
+    assert m["backend"] == family
     assert m["host"]["machine"] == "aarch64" and m["host"]["emulated"] == "qemu-user"
     c = m["eval"]["comparison"]
-    # LiteRT's aarch64 kernels against this host's x86-64 XNNPACK, same .tflite, same 359 samples
+    # the runtime's aarch64 kernels against this host's x86-64 ones, same file, same 359 samples
     assert c["samples"] == 359 and c["there"].endswith("emulated by qemu-user)")
     assert c["agreement"] >= 0.99, c
-    scale = json.loads((rel / "manifest.json").read_text())["artifact"]["metadata"]["tensors"]["outputs"][0]["scale"]
-    assert c["max_abs_logit_diff"] <= 2 * scale + 1e-6, c  # at most a quantization step or two apart
-    print(f"arm64 vs x86: {c}", file=sys.stderr)
+    if family == "tflite":  # int8 logits: at most a quantization step or two apart
+        meta = json.loads((rel / "manifest.json").read_text())["artifact"]["metadata"]
+        assert c["max_abs_logit_diff"] <= 2 * meta["tensors"]["outputs"][0]["scale"] + 1e-6, c
+    else:
+        assert c["max_abs_logit_diff"] < 0.1, c
+    print(f"{target} arm64 vs x86: {c}", file=sys.stderr)
