@@ -195,3 +195,14 @@ def test_arm64_image_runs_under_emulation_and_matches_x86(docker_engine, bases, 
     else:
         assert c["max_abs_logit_diff"] < 0.1, c
     print(f"{target} arm64 vs x86: {c}", file=sys.stderr)
+
+
+@pytest.mark.docker
+def test_an_absent_base_or_image_says_what_to_do(docker_engine, releases, tmp_path, cli_error):
+    line = cli_error("docker", "build", str(releases["cpu-int8"]), "--platform", "linux/amd64", "--tag", "x:1",
+                     "--base-image", "edgepipe-test/absent-base:1", "--context", str(tmp_path / "c"))
+    assert "the base image edgepipe-test/absent-base:1 is not in this engine" in line
+    assert "edgepipe docker base --platform linux/amd64" in line
+    assert (tmp_path / "c" / "Dockerfile").is_file()  # the context stays for a build elsewhere
+    line = cli_error("docker", "run", "edgepipe-test/never-built:1")
+    assert "no image edgepipe-test/never-built:1" in line and "edgepipe docker build" in line

@@ -65,8 +65,7 @@ class Docker:
         except subprocess.TimeoutExpired as e:
             raise DockerError(f"docker {what or args[0]} ran past {timeout or self.timeout_s:.0f} s") from e
         if check and r.returncode != 0:
-            tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-6:]) or f"exit status {r.returncode}"
-            raise DockerError(f"docker {what or args[0]} failed:\n{tail}")
+            raise DockerError(f"docker {what or args[0]} failed: {_last_line(r)}")
         return r
 
     def image_arch(self, ref: str) -> str | None:
@@ -99,7 +98,16 @@ class Docker:
                                   f"classic builder cannot cross-build: give a {platform} base (edgepipe docker base "
                                   f"--platform {platform}) or install the buildx plugin")
             note = f"no buildx here: the classic builder built it from the {platform} base {base}"
-            self._run(["build", *args, str(context)], env={"DOCKER_BUILDKIT": "0"}, what="build")
+            r = self._run(["build", *args, str(context)], env={"DOCKER_BUILDKIT": "0"}, check=False, what="build")
+            if r.returncode != 0:
+                last = _last_line(r)
+                if arch is None and any(k in last for k in ("registry", "pull", "no such host", "manifest", "denied",
+                                                            "dial tcp", "not found")):
+                    raise DockerError(
+                        f"the base image {base} is not in this engine and pulling it failed ({last}); where no "
+                        f"registry answers, make one: edgepipe docker base --platform {platform}, then pass "
+                        f"--base-image local/debian-{ARCH[platform]}:bookworm")
+                raise DockerError(f"docker build of {context} failed: {last}")
             builder = "classic"
         seconds = time.perf_counter() - t0
         insp = json.loads(self._run(["image", "inspect", tag], timeout=60).stdout)[0]
@@ -123,6 +131,9 @@ class Docker:
 
         from edgepipe.ship.emulation import DOCKER_ARGS
 
+        if self.image_arch(tag) is None:
+            raise DockerError(f"no image {tag} in this engine: build it with `edgepipe docker build RELEASE --platform "
+                              f"... --tag {tag}` (or docker pull it)")
         name = f"edgepipe-run-{uuid.uuid4().hex[:12]}"
         extra = list(DOCKER_ARGS) if self.emulated(tag) else []
         try:
@@ -146,6 +157,16 @@ class Docker:
 
     def load(self, archive: Path) -> None:
         self._run(["load", "-i", str(archive)], what="load")
+
+
+def _last_line(r: subprocess.CompletedProcess[str]) -> str:
+    """The last line of a failed docker command's output that says something (not the legacy-builder notice)."""
+    skip = ("DEPRECATED", "BuildKit is", "environment-variable", "Install the buildx", "Run 'docker", "See 'docker")
+    for text in (r.stderr, r.stdout):  # the daemon's error is on stderr; the build steps on stdout
+        lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+        if lines:
+            return lines[-1]
+    return f"exit status {r.returncode}"
 
 
 def _dockerfile_base(dockerfile: Path) -> str:
