@@ -146,7 +146,8 @@ def release_index(result: Any) -> dict[str, Any]:
         if first is not None:
             acc, ref_lat = first.manifest.accuracy, first.manifest.reference_latency
             entry["reference"] = {"validation_top1": acc.validation_reference_top1, "test_top1": acc.reference_top1,
-                                  "p50_ms": ref_lat["p50_ms"] if ref_lat else None}
+                                  "p50_ms": ref_lat["p50_ms"] if ref_lat else None,
+                                  "emulated": (ref_lat.get("host") or {}).get("emulated") if ref_lat else None}
         cands = []
         for x in o.tried:
             d = x.to_dict()
@@ -225,13 +226,17 @@ def _charts(name: str, entry: dict[str, Any]) -> str:
     return "".join(f"<figure>{s}</figure>" for s in out)
 
 
+def _emu(c: dict[str, Any]) -> str:
+    return f" (emulated by {c['emulated']}: function, not speed)" if c.get("emulated") else ""
+
+
 def render_release_report(index: dict[str, Any]) -> str:
     """The release's report.html: per target, the charts and a table of every candidate (no network assets)."""
     parts = []
     summary = []
     for name, e in index["targets"].items():
         chosen = next((c for c in e["candidates"] if c["id"] == e["chosen"]), None)
-        fig = (f"{chosen['test_top1']:.2%}", f"{chosen['p50_ms']:.3f}" if chosen["p50_ms"] else "-",
+        fig = (f"{chosen['test_top1']:.2%}", (f"{chosen['p50_ms']:.3f}" + _emu(chosen)) if chosen["p50_ms"] else "-",
                f"{chosen['size_bytes']:,}") if chosen else ("-", "-", "-")
         summary.append(f"<tr><td>{html.escape(name)}</td><td>{e['status']}</td><td>{e['chosen'] or '-'}</td>"
                        f"<td>{fig[0]}</td><td>{fig[1]}</td><td>{fig[2]}</td>"
@@ -240,7 +245,7 @@ def render_release_report(index: dict[str, Any]) -> str:
             f"<tr><td>{c['id']}</td><td>{html.escape(c['recipe'])}</td>"
             f"<td>{html.escape(', '.join(f'{k}={v}' for k, v in sorted(c['settings'].items())))}</td>"
             f"<td>{'' if c.get('validation_top1') is None else format(c['validation_top1'], '.2%')}</td>"
-            f"<td>{'' if c.get('p50_ms') is None else format(c['p50_ms'], '.3f')}</td>"
+            f"<td>{'' if c.get('p50_ms') is None else format(c['p50_ms'], '.3f') + _emu(c)}</td>"
             f"<td>{'' if c.get('size_bytes') is None else format(c['size_bytes'], ',')}</td>"
             f"<td>{html.escape(c['why'])}</td></tr>" for c in e["candidates"])
         charts = _charts(name, e) if e["candidates"] else f"<p>{html.escape(e['reason'] or '')}</p>"

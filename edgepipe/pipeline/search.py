@@ -89,6 +89,8 @@ class Tried:
         return {**d, "validation_top1": acc.validation_top1, "validation_drop_points": acc.validation_drop_points,
                 "test_top1": acc.top1, "test_drop_points": acc.drop_points, "p50_ms": lat["p50_ms"] if lat else None,
                 "peak_memory_mb": lat["peak_rss_above_baseline_mb"] if lat else None, "size_bytes": self.size_bytes,
+                # "qemu-user": timed under emulation, which proves function only (never a board's latency)
+                "emulated": (lat.get("host") or {}).get("emulated") if lat else None,
                 "missed": self.misses()}
 
 

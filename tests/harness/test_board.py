@@ -142,3 +142,16 @@ def test_a_board_that_drops_mid_run_keeps_the_figures_so_far(emulated_board, rel
     e = errors[0]
     assert "it stopped while timing, after" in str(e) and "figures so far are kept" in str(e)
     assert e.partial["phase"] == "timing" and e.partial["iterations"] > 0 and e.partial["p50_ms"] > 0
+
+
+def test_release_for_a_board_target_marks_emulated_figures(board, tmp_path):
+    from edgepipe import api
+
+    target = _board_target(tmp_path, board)
+    api.release(None, [str(target)], out=tmp_path / "rel", max_trials=1, workers=1, iterations=5)
+    index = json.loads((tmp_path / "rel" / "index.json").read_text())
+    e = index["targets"]["emuboard"]
+    assert e["reference"]["emulated"] == "qemu-user"  # the reference was timed on the board too
+    timed = [c for c in e["candidates"] if c.get("p50_ms") is not None]
+    assert timed and all(c["emulated"] == "qemu-user" for c in timed)
+    assert "(emulated by qemu-user: function, not speed)" in (tmp_path / "rel" / "report.html").read_text()
