@@ -31,7 +31,7 @@ _RUN_OPTIONS = (
     click.option("-w", "--weights", type=click.Path(path_type=Path),
                  help="Weights for a module:factory model (.safetensors, a state dict, or a .pt2 with --trust-code)."),
     click.option("-d", "--data", default="digits", show_default=True,
-                 help="'digits', an .npz with x and y, or an image folder (one sub-folder per class); split into "
+                 help="'digits', 'mnist5k' (5,000 real MNIST digits, 1,000 test), 'photos', an .npz with x and y, or an image folder (one sub-folder per class); split into "
                       "calibration, validation (choices) and test (reported figures)."),
     click.option("--input-shape", help="N,C,H,W overriding the targets' input shape, e.g. 1,3,224,224."),
     click.option("--iterations", type=int, help="Timed iterations per benchmark (default: the target's)."),
@@ -432,7 +432,7 @@ def _compression_table(records: list[dict[str, Any]]) -> None:
 @click.option("-t", "--target", default="cpu-int8", show_default=True,
               help="Target whose calibration method (and equalize setting) is used.")
 @click.option("-w", "--weights", type=click.Path(path_type=Path), help="Weights for a module:factory model.")
-@click.option("-d", "--data", default="digits", show_default=True, help="Samples: 'digits', 'photos', .npz, folder.")
+@click.option("-d", "--data", default="digits", show_default=True, help="Samples: 'digits', 'mnist5k', 'photos', .npz, folder.")
 @click.option("--input-shape", help="N,C,H,W (default: the target's).")
 @click.option("--equalize/--no-equalize", default=None,
               help="Measure on the equalized, bias-corrected model (default: as the target says).")

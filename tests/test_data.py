@@ -64,3 +64,26 @@ def test_missing_dataset_names_what_to_give(tmp_path):
 def test_fit_to_shape_is_identity_at_same_size():
     x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
     assert np.allclose(fit_to_shape(x, (1, 8, 8)), x)
+
+
+def test_mnist5k_is_real_mnist_padded_with_a_1000_sample_test_split():
+    from edgepipe.data import load_dataset, split
+
+    d = load_dataset("mnist5k", (1, 32, 32))
+    assert d.x.shape == (5000, 1, 32, 32) and d.x.dtype == np.float32 and d.x.min() >= 0.0 and d.x.max() <= 1.0
+    assert np.bincount(d.y).tolist() == [500] * 10
+    assert not d.x[:, :, :2].any() and not d.x[:, :, -2:].any()  # 28x28 padded with 2 zero rows/columns
+    ink = [float(d.x[d.y == k].mean()) for k in range(10)]
+    assert ink[1] == min(ink) and ink[0] > 1.5 * ink[1]  # real handwriting: a "1" has the least ink
+    s = split(d)
+    assert s.counts()["test"] == 1000 and s.counts()["validation"] == 1000  # one sample = 0.1 point
+    rgb = load_dataset("mnist5k", (3, 64, 64))
+    assert rgb.x.shape == (5000, 3, 64, 64)
+
+
+def test_mnist5k_through_a_build(tmp_path):
+    from edgepipe import api
+
+    r = api.build(None, ["cpu-fp32"], out=tmp_path / "dist", data="mnist5k", bench=False, allow_accuracy_drop=True)
+    acc = r.results[0].manifest.accuracy
+    assert acc.samples == 1000 and acc.dataset.startswith("mnist5k") and 0.0 <= acc.top1 <= 1.0
