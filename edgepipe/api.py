@@ -351,8 +351,7 @@ def bench(artifact: str | Path, *, threads: int | None = None, batch: int = 1, w
     release = art.path.parent
     with tempfile.TemporaryDirectory(prefix="edgepipe-verify-") as tmp:
         x, y, name = ver.eval_split(release, data)
-        npz = Path(tmp) / f"eval-{name.replace('/', '_')}.npz"
-        np.savez(npz, x=x, y=np.asarray(y, np.int64))
+        npz = ver.save_eval(Path(tmp) / f"eval-{name.replace('/', '_')}.npz", x, y)
         if board is None:
             m = measure(art, settings, eval_path=npz)
         else:
@@ -397,18 +396,26 @@ def docker_context(release: str | Path, platform: str, out: str | Path, *, base_
 
 def docker_build(release: str | Path, platform: str, tag: str, *, context: str | Path | None = None,
                  base_image: str | None = None, python: str | None = None, data: str | None = None,
-                 no_cache: bool = False) -> dict[str, Any]:
-    """Write the context, then build it into image ``tag`` with the local Docker engine.
+                 no_cache: bool = False, context_only: bool = False) -> dict[str, Any]:
+    """Write the context (default ``docker-context/<release>-<arch>``), then build it into image ``tag``
+    with the local Docker engine (not with ``context_only``).
 
-    Without an engine the context is still written and ``DockerError`` says what is missing.
-    Returns ``{"context": ..., "image": ...}``.
+    Without an engine the context is still written and ``DockerError`` says what is missing and where
+    the context is. Returns ``{"context": ..., "image": ... or None}``.
     """
+    from edgepipe.errors import DockerError
     from edgepipe.ship.engine import ARCH, Docker
 
     release = Path(release)
     ctx_dir = Path(context) if context else Path("docker-context") / f"{release.name}-{ARCH.get(platform, 'x')}"
     ctx = docker_context(release, platform, ctx_dir, base_image=base_image, python=python, data=data)
-    built = Docker().build(ctx.directory, tag, platform, base_image, no_cache=no_cache)
+    if context_only:
+        return {"context": ctx.to_dict(), "image": None}
+    try:
+        engine = Docker()
+    except DockerError as e:
+        raise DockerError(f"{e}. The context is written: {ctx.directory}/ (docker build {ctx.directory})") from None
+    built = engine.build(ctx.directory, tag, platform, base_image, no_cache=no_cache)
     return {"context": ctx.to_dict(), "image": built.to_dict()}
 
 

@@ -683,31 +683,20 @@ def docker_build(release: Path, platform: str, tag: str, base_image: str | None,
     builds from a base image of that platform (make one with `edgepipe docker base`).
     """
     from edgepipe import api
-    from edgepipe.errors import DockerError
-    from edgepipe.ship.engine import ARCH
 
-    ctx_dir = context or Path("docker-context") / f"{release.name}-{ARCH[platform]}"
-    ctx = api.docker_context(release, platform, ctx_dir, base_image=base_image, python=python, data=data)
-    if not as_json:
-        _console().print(f"context: {ctx.directory}/ ({ctx.wheels} wheels, {ctx.wheels_bytes / 1e6:.1f} MB, "
-                         f"base {ctx.base_image})", highlight=False)
-    if context_only:
-        if as_json:
-            _emit_json({"context": ctx.to_dict(), "image": None})
-        return
-    from edgepipe.ship.engine import Docker
-
-    try:
-        engine = Docker()
-    except DockerError as e:
-        raise DockerError(f"{e}. The context is written: {ctx.directory}/ (docker build {ctx.directory})") from None
-    with _status(as_json, f"building {tag} ({platform}) in {ctx.directory}"):
-        built = engine.build(ctx.directory, tag, platform, base_image, no_cache=no_cache)
+    with _status(as_json, f"writing the context and building {tag} ({platform})"):
+        r = api.docker_build(release, platform, tag, context=context, base_image=base_image, python=python, data=data,
+                             no_cache=no_cache, context_only=context_only)
     if as_json:
-        _emit_json({"context": ctx.to_dict(), "image": built.to_dict()})
+        _emit_json(r)
         return
-    _console().print(f"built [bold]{tag}[/] ({platform}, {built.builder} builder) in {built.seconds:.0f} s, "
-                     f"{built.size_bytes / 1e6:.0f} MB" + (f"; {built.note}" if built.note else ""), highlight=False)
+    ctx, built = r["context"], r["image"]
+    _console().print(f"context: {ctx['directory']}/ ({ctx['wheels']} wheels, {ctx['wheels_bytes'] / 1e6:.1f} MB, "
+                     f"base {ctx['base_image']})", highlight=False)
+    if built:
+        _console().print(f"built [bold]{tag}[/] ({platform}, {built['builder']} builder) in {built['seconds']:.0f} s, "
+                         f"{built['size_bytes'] / 1e6:.0f} MB" + (f"; {built['note']}" if built["note"] else ""),
+                         highlight=False)
 
 
 @contextlib.contextmanager

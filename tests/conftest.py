@@ -237,18 +237,13 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory):
 def bases(docker_engine):
     """Debian bookworm bases made from the mirror (cached between runs in BASES_CACHE):
     ``{"linux/amd64": tag, "linux/arm64": tag}``; the arm64 one carries openssh-server for the board."""
-    import tempfile
-
     from edgepipe.ship import base
 
     out = {}
     for platform, extra in (("linux/amd64", ()), ("linux/arm64", BOARD_PACKAGES)):
-        tar, _, _ = base.rootfs(platform, (*base.DEFAULT_PACKAGES, *extra), cache=BASES_CACHE)
-        tag = f"edgepipe-test/debian-{base.ARCH[platform]}:bookworm"
-        with tempfile.TemporaryDirectory() as tmp:
-            docker_engine.load(base.image_archive(tar, tag, platform, Path(tmp) / "image.tar"))
-        assert docker_engine.image_arch(tag) == base.ARCH[platform]
-        out[platform] = tag
+        b = base.build_base(platform, f"edgepipe-test/debian-{base.ARCH[platform]}:bookworm",
+                            (*base.DEFAULT_PACKAGES, *extra), docker=docker_engine, cache=BASES_CACHE)
+        out[platform] = b.tag
     return out
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from edgepipe._fs import atomic_path
 from edgepipe._hashing import sha256_json
 from edgepipe.errors import DockerError
-from edgepipe.ship.engine import ARCH, Docker
+from edgepipe.ship.engine import ARCH, Docker, host_arch
 
 DEFAULT_PACKAGES = ("python3", "python3-venv", "libstdc++6", "libgomp1")  # numpy and the runtimes need the C++ runtime
 SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
@@ -58,10 +58,6 @@ def default_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def _host_arch() -> str:
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
-
-
 def rootfs(platform: str, packages: tuple[str, ...] = DEFAULT_PACKAGES, suite: str = "bookworm",
            mirror: str | None = None, cache: Path | None = None) -> tuple[Path, float, bool]:
     """A Debian root of ``platform`` with ``packages`` as a tar (cached); ``(tar, seconds, cached)``."""
@@ -78,8 +74,8 @@ def rootfs(platform: str, packages: tuple[str, ...] = DEFAULT_PACKAGES, suite: s
     dest = (cache or cache_dir() / "bases") / f"debian-{suite}-{arch}-{key}.tar"
     if dest.is_file():
         return dest, 0.0, True
-    if arch != _host_arch() and not Path(QEMU_BINFMT.get(arch, "/nonexistent")).exists():
-        raise DockerError(f"making a {platform} root on this {_host_arch()} machine needs QEMU's binfmt handler "
+    if arch != host_arch() and not Path(QEMU_BINFMT.get(arch, "/nonexistent")).exists():
+        raise DockerError(f"making a {platform} root on this {host_arch()} machine needs QEMU's binfmt handler "
                           f"({QEMU_BINFMT.get(arch)} is absent): apt-get install qemu-user-static, then register it "
                           "(update-binfmts --enable, or write /usr/lib/binfmt.d/qemu-aarch64.conf's line into "
                           "/proc/sys/fs/binfmt_misc/register)")
@@ -112,9 +108,9 @@ def _run(cmd: list[str], what: str) -> None:
     except subprocess.TimeoutExpired as e:
         raise DockerError(f"{what} ran past an hour") from e
     if r.returncode != 0:
-        tail = "\n".join(r.stderr.strip().splitlines()[-5:])
+        last = next((ln.strip() for ln in reversed(r.stderr.splitlines()) if ln.strip()), f"exit status {r.returncode}")
         hint = " (making a root needs root, or user namespaces for mmdebstrap --mode=unshare)" if os.geteuid() else ""
-        raise DockerError(f"{what} failed{hint}:\n{tail}")
+        raise DockerError(f"{what} failed{hint}: {last}")
 
 
 def image_archive(root_tar: Path, tag: str, platform: str, dest: Path) -> Path:
@@ -150,11 +146,12 @@ def image_archive(root_tar: Path, tag: str, platform: str, dest: Path) -> Path:
 
 
 def build_base(platform: str, tag: str, packages: tuple[str, ...] = DEFAULT_PACKAGES, suite: str = "bookworm",
-               mirror: str | None = None, docker: Docker | None = None) -> Base:
-    """Make (or take from the cache) a Debian root of ``platform`` and load it into the engine as ``tag``."""
+               mirror: str | None = None, docker: Docker | None = None, cache: Path | None = None) -> Base:
+    """Make (or take from ``cache``, default ``$EDGEPIPE_CACHE_DIR/bases``) a Debian root of ``platform``
+    and load it into the engine as ``tag``."""
     from edgepipe.ship.engine import scratch
 
-    tar, seconds, cached = rootfs(platform, packages, suite, mirror)
+    tar, seconds, cached = rootfs(platform, packages, suite, mirror, cache)
     engine = docker or Docker()
     with scratch() as tmp:
         engine.load(image_archive(tar, tag, platform, Path(tmp) / "image.tar"))

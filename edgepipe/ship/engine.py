@@ -25,6 +25,11 @@ INSTALL_HINT = ("install Docker (Debian/Ubuntu: apt-get install docker.io; elsew
                 "and start its daemon (systemctl start docker, or dockerd &)")
 
 
+def host_arch() -> str:
+    """This machine's architecture in Docker's words (amd64, arm64)."""
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+
+
 @dataclass(frozen=True)
 class Built:
     tag: str
@@ -117,9 +122,8 @@ class Docker:
 
     def emulated(self, ref: str) -> bool:
         """Whether image ``ref`` is of another architecture than this host (it runs under QEMU)."""
-        host = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
         arch = self.image_arch(ref)
-        return arch is not None and arch != host
+        return arch is not None and arch != host_arch()
 
     def run(self, tag: str, args: list[str], timeout: float | None = None) -> str:
         """``docker run --rm --network none TAG ARGS``: its standard output.

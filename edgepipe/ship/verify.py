@@ -43,17 +43,22 @@ def eval_split(release: Path, data: str | None = None) -> tuple[np.ndarray, np.n
     return splits.test.x.astype(np.float32), splits.test.y, splits.test.name
 
 
-def write_eval(release: Path, dest: Path, data: str | None = None) -> Path:
-    """The release's evaluation split as an .npz (``x``, ``y``) at ``dest``, written atomically."""
+def save_eval(dest: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    """Samples and labels as the .npz the worker evaluates (``x``, ``y``), written atomically."""
     import io
 
     from edgepipe._fs import write_bytes_atomic
 
-    x, y, name = eval_split(release, data)
     buf = io.BytesIO()
-    np.savez(buf, x=x, y=np.asarray(y, np.int64), name=np.array(name))
+    np.savez(buf, x=np.asarray(x, np.float32), y=np.asarray(y, np.int64))
     write_bytes_atomic(dest, buf.getvalue())
     return dest
+
+
+def write_eval(release: Path, dest: Path, data: str | None = None) -> Path:
+    """The release's evaluation split (:func:`eval_split`) as that .npz at ``dest``."""
+    x, y, _ = eval_split(release, data)
+    return save_eval(dest, x, y)
 
 
 @dataclass(frozen=True)
