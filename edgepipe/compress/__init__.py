@@ -38,6 +38,7 @@ _MODULES: tuple[str, ...] = (
     "edgepipe.compress.lowrank",
     "edgepipe.compress.share",
     "edgepipe.compress.hashing",
+    "edgepipe.compress.student",
 )
 
 

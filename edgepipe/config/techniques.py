@@ -238,6 +238,22 @@ class HashingConfig:
             raise ConfigError(f"ratio = {self.ratio}: the fraction of real parameters must be in (0, 1]")
 
 
+@technique_config("student")
+@dataclass(frozen=True)
+class StudentConfig:
+    """Distillation into a smaller architecture: the step replaces the model by ``model`` (a factory), which
+    the step's fine-tune then trains with the recipe's ``[distill]`` objective, the teacher being the model
+    before the recipe. Use it first; later steps (pruning, sharing, ...) then compress the student."""
+
+    model: str = ""  # package.module:factory, e.g. edgepipe.models.cifar_resnet:resnet20
+    weights: str | None = None  # its starting weights (.safetensors or a torch state dict); None: the factory's
+
+    def __post_init__(self) -> None:
+        if ":" not in self.model:
+            raise ConfigError(f"model = {self.model!r}: name the student's factory as package.module:factory "
+                              "(e.g. edgepipe.models.cifar_resnet:resnet20)")
+
+
 # Short names for Python recipes: ``Recipe([MagnitudePrune(sparsity=0.8), LowRank(energy=0.9)])``.
 MagnitudePrune = MagnitudePruneConfig
 TaylorPrune = TaylorPruneConfig
@@ -246,3 +262,4 @@ StructuredPrune = StructuredPruneConfig
 LowRank = LowRankConfig
 WeightShare = ShareConfig
 Hashing = HashingConfig
+Student = StudentConfig

@@ -32,13 +32,15 @@ class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs, as in He et al. 2016 (projection shortcuts where the shape changes)."""
 
     def __init__(self, depth: int = 56, in_channels: int = 1, num_classes: int = NUM_CLASSES,
-                 widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+                 widths: tuple[int, int, int] = (16, 32, 64), pool: int = 1) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth {depth}: a CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110)")
         n = (depth - 2) // 6
         self.depth = depth
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+        # pool > 1: average-pool the input first (a student for inputs upsampled from a lower resolution)
+        self.stem = nn.Sequential(*([nn.AvgPool2d(pool)] if pool > 1 else []),
+                                  nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                   nn.ReLU())
         stages, cin = [], widths[0]
         for i, w in enumerate(widths):

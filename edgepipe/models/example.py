@@ -64,3 +64,17 @@ def digits_resnet(pretrained: bool = True) -> DigitsResNet:
 
         model.load_state_dict(load_file(WEIGHTS))
     return model.eval()
+
+
+def digits_student() -> nn.Module:
+    """A distillation student for the example (``edgepipe.models.example:digits_student``), untrained.
+
+    The digits are 8x8 images upsampled to 32x32, so the student averages 4x4 blocks first and runs a
+    ResNet-8 (one basic block per stage, 16/32/64 channels) at the digits' own resolution: 1/4 of the
+    example's blocks on 1/16 of its pixels. It learns from the example by distillation
+    (``recipes/digits-student.toml``).
+    """
+    from edgepipe.models.cifar_resnet import CifarResNet
+
+    torch.manual_seed(0)  # the same starting weights every time, so the recipe's result is reproducible
+    return CifarResNet(depth=8, in_channels=1, num_classes=NUM_CLASSES, pool=4).eval()

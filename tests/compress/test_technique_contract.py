@@ -29,6 +29,7 @@ MINIMAL: dict[str, dict] = {
     "magnitude_prune": {"sparsity": 0.5},
     "taylor_prune": {"sparsity": 0.5, "batches": 1, "batch_size": 16},
     "regularized_prune": {"sparsity": 0.5},
+    "student": {"model": "edgepipe.models.example:digits_student"},
 }
 QUICK = FinetuneConfig(epochs=1, max_batches=2, batch_size=32)  # for techniques that train while applying
 
