@@ -133,12 +133,30 @@ def test_search_file_errors_name_the_key(tmp_path):
         search_from_dict({"onnxruntime": {"calibration": []}})
     with pytest.raises(ConfigError, match="recipes is empty"):
         search_from_dict({"recipes": []})
+    with pytest.raises(ConfigError, match="onnxruntime.recipes is empty"):
+        search_from_dict({"onnxruntime": {"recipes": []}})
+    with pytest.raises(ConfigError, match="tflite.recipes = 'none': give a list"):
+        search_from_dict({"tflite": {"recipes": "none"}})
     with pytest.raises(ConfigError, match=r"openvino.preset\[0\] = 'fastest' is not allowed; choose one of 'performance', 'mixed'"):
         search_from_dict({"openvino": {"preset": ["fastest"]}})
     p = tmp_path / "bad.toml"
     p.write_text("[onnxruntime]\ncalibration = [\"minmax\"]\nper_channel = [1]\n")
     with pytest.raises(ConfigError, match=r"bad\.toml.*per_channel\[0\] = 1: expected bool"):
         load_search(p)
+
+
+def test_a_backend_table_can_name_its_own_recipes():
+    s = search_from_dict({"recipes": ["none", "structured-50"], "onnxruntime": {"recipes": ["none", "structured-50-r16"],
+                                                                              "calibration": ["minmax", "percentile"]}})
+    assert s.recipes_for("onnxruntime") == ("none", "structured-50-r16")
+    assert s.recipes_for("openvino") == ("none", "structured-50")
+    assert s.all_recipes == ("none", "structured-50", "structured-50-r16")
+    assert [r for r, _ in s.grid("onnxruntime")] == ["none", "none", "structured-50-r16", "structured-50-r16"]
+    assert s.size("openvino") == 2 and s.size("onnxruntime") == 4
+    again = search_from_dict(s.to_dict())  # written back as it was read (the release records its space)
+    assert again.sha256 == s.sha256 and again.recipes_for("onnxruntime") == s.recipes_for("onnxruntime")
+    assert search_from_dict({"recipes": ["none"]}).sha256 != search_from_dict(
+        {"recipes": ["none"], "tflite": {"recipes": ["none"]}}).sha256
 
 
 def test_default_space_loads_and_ranges_are_sampled():

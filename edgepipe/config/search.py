@@ -9,6 +9,7 @@ seed = 0
 
 [onnxruntime]                            # one table per backend; keys: precision, calibration,
 calibration = ["minmax", "percentile"]   # calibration_samples, or any field of the backend's [options]
+recipes = ["none", "structured-50-r16"]  # this backend's own recipes, instead of the top-level list
 activation_type = ["uint8", "int8"]
 calibration_samples = { low = 64, high = 512, step = 64 }    # a range: sampled, not enumerated
 ```
@@ -63,6 +64,7 @@ class SearchSpace:
 
     recipes: tuple[str, ...] = ("none",)
     settings: dict[str, dict[str, Values]] = field(default_factory=dict)
+    backend_recipes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a backend's own recipe list
     max_trials: int = 40
     noise: float = 0.05
     sampler: Literal["tpe", "nsga2"] = "tpe"
@@ -70,8 +72,9 @@ class SearchSpace:
     name: str = "default"
 
     def __post_init__(self) -> None:
-        if not self.recipes:
-            raise ConfigError("recipes is empty: list at least one, e.g. recipes = [\"none\"]")
+        for where, r in (("recipes", self.recipes), *((f"{b}.recipes", v) for b, v in self.backend_recipes.items())):
+            if not r:
+                raise ConfigError(f"{where} is empty: list at least one, e.g. recipes = [\"none\"]")
         if self.max_trials < 1:
             raise ConfigError(f"max_trials = {self.max_trials}: must be >= 1")
         if not 0 <= self.noise < 1:
@@ -79,6 +82,15 @@ class SearchSpace:
 
     def for_backend(self, backend: str) -> dict[str, Values]:
         return self.settings.get(backend, {})
+
+    def recipes_for(self, backend: str) -> tuple[str, ...]:
+        """The recipes a backend's targets try: its table's ``recipes``, else the top-level list."""
+        return self.backend_recipes.get(backend, self.recipes)
+
+    @property
+    def all_recipes(self) -> tuple[str, ...]:
+        """Every recipe any backend tries, each once, in the order first named."""
+        return tuple(dict.fromkeys([*self.recipes, *(r for v in self.backend_recipes.values() for r in v)]))
 
     def is_sampled(self, backend: str) -> bool:
         """Whether this backend's space has a range or more combinations than ``max_trials``."""
@@ -88,7 +100,7 @@ class SearchSpace:
         return self.size(backend) > self.max_trials
 
     def size(self, backend: str) -> int:
-        n = len(self.recipes)
+        n = len(self.recipes_for(backend))
         for v in self.for_backend(backend).values():
             n *= len(v) if isinstance(v, tuple) else 1
         return n
@@ -98,7 +110,7 @@ class SearchSpace:
         space = self.for_backend(backend)
         keys = sorted(space)
         out = []
-        for recipe in self.recipes:
+        for recipe in self.recipes_for(backend):
             for combo in itertools.product(*(space[k] for k in keys)):  # type: ignore[misc]
                 out.append((recipe, dict(zip(keys, combo, strict=True))))
         return out
@@ -109,7 +121,9 @@ class SearchSpace:
 
         return {"name": self.name, "recipes": list(self.recipes), "max_trials": self.max_trials, "noise": self.noise,
                 "sampler": self.sampler, "seed": self.seed,
-                **{b: {k: enc(v) for k, v in sorted(s.items())} for b, s in sorted(self.settings.items())}}
+                **{b: {**{k: enc(v) for k, v in sorted(self.settings.get(b, {}).items())},
+                       **({"recipes": list(self.backend_recipes[b])} if b in self.backend_recipes else {})}
+                   for b in sorted({*self.settings, *self.backend_recipes})}}
 
     @property
     def sha256(self) -> str:
@@ -149,6 +163,7 @@ def search_from_dict(data: dict[str, Any], where: str = "search space") -> Searc
     """Build a SearchSpace from a TOML-shaped dict; errors name ``where``, the key and what is allowed."""
     try:
         settings: dict[str, dict[str, Values]] = {}
+        backend_recipes: dict[str, tuple[str, ...]] = {}
         top: dict[str, Any] = {}
         for key, value in data.items():
             if key in TOP_KEYS:
@@ -162,18 +177,27 @@ def search_from_dict(data: dict[str, Any], where: str = "search space") -> Searc
             allowed = _allowed(key)
             table = {}
             for k, raw in value.items():
+                if k == "recipes":
+                    backend_recipes[key] = _recipe_list(raw, f"{key}.recipes")
+                    continue
                 if k not in allowed:
-                    raise ConfigError(f"unknown key '{key}.{k}'; allowed keys here: {', '.join(sorted(allowed))}")
+                    raise ConfigError(f"unknown key '{key}.{k}'; allowed keys here: "
+                                      f"{', '.join(sorted([*allowed, 'recipes']))}")
                 table[k] = _values(f"{key}.{k}", allowed[k], raw)
             settings[key] = table
-        recipes = top.get("recipes", ["none"])
-        if not isinstance(recipes, list) or not all(isinstance(r, str) for r in recipes):
-            raise ConfigError(f"recipes = {recipes!r}: give a list of names or paths, e.g. [\"none\", \"structured-50\"]")
-        return SearchSpace(recipes=tuple(recipes), settings=settings, max_trials=int(top.get("max_trials", 40)),
+        recipes = _recipe_list(top.get("recipes", ["none"]), "recipes")
+        return SearchSpace(recipes=recipes, settings=settings, backend_recipes=backend_recipes,
+                           max_trials=int(top.get("max_trials", 40)),
                            noise=float(top.get("noise", 0.05)), sampler=top.get("sampler", "tpe"),
                            seed=int(top.get("seed", 0)), name=str(top.get("name", "search")))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _recipe_list(raw: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+        raise ConfigError(f"{where} = {raw!r}: give a list of names or paths, e.g. [\"none\", \"structured-50\"]")
+    return tuple(raw)
 
 
 def default_search_file() -> Path:

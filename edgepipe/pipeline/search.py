@@ -138,7 +138,7 @@ def candidate_target(target: Target, settings: dict[str, Any]) -> Target:
 
 
 def _recipes(space: SearchSpace) -> dict[str, Recipe | None]:
-    return {name: (None if name == "none" else load_recipe(name)) for name in space.recipes}
+    return {name: (None if name == "none" else load_recipe(name)) for name in space.all_recipes}
 
 
 def _job(target: Target, c: Candidate, recipes: dict[str, Recipe | None], space: SearchSpace,
@@ -207,7 +207,8 @@ def _sampled(session: Session, target: Target, space: SearchSpace, recipes: dict
                     settings[k] = trial.suggest_float(k, v.low, v.high, step=v.step, log=v.log)
             else:
                 settings[k] = v[trial.suggest_categorical(k, list(range(len(v))))]
-        recipe = space.recipes[trial.suggest_categorical("recipe", list(range(len(space.recipes))))]
+        names = space.recipes_for(target.backend)
+        recipe = names[trial.suggest_categorical("recipe", list(range(len(names))))]
         return Candidate(f"t{trial.number:02d}", recipe, settings)
 
     def figures(t: Tried) -> tuple[float, float, float]:
