@@ -429,7 +429,7 @@ def main() -> None:
     chosen = {n: s for n, s in all_studies.items() if n in wanted}
     t0 = time.perf_counter()
     results: list[Result] = []
-    for name, study in chosen.items():
+    for study in chosen.values():
         with Workspace.temporary(args.no_cache, data=study.data) as ws:
             res = run_study(ws, study, args.quick, args.iterations)
             results += res
