@@ -72,6 +72,16 @@ def torch_source(module: Any, spec: str) -> ModelSource:
     return ModelSource(spec, "torch", module=module.eval(), weights_sha256=state_dict_sha256(module))
 
 
+def stored_params(model: Any) -> int:
+    """Real parameters: a hashed layer counts its buckets (what the ``.epk`` stores), not its expanded weights."""
+    n = 0
+    for m in model.modules():
+        spec = getattr(m, "edgepipe_hash", None)
+        for name, p in m.named_parameters(recurse=False):
+            n += spec.buckets if (spec is not None and name == "weight") else p.numel()
+    return n
+
+
 @dataclass
 class Built:
     """One model compiled for one target: the stages' outputs and records."""

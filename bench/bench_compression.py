@@ -29,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _measure import Rounds, Subject, Workspace, add_arguments, interleave, target, torch_source
+from _measure import (
+    Rounds,
+    Subject,
+    Workspace,
+    add_arguments,
+    interleave,
+    stored_params,
+    target,
+    torch_source,
+)
 from torch import nn
 
 from edgepipe.compress import recipe_from_dict, techniques
@@ -119,16 +128,6 @@ def train_lenet(splits: Splits, epochs: int = 40) -> nn.Module:
     return finetune(model, splits.train, FinetuneConfig(epochs=epochs, lr=1e-3, weight_decay=1e-4, seed=0)).eval()
 
 
-def _stored_params(model: nn.Module) -> int:
-    """Real parameters: a hashed layer counts its buckets, not its expanded weights."""
-    n = 0
-    for m in model.modules():
-        spec = getattr(m, "edgepipe_hash", None)
-        for name, p in m.named_parameters(recurse=False):
-            n += spec.buckets if (spec is not None and name == "weight") else p.numel()
-    return n
-
-
 def _evaluate(ws: Workspace, name: str, technique: str, model: nn.Module, spec: str, splits: Splits,
               ref_top1: float | None, fp32_bytes: int, reference: nn.Module) -> Row:
     """Pack, restore what an update would ship, then export, compile (onnxruntime fp32) and evaluate it."""
@@ -141,7 +140,7 @@ def _evaluate(ws: Workspace, name: str, technique: str, model: nn.Module, spec: 
     ref = acc if ref_top1 is None else ref_top1
     example = torch.from_numpy(splits.test.x[:1])
     return Row(name, technique, len(data), fp32_bytes / len(data), acc, round((ref - acc) * 100, 2),
-               count_macs(restored, example), _stored_params(restored), built.artifact, stages=report.stages)
+               count_macs(restored, example), stored_params(restored), built.artifact, stages=report.stages)
 
 
 def run(ws: Workspace, rounds: int, iterations: int, only: str | None, quick: bool) -> list[Row]:

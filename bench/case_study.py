@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _measure import Built, Rounds, Subject, Workspace, add_arguments, interleave, target
+from _measure import Built, Rounds, Subject, Workspace, add_arguments, interleave, stored_params, target
 
 from edgepipe.compress import recipe_from_dict
 from edgepipe.compress._stats import count_macs
@@ -293,7 +293,7 @@ def run_study(ws: Workspace, study: Study, quick: bool, iterations: int) -> list
                              splits, f"{study.name}-{row.technique}")
             mod = model.module
             epk = _epk(mod, row.recipe, study.spec, study.shape, reference) if study.accuracy else None
-            compressed[key] = (onnx, sum(p.numel() for p in mod.parameters()), count_macs(mod, example), epk)
+            compressed[key] = (onnx, stored_params(mod), count_macs(mod, example), epk)
         onnx, params, macs, epk = compressed[key]
         res = Result(study.name, row.technique, row.precision, row.group, params, macs,
                      epk_bytes=epk if row.precision == "fp32" else None)  # the archive holds the torch weights

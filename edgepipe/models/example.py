@@ -76,5 +76,6 @@ def digits_student() -> nn.Module:
     """
     from edgepipe.models.cifar_resnet import CifarResNet
 
-    torch.manual_seed(0)  # the same starting weights every time, so the recipe's result is reproducible
-    return CifarResNet(depth=8, in_channels=1, num_classes=NUM_CLASSES, pool=4).eval()
+    with torch.random.fork_rng():  # the same starting weights every time, the caller's RNG left as it was
+        torch.manual_seed(0)
+        return CifarResNet(depth=8, in_channels=1, num_classes=NUM_CLASSES, pool=4).eval()

@@ -79,3 +79,12 @@ def test_student_without_distill_trains_on_the_labels(splits):
     model, [rec] = apply_recipe(digits_resnet(), recipe_from_dict(
         _recipe("edgepipe.models.example:digits_student", distill=False)), splits)
     assert isinstance(model, CifarResNet) and rec["distill"] is None and rec["finetune"]["max_batches"] == 4
+
+
+def test_digits_student_starts_the_same_and_leaves_the_callers_rng_alone():
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    a, b = digits_student(), digits_student()
+    assert torch.equal(torch.rand(3), want)  # the factory's seeding did not touch the global generator
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
