@@ -36,8 +36,8 @@ def student(model: nn.Module, cfg: StudentConfig, ctx: CompressContext) -> nn.Mo
 
     try:
         new = load_model(cfg.model, Path(cfg.weights) if cfg.weights else None).module
-    except ModelLoadError as e:
-        raise ConfigError(f"model = {cfg.model!r}: {e}") from None
+    except ModelLoadError as e:  # it names the model already
+        raise ConfigError(str(e)) from None
     if new is None:
         raise ConfigError(f"model = {cfg.model!r} is not a torch factory")
     with torch.no_grad():
