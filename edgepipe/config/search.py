@@ -35,7 +35,7 @@ from edgepipe.errors import ConfigError
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TOP_KEYS = ("name", "recipes", "max_trials", "noise", "sampler", "seed")
-SEARCH_KEYS = ("precision", "calibration", "calibration_samples", "float_layers", "equalize")
+SEARCH_KEYS = ("precision", "calibration", "calibration_samples", "float_layers", "equalize", "finetune")
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def _allowed(backend: str) -> dict[str, Any]:
     cls = options_class(backend)
     hints = typing.get_type_hints(cls)
     out: dict[str, Any] = {"precision": Literal[PRECISIONS], "calibration": Literal[CALIBRATION_METHODS],
-                           "calibration_samples": int, "float_layers": int, "equalize": bool}
+                           "calibration_samples": int, "float_layers": int, "equalize": bool, "finetune": int}
     for f in dataclasses.fields(cls):
         out[f.name] = hints[f.name]
     return out

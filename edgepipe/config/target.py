@@ -40,6 +40,11 @@ class Calibration:
     equalize: bool = False
     #: mixed precision by name: these ONNX nodes stay in float (filled from float_layers at compile)
     keep_float: tuple[str, ...] = ()
+    #: quantization-aware fine-tuning: epochs over the calibration samples with int8 simulated, against the
+    #: fp32 model's logits, before the backend quantizes (see edgepipe.quantize.finetune); 0: none
+    finetune: int = 0
+    #: the fine-tune's learning rate (Adam, cosine decay to 0)
+    finetune_lr: float = 2e-5
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -48,6 +53,10 @@ class Calibration:
             )
         if self.float_layers < 0:
             raise ConfigError(f"calibration.float_layers = {self.float_layers}: give 0 (every layer int8) or more")
+        if self.finetune < 0:
+            raise ConfigError(f"calibration.finetune = {self.finetune}: give the fine-tune's epochs (0: none)")
+        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
+            raise ConfigError(f"calibration.finetune_lr = {self.finetune_lr}: give a learning rate > 0 (e.g. 2e-5)")
 
 
 @dataclass(frozen=True)

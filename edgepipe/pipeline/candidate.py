@@ -112,7 +112,7 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
         onnx, export_rec = stages.export(compressed, target, splits, work, cache, opts.parity_atol)
     calib = stages.calibration_set(splits)
     with rep.stage(f"{target.name}: compile ({target.backend} {target.precision})"):
-        artifact, compile_rec = stages.compile(onnx, target, calib, work, cache)
+        artifact, compile_rec = stages.compile(onnx, target, calib, work, cache, rep)
     ev, eval_rec = stages.evaluate(artifact, target, splits, cache, rep)
     notes = []
     if recipe is not None and compressed.is_onnx:

@@ -126,6 +126,8 @@ def candidate_target(target: Target, settings: dict[str, Any]) -> Target:
             calib["float_layers"] = int(v)
         elif k == "equalize":
             calib["equalize"] = bool(v)
+        elif k == "finetune":
+            calib["finetune"] = int(v)
         else:
             opts[k] = tuple(v) if isinstance(v, list) else v
     if calib:

@@ -250,8 +250,11 @@ def export(model: Compressed, target: Target, splits: Splits, workdir: Path, cac
 
 
 def compile(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path,
-            cache: Cache) -> tuple[Artifact, StageRecord]:
-    """Compile for the target with its backend, calibrating on ``calibration`` (cached)."""
+            cache: Cache, reporter: Reporter | None = None) -> tuple[Artifact, StageRecord]:
+    """Compile for the target with its backend, calibrating on ``calibration`` (cached).
+
+    For int8, the ONNX the backend quantizes is first equalized (``calibration.equalize``), has its float
+    layers chosen (``float_layers``) and is fine-tuned with int8 simulated (``finetune``), as the target asks."""
     backend = backends.get(target.backend)
     inputs = {"onnx": onnx.sha256, "target": target.sha256, "calibration": calibration.sha256,
               "validation": calibration.validation_sha256, "tools": sha256_json(tool_versions())}
@@ -272,9 +275,12 @@ def compile(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdi
         target, plan = mixed_precision(quantized_from, target, calibration)
         if eq and target.calibration.keep_float:  # the float layers' biases must not be corrected
             quantized_from, eq = equalized(onnx, target, calibration, workdir)
+        quantized_from, ft = finetuned(quantized_from, onnx, target, calibration, workdir, cache, reporter)
         artifact = backend.compile(quantized_from, target, calibration, out)
         if eq:
             artifact.metadata["equalization"] = eq
+        if ft:
+            artifact.metadata["finetune"] = ft
         if plan:
             artifact.metadata["mixed_precision"] = plan
         rec = {"precision": artifact.precision, "path": artifact.path.name,
@@ -299,6 +305,40 @@ def equalized(onnx: OnnxModel, target: Target, calibration: CalibrationSet,
     record = equalize(onnx.path, path, calibration.x, keep_float=target.calibration.keep_float)
     record["method"] = ("cross-layer equalization (ReLU6 kept exact on the calibration samples) and bias correction "
                         "of int8 weight rounding, Nagel et al. 2019")
+    return dataclasses.replace(onnx, path=path, sha256=sha256_file(path)), record
+
+
+def finetuned(onnx: OnnxModel, original: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path,
+              cache: Cache, reporter: Reporter | None = None) -> tuple[OnnxModel, dict[str, Any]]:
+    """The model the backend quantizes, fine-tuned with int8 simulated when the int8 target asks
+    (``calibration.finetune`` epochs), else ``onnx`` itself; and the record of what was done.
+
+    ``original``: the exported fp32 model, whose logits the fine-tune matches. Cached on its own (kind
+    ``finetune``): targets of several backends that share the model, the calibration samples and the
+    settings share one fine-tune."""
+    import dataclasses
+
+    cal = target.calibration
+    if target.precision != "int8" or not cal.finetune:
+        return onnx, {}
+    from edgepipe.quantize.finetune import BATCH, finetune
+
+    key = sha256_json({"onnx": onnx.sha256, "original": original.sha256, "calibration": calibration.sha256,
+                       "epochs": cal.finetune, "lr": cal.finetune_lr, "keep_float": list(cal.keep_float),
+                       "seed": cal.seed, "tools": tool_versions()})
+    path = workdir / "finetuned" / onnx.path.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hit = cache.get("finetune", key)
+    if hit is not None:
+        shutil.copy2(hit.file(path.name), path)
+        record = dict(hit.record)
+    else:
+        rep = reporter or NullReporter()
+        steps = cal.finetune * -(-len(calibration.x) // BATCH)
+        with rep.stage(f"fine-tune for int8 ({cal.finetune} epochs, {len(calibration.x)} samples)", steps) as advance:
+            record = finetune(onnx.path, path, calibration.x, original.path, epochs=cal.finetune, lr=cal.finetune_lr,
+                              seed=cal.seed, keep_float=cal.keep_float, progress=advance)
+        cache.put("finetune", key, [path], record)
     return dataclasses.replace(onnx, path=path, sha256=sha256_file(path)), record
 
 
