@@ -329,8 +329,8 @@ def finetuned(onnx: OnnxModel, original: OnnxModel, target: Target, calibration:
     path = workdir / "finetuned" / onnx.path.name
     path.parent.mkdir(parents=True, exist_ok=True)
     hit = cache.get("finetune", key)
-    if hit is not None:
-        shutil.copy2(hit.file(path.name), path)
+    if hit is not None:  # one .onnx, stored under the name of the model that was fine-tuned first
+        shutil.copy2(next(hit.path.glob("*.onnx")), path)
         record = dict(hit.record)
     else:
         rep = reporter or NullReporter()

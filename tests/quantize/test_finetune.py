@@ -5,6 +5,7 @@ records it."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import onnx
@@ -93,16 +94,27 @@ def test_finetune_lowers_the_int8_error_onnxruntime_then_gives(example_onnx, spl
     assert changed
 
 
-def test_the_finetune_is_cached_once_for_every_backend_that_shares_it(example_onnx, splits, tmp_path):
+def test_the_finetune_is_cached_once_for_every_backend_that_shares_it(example_onnx, splits, tmp_path, monkeypatch):
+    import edgepipe.quantize.finetune as ft
+
+    runs = []
+    real = ft.finetune
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: runs.append(1) or real(*a, **k))
     calib = CalibrationSet(splits.calibration.x[:32], "digits:calibration[:32]")
     cache = Cache(tmp_path / "cache")
     seen = []
     for name in ("cpu-int8", "intel-cpu-int8"):
         t = load_target(name)
         t = dataclasses.replace(t, calibration=dataclasses.replace(t.calibration, finetune=1))
-        art, _ = stages.compile(example_onnx, t, calib, tmp_path / name, cache)
+        onnx = example_onnx
+        if name == "intel-cpu-int8":  # the same model under another file name still hits the cache
+            (tmp_path / "renamed").mkdir()
+            shutil.copy2(example_onnx.path, tmp_path / "renamed" / "other.onnx")
+            onnx = dataclasses.replace(example_onnx, path=tmp_path / "renamed" / "other.onnx")
+        art, _ = stages.compile(onnx, t, calib, tmp_path / name, cache)
         seen.append(art.metadata["finetune"])
     assert seen[0] == seen[1]
+    assert len(runs) == 1  # OpenVINO's compile took onnxruntime's fine-tune from the cache
     assert len(list((tmp_path / "cache" / "stages" / "finetune").iterdir())) == 1
 
 
