@@ -35,10 +35,16 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets its own stage cache, so no test passes because of another's output."""
-    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test gets its own stage cache, so no test passes because of another's output. It is removed
+    when the test ends: 450 caches of models and artifacts kept to the end fill a small disk."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(d))
     monkeypatch.setenv("OPENVINO_TELEMETRY_DISABLE", "1")
+    yield
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -230,7 +236,14 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        # dockerd leaves its network namespace bind-mounted under exec/: unmount, or rmtree cannot remove it
+        # and every run leaves a directory behind
+        for line in Path("/proc/mounts").read_text().splitlines():
+            point = line.split()[1]
+            if point.startswith(f"{d}/"):
+                subprocess.run(["umount", "-l", point], check=False, capture_output=True)
         shutil.rmtree(d, ignore_errors=True)
+        assert not d.exists(), f"{d} is left behind"
 
 
 @pytest.fixture(scope="session")

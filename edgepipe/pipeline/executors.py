@@ -258,6 +258,22 @@ def _trusting(options: Any) -> Any:
     return trusting(bool(getattr(options, "trust_code", False)))
 
 
+def _sweep_scratch() -> None:
+    """Remove the scratch directories of workers that are gone. A Ray worker is often killed, not exited,
+    so its ``atexit`` never runs; each new worker session sweeps what dead ones left on this host."""
+    for d in Path(tempfile.gettempdir()).glob("edgepipe-worker-*-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def _worker_session(model: str | None, options: Any, cache_root: str) -> Session:
     """One session per worker process and (model, options, cache): the source and the references are
     loaded once per worker, not once per candidate."""
@@ -268,8 +284,9 @@ def _worker_session(model: str | None, options: Any, cache_root: str) -> Session
 
     k = hashlib.sha256(pickle.dumps((model, options, cache_root))).hexdigest()
     if k not in _SESSIONS:
-        scratch = Path(tempfile.mkdtemp(prefix="edgepipe-worker-"))
-        atexit.register(shutil.rmtree, scratch, True)
+        _sweep_scratch()
+        scratch = Path(tempfile.mkdtemp(prefix=f"edgepipe-worker-{os.getpid()}-"))
+        atexit.register(shutil.rmtree, scratch, True)  # Ray may kill the worker first: _sweep_scratch then
         with _trusting(options):
             src = load_source(model, options)
         _SESSIONS[k] = Session(src, options, Cache(Path(cache_root), enabled=options.cache),

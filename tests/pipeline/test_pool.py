@@ -109,3 +109,25 @@ def test_workers_and_cluster_are_one_or_the_other(capsys):
     with pytest.raises(SystemExit) as e:
         main(["release", "--targets", "cpu-int8", "--workers", "0"])
     assert e.value.code == 2 and "--workers" in capsys.readouterr().err
+
+
+def test_a_killed_workers_scratch_is_swept_by_the_next_worker(tmp_path, monkeypatch):
+    """A Ray worker is killed rather than exited, so its atexit never runs: the next worker session on the
+    host removes the scratch of processes that are gone and keeps that of live ones."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from edgepipe.pipeline import executors
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"edgepipe-worker-{gone.pid}-abcd1234"
+    live = tmp_path / f"edgepipe-worker-{os.getpid()}-efgh5678"
+    other = tmp_path / "edgepipe-worker-notapid-x"
+    for d in (dead, live, other):
+        (d / "reference-0").mkdir(parents=True)
+    executors._sweep_scratch()
+    assert not dead.exists()
+    assert live.exists() and other.exists()
