@@ -110,6 +110,9 @@ def nodes(tmp_path_factory):
         yield n
     finally:
         n.end(list(reversed(n.procs)))
+        from edgepipe.pipeline.executors import _sweep_scratch
+
+        _sweep_scratch()  # the workers were killed: their scratch would stay until the next run's workers
 
 
 @pytest.fixture(scope="module")
