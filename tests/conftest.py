@@ -243,7 +243,10 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory):
             if point.startswith(f"{d}/"):
                 subprocess.run(["umount", "-l", point], check=False, capture_output=True)
         shutil.rmtree(d, ignore_errors=True)
-        assert not d.exists(), f"{d} is left behind"
+        if d.exists():
+            import warnings
+
+            warnings.warn(f"{d} is left behind (a mount under it?): remove it by hand", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
