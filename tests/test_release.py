@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -215,6 +216,26 @@ def test_target_that_cannot_compile_here_is_skipped_not_fatal(tmp_path, monkeypa
     assert index["targets"]["intel-cpu-int8"]["status"] == "skipped"
 
 
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_killed_release_leaves_nothing_half_written_and_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     import os
     import signal
@@ -225,15 +246,22 @@ def test_killed_release_leaves_nothing_half_written_and_resumes_to_the_same_byte
     search.write_text(SEARCH)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "edgepipe", "release", "--targets", "cpu-int8,intel-cpu-int8", "--search",
-           str(search), "--out", str(out), "--iterations", "20", "--json"]
+           str(search), "--out", str(out), "--iterations", "20", "--json", "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     compiled = tmp_path / "cache" / "stages" / "compile-onnxruntime"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (compiled.is_dir() and any(compiled.iterdir())):
+    workers: set[int] = set()  # the local pool's processes (and multiprocessing's resource tracker)
+    while time.monotonic() < deadline and not (workers and compiled.is_dir() and any(compiled.iterdir())):
+        workers |= _children(proc.pid)
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)  # mid-search: some stages cached, nothing released yet
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    assert workers, "the release started no worker processes"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.2)
+    assert not [p for p in workers if _alive(p)], "the killed release's workers are still running"
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.exists() else []
     assert "index.json" not in visible and "SHA256SUMS" not in visible
     for name in visible:  # a target directory that exists is complete

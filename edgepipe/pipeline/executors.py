@@ -142,11 +142,29 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def _exit_with_parent(every: float = 1.0) -> None:
+    """End this worker when the process that started it is gone. A release killed with SIGKILL (or by the
+    OOM killer) cannot shut its pool down, and its spawned workers, each holding a pipe end the others
+    wait on, would sleep forever with their models in memory."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="edgepipe-exit-with-parent", daemon=True).start()
+
+
 def _pool_init(lock: Any, threads: int) -> None:
     """A pool worker: its benches take the lock the pool's workers share; torch and onnxruntime get
     ``threads`` threads each, so the workers do not oversubscribe the cores."""
     from edgepipe.pipeline import stages
 
+    _exit_with_parent()
     stages.bench_lock = lock
     stages.bench_spans = []
     import torch
