@@ -4,6 +4,7 @@ board (a real sshd on 127.0.0.1), a Docker engine with arm64 emulation, and an e
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every test gets its own stage cache, so no test passes because of another's output. It is removed
     when the test ends: 450 caches of models and artifacts kept to the end fill a small disk."""
     import shutil

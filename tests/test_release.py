@@ -262,6 +262,10 @@ def test_killed_release_leaves_nothing_half_written_and_resumes_to_the_same_byte
     while time.monotonic() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.2)
     assert not [p for p in workers if _alive(p)], "the killed release's workers are still running"
+    import tempfile
+
+    left = [d.name for p in workers for d in Path(tempfile.gettempdir()).glob(f"edgepipe-worker-{p}-*")]
+    assert not left, f"the killed release's workers left their scratch: {left}"
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.exists() else []
     assert "index.json" not in visible and "SHA256SUMS" not in visible
     for name in visible:  # a target directory that exists is complete

@@ -154,6 +154,8 @@ def _exit_with_parent(every: float = 1.0) -> None:
         while True:
             time.sleep(every)
             if os.getppid() != parent:
+                for d in _SCRATCH:  # os._exit skips atexit
+                    shutil.rmtree(d, ignore_errors=True)
                 os._exit(1)
 
     threading.Thread(target=watch, name="edgepipe-exit-with-parent", daemon=True).start()
@@ -268,6 +270,8 @@ def load_source(model: str | None, options: Any) -> Any:
 
 
 _SESSIONS: dict[str, Session] = {}
+#: this worker's scratch directories (removed at exit, or by the watch of :func:`_exit_with_parent`)
+_SCRATCH: list[Path] = []
 
 
 def _trusting(options: Any) -> Any:
@@ -304,6 +308,7 @@ def _worker_session(model: str | None, options: Any, cache_root: str) -> Session
     if k not in _SESSIONS:
         _sweep_scratch()
         scratch = Path(tempfile.mkdtemp(prefix=f"edgepipe-worker-{os.getpid()}-"))
+        _SCRATCH.append(scratch)
         atexit.register(shutil.rmtree, scratch, True)  # Ray may kill the worker first: _sweep_scratch then
         with _trusting(options):
             src = load_source(model, options)
