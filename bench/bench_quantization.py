@@ -88,7 +88,7 @@ def main() -> None:
             ref = ws.compile(onnx, ref_t, sp, evaluate=False)
             ref_logits = _logits(ref, sp)
             gap = np.diff(np.sort(ref_logits, axis=1)[:, -2:], axis=1).ravel()
-            clear_ = gap >= NEAR_TIE
+            not_tie = gap >= NEAR_TIE
             for backend in chosen:
                 shipped = load_target(BACKENDS[backend])
                 for vname, fields in _variants(backend, args.k, 2 if args.quick else args.finetune).items():
@@ -101,7 +101,7 @@ def main() -> None:
                     agree = float(np.mean(y.argmax(1) == sp.test.y))
                     top5 = float(np.mean([lab in np.argsort(-v)[:5] for lab, v in zip(sp.test.y, y, strict=True)]))
                     nmse = float(np.mean((y - ref_logits) ** 2) / np.mean(ref_logits ** 2))
-                    clear = float(np.mean(y.argmax(1)[clear_] == ref_logits.argmax(1)[clear_]))
+                    clear = float(np.mean(y.argmax(1)[not_tie] == ref_logits.argmax(1)[not_tie]))
                     rows.append((mname, backend, vname, agree, top5, nmse, b, len(sp.test.y), clear))
                     if backend != "tensorrt":
                         it = args.iterations if mname == "example" else max(20, args.iterations // 4)
@@ -115,7 +115,7 @@ def main() -> None:
                   f"the others {len(sp.calibration.y)}")
             print(f"fp32 top-1 minus top-2 logit on the test samples: median {np.median(gap):.2f}, "
                   f"{np.mean(gap < 0.1):.1%} of them below 0.1, {np.mean(gap < NEAR_TIE):.1%} below {NEAR_TIE} (near-ties); "
-                  f"clear: agreement with fp32 on the other {int(clear_.sum())}")
+                  f"clear: agreement with fp32 on the other {int(not_tie.sum())}")
             print(f"{'backend':12s} {'variant':26s} {'top-1':>7s} {'drop':>6s} {'top-5':>7s} {'clear':>7s} {'NMSE':>9s} "
                   f"{'p50 ms':>8s} {'vs fp32':>8s}")
             for m, backend, vname, agree, top5, nmse, _b, _n, clear in rows:

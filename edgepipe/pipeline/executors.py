@@ -154,8 +154,7 @@ def _exit_with_parent(every: float = 1.0) -> None:
         while True:
             time.sleep(every)
             if os.getppid() != parent:
-                for d in _SCRATCH:  # os._exit skips atexit
-                    shutil.rmtree(d, ignore_errors=True)
+                _remove_scratch()  # os._exit skips atexit
                 os._exit(1)
 
     threading.Thread(target=watch, name="edgepipe-exit-with-parent", daemon=True).start()
@@ -274,6 +273,11 @@ _SESSIONS: dict[str, Session] = {}
 _SCRATCH: list[Path] = []
 
 
+def _remove_scratch() -> None:
+    for d in _SCRATCH:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _trusting(options: Any) -> Any:
     from edgepipe.models import trusting
 
@@ -308,8 +312,9 @@ def _worker_session(model: str | None, options: Any, cache_root: str) -> Session
     if k not in _SESSIONS:
         _sweep_scratch()
         scratch = Path(tempfile.mkdtemp(prefix=f"edgepipe-worker-{os.getpid()}-"))
+        if not _SCRATCH:
+            atexit.register(_remove_scratch)  # Ray may kill the worker first: _sweep_scratch then
         _SCRATCH.append(scratch)
-        atexit.register(shutil.rmtree, scratch, True)  # Ray may kill the worker first: _sweep_scratch then
         with _trusting(options):
             src = load_source(model, options)
         _SESSIONS[k] = Session(src, options, Cache(Path(cache_root), enabled=options.cache),
