@@ -17,6 +17,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -51,6 +52,19 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, refused with a ``ConfigError`` naming ``what`` when it holds more than ``limit``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what} {str(path)!r} is larger than {limit:,} bytes, more than such a file ever "
+                          "holds: is it the right file?")
+    return data
 
 
 def write_bytes_atomic(dest: Path, data: bytes) -> None:
@@ -97,10 +111,18 @@ def dir_lock(dest: Path, *, wait: bool = True, what: str = "") -> Iterator[None]
         yield
         return
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # never through a link: a planted `.NAME.lock -> file` would have that file truncated
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ConfigError(f"lock file {str(path)!r} is a symbolic link, which edgepipe never writes through; "
+                                  "remove it (someone with write access to that directory planted it)") from None
             raise ConfigError(f"{name} is not writable: {e.strerror or e} ({path.parent})") from e
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise ConfigError(f"lock file {str(path)!r} is not a plain file of its own (a hard link or a device); "
+                              "remove it (someone with write access to that directory planted it)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

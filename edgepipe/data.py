@@ -7,6 +7,9 @@ from train: nothing is chosen on the split that is reported, and calibration nev
 
 from __future__ import annotations
 
+import math
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,11 +234,66 @@ def check_labels(y: np.ndarray, classes: int, what: str = "dataset") -> None:
                         f"{len(bad)} of {len(y)} labels are: fix the labels, or give the model that has these classes")
 
 
-def _from_npz(path: Path, chw: tuple[int, int, int]) -> Dataset:
+#: an ``.npz`` member whose declared size is above this and more than ``_MAX_RATIO`` times its compressed size
+#: is refused as a decompression bomb (real image data deflates 2-20x; a 1 MB file declaring 1 GiB is 1000x)
+_BOMB_BYTES = 64 << 20
+_MAX_RATIO = 200
+
+
+def max_data_bytes() -> int:
+    """The most bytes an ``.npz`` may unpack to: ``$EDGEPIPE_MAX_DATA_MB`` (default 2048) MiB."""
+    raw = os.environ.get("EDGEPIPE_MAX_DATA_MB", "2048")
     try:
-        with np.load(path) as f:
-            if "x" not in f or "y" not in f:
-                raise DataError(f"{path}: an .npz dataset needs arrays 'x' and 'y'; it has {sorted(f.files)}")
+        mb = float(raw)
+    except ValueError:
+        raise DataError(f"EDGEPIPE_MAX_DATA_MB = {raw!r}: give a number of MiB (e.g. 4096)") from None
+    return int(mb * (1 << 20))
+
+
+def check_npz(path: Path, limit: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array of ``path`` (an ``.npz``) by name, with its shape and dtype, read from the zip's headers alone:
+    nothing is unpacked. Refused before any array is read: an archive that unpacks to more than ``limit`` bytes
+    (default :func:`max_data_bytes`), a member that inflates like a decompression bomb, an object array (it
+    would be unpickled: data never runs code), or a member that is not an array."""
+    limit = max_data_bytes() if limit is None else limit
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise DataError(f"{path}: member {info.filename!r} is not an array (.npy); an .npz dataset holds "
+                                    "arrays only")
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                name = info.filename[:-4]
+                if dtype.hasobject:
+                    raise DataError(f"{path}: array {name!r} holds Python objects ({dtype}), which loading would "
+                                    "unpickle; data never runs code: store numbers or fixed-width strings")
+                n = math.prod(shape) * dtype.itemsize
+                if n > _BOMB_BYTES and n > _MAX_RATIO * max(info.compress_size, 1):
+                    raise DataError(f"{path}: array {name!r} declares {n / 2**20:,.0f} MiB from {info.compress_size:,} "
+                                    f"compressed bytes ({n / max(info.compress_size, 1):,.0f}x), which is a "
+                                    "decompression bomb, not data; if it is real, save it with np.savez (uncompressed)")
+                total += n
+                if total > limit:
+                    raise DataError(f"{path}: its arrays unpack to more than {limit / 2**20:,.0f} MiB; give less data, "
+                                    "or raise EDGEPIPE_MAX_DATA_MB if this machine has the memory")
+                out[name] = (tuple(shape), dtype)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+    return out
+
+
+def _from_npz(path: Path, chw: tuple[int, int, int]) -> Dataset:
+    arrays = check_npz(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in arrays or "y" not in arrays:
+                raise DataError(f"{path}: an .npz dataset needs arrays 'x' and 'y'; it has {sorted(arrays)}")
             x_raw, y_raw = f["x"], f["y"]
             if x_raw.dtype.kind not in "biuf" or y_raw.dtype.kind not in "biuf":
                 raise DataError(f"{path}: 'x' and 'y' must be numeric arrays, got {x_raw.dtype} and {y_raw.dtype}")

@@ -177,6 +177,10 @@ class ArtifactRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+#: the largest manifest.json read (real ones are tens of KiB)
+MAX_MANIFEST_BYTES = 16 << 20
+
+
 @dataclass
 class Manifest:
     """Everything a release directory's ``manifest.json`` says: read it with :meth:`read`, not by key."""
@@ -237,7 +241,15 @@ class Manifest:
     @classmethod
     def read(cls, path: Path) -> Manifest:
         """Read ``manifest.json`` (or the one inside a release directory)."""
+        from edgepipe._fs import read_bounded
+        from edgepipe.errors import ConfigError
+
         p = Path(path)
         if p.is_dir():
             p = p / "manifest.json"
-        return cls.from_dict(json.loads(p.read_text()))
+        data = read_bounded(p, MAX_MANIFEST_BYTES, "manifest")
+        try:
+            return cls.from_dict(json.loads(data))
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"manifest {str(p)!r} is not a manifest edgepipe wrote ({type(e).__name__}: "
+                              f"{str(e)[:200]}); rebuild the release") from None

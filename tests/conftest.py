@@ -31,6 +31,8 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory):
     """Session-wide default, so that module- and session-scoped fixtures never touch the user's cache."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGEPIPE_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        # the key that signs cache records: the tests' own, never the user's ~/.config/edgepipe/cache.key
+        mp.setenv("EDGEPIPE_CACHE_KEY_FILE", str(tmp_path_factory.mktemp("cache-key") / "cache.key"))
         mp.setenv("OPENVINO_TELEMETRY_DISABLE", "1")
         yield
 

@@ -233,7 +233,7 @@ class TFLiteBackend(Backend):
                 shutil.copyfile(produced, t)
         details = result.get("details", {})
         metadata: dict[str, Any] = {
-            "converter": {"tool": "onnx2tf", **result.get("versions", {}), "seconds": result.get("seconds")},
+            "converter": {"tool": "onnx2tf", **result.get("versions", {})},  # no timings: same inputs, same bytes
             "variant": VARIANTS[target.precision],
             "input_layout": "NHWC",
             "board": {"runtime": RUNTIME_DISTS[opts.runtime], "delegate": opts.delegate,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -173,7 +172,6 @@ def apply_recipe(model: nn.Module, recipe: Recipe, splits: Splits,
     for i, step in enumerate(recipe.steps):
         tech = technique(step.technique, where=f"steps[{i}]")
         cfg = step.config
-        t0 = time.perf_counter()
         with rep.stage(f"compress {i + 1}/{len(recipe.steps)}: {step.technique}"):
             try:
                 model = tech.apply(model, cfg, ctx)
@@ -193,7 +191,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, splits: Splits,
             "step": i, "technique": step.technique, "params": step.params,
             "finetune": (ft.__dict__ if ft else None),
             "distill": recipe.distill.kind if (ft and recipe.distill) else None,
-            "before": before.to_dict(), "after": after.to_dict(), "seconds": round(time.perf_counter() - t0, 2),
+            "before": before.to_dict(), "after": after.to_dict(),
         })
         before = after
     return model.eval(), records

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
+from edgepipe._fs import read_bounded
 from edgepipe.errors import ConfigError
 
 T = TypeVar("T")
@@ -110,6 +112,20 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     return cls(**kwargs)
 
 
+#: a name that becomes a file or directory name (a target's ``name`` is its release directory): one plain path
+#: component, so no name can point outside the directory it is written into
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def check_name(value: str, where: str) -> str:
+    """``value`` when it is one safe path component (letters, digits, ``._+-``, starting with a letter or digit,
+    at most 100 characters); else a ``ConfigError`` naming ``where``."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ConfigError(f"{where} = {value!r}: a name becomes a directory name, so it must be 1-100 letters, "
+                          "digits, '.', '_', '+' or '-', starting with a letter or digit (no '/', '..', spaces)")
+    return value
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass as a TOML-ready dict: tuples become lists, ``None`` values are left out."""
 
@@ -135,9 +151,18 @@ def load_toml(path: Path, kind: str) -> dict[str, Any]:
     """
     import tomllib
 
+    text = read_bounded(path, MAX_CONFIG_BYTES, f"{kind} file").decode("utf-8", errors="replace")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{kind} file {str(path)!r} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{kind} file {str(path)!r} nests its tables or arrays too deeply to be read; a {kind} "
+                          "file needs a few levels at most") from None
     data.setdefault("name", path.stem)
     return data
+
+
+#: the largest target, recipe or search file read: real ones are a few KiB
+MAX_CONFIG_BYTES = 1 << 20
+

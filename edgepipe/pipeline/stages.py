@@ -175,13 +175,8 @@ def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cac
               "tools": sha256_json(tool_versions())}
     key = sha256_json(inputs)
     hit = cache.get("compress", key)
-    if hit is not None:
-        from edgepipe.models import load_model as _load
-
-        path = hit.file("model.pt2")
-        out = Compressed(src, key, recipe, hit.record["steps"], hit.record.get("fp32_validation_top1"),
-                         _loader=lambda: _load(str(path), trust_code=True).module)  # type: ignore[return-value, arg-type]  # our own file, sha256-verified
-    else:
+    entry = hit
+    if hit is None:
         import copy
         import tempfile
 
@@ -195,9 +190,26 @@ def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cac
         out = Compressed(src, key, recipe, steps, acc, _module=module)
         with tempfile.TemporaryDirectory(prefix="edgepipe-compress-") as tmp:
             pt2 = save_program(module, (1, *splits.validation.x.shape[1:]), Path(tmp) / "model.pt2")
-            cache.put("compress", key, [pt2], {"steps": steps, "fp32_validation_top1": acc})
+            stored = cache.put("compress", key, [pt2], {"steps": steps, "fp32_validation_top1": acc})
+        if stored is not None and not stored.mine:  # another run stored this key first: everyone uses that one
+            entry = stored
+    if entry is not None:
+        out = Compressed(src, key, recipe, entry.record["steps"], entry.record.get("fp32_validation_top1"),
+                         _loader=lambda: _load_cached_program(entry))
     return out, StageRecord("compress", inputs, key, timer.seconds, hit is not None,
                             {"recipe": recipe.name, "steps": len(recipe.steps)})
+
+
+def _load_cached_program(entry: Any) -> nn.Module:
+    """The compressed model of a signed compress entry. A ``.pt2`` is code (loading it unpickles), so it is
+    loaded only from a private copy whose bytes match the digest the entry's signature covers."""
+    import tempfile
+
+    from edgepipe.models import load_model as _load
+
+    with tempfile.TemporaryDirectory(prefix="edgepipe-cached-") as tmp:  # 0700: no one else can swap the copy
+        path = entry.copy("model.pt2", Path(tmp) / "model.pt2")
+        return _load(str(path), trust_code=True).module  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,16 +244,18 @@ def export(model: Compressed, target: Target, splits: Splits, workdir: Path, cac
               "tools": sha256_json({"tools": tool_versions(), "opset": ex.DEFAULT_OPSET})}
     key = sha256_json(inputs)
     hit = cache.get("export", key)
-    if hit is not None:
-        shutil.copyfile(hit.file("source.onnx"), dest)
-        record = hit.record
-        onnx = ex.onnx_model(dest)
-    else:
+    entry = hit
+    if hit is None:
         onnx = ex.export(model.module, target.input_shape, dest, dynamic_batch=target.dynamic_batch)
         p = ex.parity(model.module, onnx, splits.validation.x)
         ex.check_parity(p, atol=parity_atol)
         record = {"parity": p.to_dict(), "opset": ex.DEFAULT_OPSET, "dynamic_batch": target.dynamic_batch}
-        cache.put("export", key, [dest], record)
+        stored = cache.put("export", key, [dest], record)
+        entry = stored if stored is not None and not stored.mine else None  # another writer's: use that one
+    if entry is not None:
+        entry.copy("source.onnx", dest)
+        record = entry.record
+        onnx = ex.onnx_model(dest)
     return onnx, StageRecord("export", inputs, onnx.sha256, timer.seconds, hit is not None, dict(record))
 
 
@@ -265,11 +279,7 @@ def compile(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdi
     kind = f"compile-{target.backend}"
     hit = cache.get(kind, key)
     if hit is not None:
-        rec = hit.record
-        for name in rec["files"]:
-            shutil.copy2(hit.file(name), out / name)
-        artifact = Artifact(backend.name, rec["precision"], out / rec["path"], [out / n for n in rec["files"]],
-                            rec["metadata"])
+        artifact = _cached_artifact(backend.name, hit, out)
     else:
         quantized_from, eq = equalized(onnx, target, calibration, workdir)
         target, plan = mixed_precision(quantized_from, target, calibration)
@@ -285,9 +295,18 @@ def compile(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdi
             artifact.metadata["mixed_precision"] = plan
         rec = {"precision": artifact.precision, "path": artifact.path.name,
                "files": [p.name for p in artifact.files], "metadata": artifact.metadata}
-        cache.put(kind, key, artifact.files, rec)
+        stored = cache.put(kind, key, artifact.files, rec)
+        if stored is not None and not stored.mine:  # another writer compiled this key first: use its bytes
+            artifact = _cached_artifact(backend.name, stored, out)
     return artifact, StageRecord("compile", inputs, artifact_sha256(artifact), timer.seconds, hit is not None,
                                  {"backend": backend.name, "precision": artifact.precision})
+
+
+def _cached_artifact(backend: str, entry: Any, out: Path) -> Artifact:
+    rec = entry.record
+    for name in rec["files"]:
+        entry.copy(name, out / name)
+    return Artifact(backend, rec["precision"], out / rec["path"], [out / n for n in rec["files"]], rec["metadata"])
 
 
 def equalized(onnx: OnnxModel, target: Target, calibration: CalibrationSet,
@@ -330,7 +349,7 @@ def finetuned(onnx: OnnxModel, original: OnnxModel, target: Target, calibration:
     path.parent.mkdir(parents=True, exist_ok=True)
     hit = cache.get("finetune", key)
     if hit is not None:  # one .onnx, stored under the name of the model that was fine-tuned first
-        shutil.copy2(next(hit.path.glob("*.onnx")), path)
+        hit.copy(next(iter(hit.files or {})), path)
         record = dict(hit.record)
     else:
         rep = reporter or NullReporter()
@@ -338,7 +357,10 @@ def finetuned(onnx: OnnxModel, original: OnnxModel, target: Target, calibration:
         with rep.stage(f"fine-tune for int8 ({cal.finetune} epochs, {len(calibration.x)} samples)", steps) as advance:
             record = finetune(onnx.path, path, calibration.x, original.path, epochs=cal.finetune, lr=cal.finetune_lr,
                               seed=cal.seed, keep_float=cal.keep_float, progress=advance)
-        cache.put("finetune", key, [path], record)
+        stored = cache.put("finetune", key, [path], record)
+        if stored is not None and not stored.mine:  # another writer's fine-tune: everyone uses that one
+            stored.copy(next(iter(stored.files or {})), path)
+            record = dict(stored.record)
     return dataclasses.replace(onnx, path=path, sha256=sha256_file(path)), record
 
 
@@ -420,7 +442,9 @@ def evaluate(artifact: Artifact, target: Target, splits: Splits, cache: Cache,
             runner = backends.get(evaluated.backend).load(evaluated, target.runtime.threads)
             val = top1(runner, splits.validation.x, splits.validation.y, adv)
             test = top1(runner, splits.test.x, splits.test.y, adv)
-        cache.put("evaluate", key, [], {"validation_top1": val, "test_top1": test})
+        stored = cache.put("evaluate", key, [], {"validation_top1": val, "test_top1": test})
+        if stored is not None:
+            val, test = stored.record["validation_top1"], stored.record["test_top1"]
     ev = Evaluation(val, test, len(splits.validation), len(splits.test),
                     stand_in.evaluates if stand_in else None, stand_in.bench if stand_in else None)
     return ev, StageRecord("evaluate", inputs, sha256_json([val, test]), timer.seconds, hit is not None,
