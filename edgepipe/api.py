@@ -118,6 +118,7 @@ def release(
     progress: Callable[[str, str, str, str, str], None] | None = None,
     cluster: str | Executor | None = None,
     workers: int | None = None,
+    insecure_cluster: bool = False,
     **options: Any,
 ) -> ReleaseResult:
     """For every target, search the candidates (recipe × quantization settings), keep the best that meets
@@ -136,6 +137,9 @@ def release(
             the cluster is checked (reachable, board resources, versions) before any work. An
             executor object (:class:`edgepipe.pipeline.executors.RayExecutor`, ...) is used as given
             and left open.
+        insecure_cluster: allow a cluster at a non-loopback address without Ray's token authentication
+            (refused otherwise, before anything is sent to it: whoever reaches such a cluster runs code on
+            every node; see :func:`edgepipe.pipeline.executors.check_cluster_trust`).
         **options: fields of :class:`edgepipe.pipeline.BuildOptions` (data, weights, iterations, cache, ...).
 
     Returns:
@@ -162,7 +166,8 @@ def release(
     if not isinstance(cluster, str):
         with _writing(opts.out, opts.trust_code):
             return _release(model, list(targets), space, Path(out), opts, reporter, progress, executor=cluster)
-    ex = RayExecutor(cluster)  # connects and checks the nodes first: a bad address starts nothing
+    # connects and checks the nodes first: a bad address, or an untrusted one, starts nothing
+    ex = RayExecutor(cluster, insecure=insecure_cluster)
     try:
         with _writing(opts.out, opts.trust_code):
             return _release(model, list(targets), space, Path(out), opts, reporter, progress, executor=ex)
@@ -445,6 +450,9 @@ def docker_run(tag: str, *, verify: bool = False, iterations: int = 200, warmup:
         m = Measurement(**result, size_bytes=art.size_bytes, backend=art.backend, precision=art.precision)
         if not verify:
             return m
+        from edgepipe.data import check_npz
+
+        check_npz(Path(tmp) / "eval.npz")  # the image's data is bounded before it is unpacked
         with np.load(Path(tmp) / "eval.npz", allow_pickle=False) as d:
             x, y = d["x"], d["y"]
         m = _verified(m, Path(tmp) / "release", x, y)

@@ -275,13 +275,17 @@ class ReleaseLive:
 @click.option("--cluster", metavar="ADDRESS|auto",
               help="Run the candidates as tasks on the Ray cluster at HOST:PORT ('auto': the one this machine "
                    "is in); a target with a [board] is benchmarked on the node declaring board:<target>.")
+@click.option("--insecure-cluster", is_flag=True,
+              help="Allow --cluster at a non-loopback address without Ray's token authentication (RAY_AUTH_MODE="
+                   "token and a token): whoever reaches such a cluster runs code on every node. Refused otherwise.")
 @click.option("--workers", type=click.IntRange(min=1), metavar="N",
               help="Without --cluster: run candidates in N local processes, one bench at a time "
                    "(default: the cores here; 1: one after another in this process).")
 @click.option("--json", "as_json", is_flag=True, help="Print index.json and the run's figures as JSON.")
 def release(model: str | None, targets: str, out: Path, search: Path | None, max_trials: int | None,
             weights: Path | None, data: str, input_shape: str | None, iterations: int | None, local_bench: bool,
-            no_cache: bool, trust_code: bool, cluster: str | None, workers: int | None, as_json: bool) -> int:
+            no_cache: bool, trust_code: bool, cluster: str | None, insecure_cluster: bool, workers: int | None,
+            as_json: bool) -> int:
     """Find the best artifact for every target, by measurement, under its budgets, and release it.
 
     For each target, every candidate of the search space (recipe x quantization settings) runs
@@ -303,11 +307,13 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
     if cluster is not None and workers is not None:
         raise click.UsageError("--workers sizes the local pool; with --cluster the cluster's CPUs decide: "
                                "give one of them")
+    if insecure_cluster and cluster is None:
+        raise click.UsageError("--insecure-cluster only applies with --cluster")
     executor = None
     if cluster is not None:  # connect (and check the nodes) before the live display: a failure is one line
         from edgepipe.pipeline.executors import RayExecutor
 
-        executor = RayExecutor(cluster)
+        executor = RayExecutor(cluster, insecure=insecure_cluster)
     try:
         with ReleaseLive(quiet=as_json) as live:
             result = api.release(model, specs, out=out, search=search, max_trials=max_trials, reporter=live,

@@ -16,6 +16,7 @@ from typing import Any
 
 from edgepipe._fs import atomic_dir
 from edgepipe._hashing import sha256_file
+from edgepipe.errors import ConfigError
 from edgepipe.types import Artifact, ArtifactRecord, CalibrationSet, FileRecord, Manifest, OnnxModel
 
 MANIFEST = "manifest.json"
@@ -53,8 +54,17 @@ def write_release(dest: Path, artifact: Artifact, onnx: OnnxModel, calibration: 
     return dest
 
 
+def _h(v: Any) -> str:
+    """``v`` as HTML text, safe in element and attribute content alike (``<>&"'`` escaped)."""
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+def _cells(*values: Any) -> str:
+    return "".join(f"<td>{_h(v)}</td>" for v in values)
+
+
 def _rows(pairs: list[tuple[str, Any]]) -> str:
-    return "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in pairs)
+    return "".join(f"<tr><th>{_h(k)}</th><td>{_h(v)}</td></tr>" for k, v in pairs)
 
 
 def render_report(m: Manifest) -> str:
@@ -97,7 +107,7 @@ def render_report(m: Manifest) -> str:
     tools = list(m.tools.items())
     sections = [("Summary", summary), ("Budgets", budgets), ("Files", files), ("Stages", stages), ("Tools", tools)]
     body = "".join(f"<h2>{name}</h2><table>{_rows(rows)}</table>" for name, rows in sections if rows)
-    title = html.escape(f"edgepipe release: {t['name']}")
+    title = _h(f"edgepipe release: {t['name']}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
             "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;width:100%}"
             "th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}"
@@ -110,15 +120,40 @@ def read_manifest(release_dir: Path) -> Manifest:
 
 
 def artifact_from_release(path: Path) -> Artifact | None:
-    """If ``path`` is a release directory (or a file in one), the artifact its manifest names."""
+    """If ``path`` is a release directory (or a file in one), the artifact its manifest names.
+
+    Every file the manifest names must be one plain name of a regular file in the directory (no ``/``,
+    ``..`` or link out of it): a crafted manifest cannot make edgepipe read, copy or upload a file
+    from elsewhere. Anything else is a ``ConfigError`` naming the file and the manifest.
+    """
     root = path if path.is_dir() else path.parent
     mf = root / MANIFEST
     if not mf.is_file():
         return None
-    a = Manifest.read(mf).artifact
+    try:
+        a = Manifest.read(mf).artifact
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConfigError(f"{str(mf)!r} is not a manifest edgepipe wrote ({type(e).__name__}: {e}); rebuild the "
+                          "release") from None
     if a is None:
         return None
-    return Artifact(a.backend, a.precision, root / a.file, [root / f.name for f in a.files], a.metadata)
+    names = [a.file, *(f.name for f in a.files)]
+    files = [_release_file(root, name, mf) for name in names]
+    return Artifact(a.backend, a.precision, files[0], files[1:], a.metadata)
+
+
+def _release_file(root: Path, name: Any, manifest: Path) -> Path:
+    """``root / name`` when ``name`` is one plain path component naming a regular file inside ``root``."""
+    import os
+
+    plain = (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+             and not os.path.isabs(name))
+    p = root / name if plain else None
+    if p is None or not p.is_file() or not p.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(f"{str(manifest)!r} names the file {name!r}, which is not a plain file name of a regular "
+                          f"file inside {str(root)!r} (no '/', '..' or link out of it); the manifest is damaged or "
+                          "crafted: rebuild the release")
+    return p
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,37 +266,37 @@ def _emu(c: dict[str, Any]) -> str:
 
 
 def render_release_report(index: dict[str, Any]) -> str:
-    """The release's report.html: per target, the charts and a table of every candidate (no network assets)."""
+    """The release's report.html: per target, the charts and a table of every candidate (no network assets).
+
+    Every value from the index (names, recipes, figures, what a board said) is HTML-escaped.
+    """
     parts = []
     summary = []
     for name, e in index["targets"].items():
         chosen = next((c for c in e["candidates"] if c["id"] == e["chosen"]), None)
         fig = (f"{chosen['test_top1']:.2%}", (f"{chosen['p50_ms']:.3f}" + _emu(chosen)) if chosen["p50_ms"] else "-",
                f"{chosen['size_bytes']:,}") if chosen else ("-", "-", "-")
-        summary.append(f"<tr><td>{html.escape(name)}</td><td>{e['status']}</td><td>{e['chosen'] or '-'}</td>"
-                       f"<td>{fig[0]}</td><td>{fig[1]}</td><td>{fig[2]}</td>"
-                       f"<td>{html.escape(e['reason'] or '')}</td></tr>")
+        summary.append(f"<tr>{_cells(name, e['status'], e['chosen'] or '-', *fig, e['reason'] or '')}</tr>")
         rows = "".join(
-            f"<tr><td>{c['id']}</td><td>{html.escape(c['recipe'])}</td>"
-            f"<td>{html.escape(', '.join(f'{k}={v}' for k, v in sorted(c['settings'].items())))}</td>"
-            f"<td>{'' if c.get('validation_top1') is None else format(c['validation_top1'], '.2%')}</td>"
-            f"<td>{'' if c.get('p50_ms') is None else format(c['p50_ms'], '.3f') + _emu(c)}</td>"
-            f"<td>{'' if c.get('size_bytes') is None else format(c['size_bytes'], ',')}</td>"
-            f"<td>{html.escape(c['why'])}</td></tr>" for c in e["candidates"])
-        charts = _charts(name, e) if e["candidates"] else f"<p>{html.escape(e['reason'] or '')}</p>"
-        parts.append(f"<h2>{html.escape(name)} ({e['backend']}): {e['status']}</h2>{charts}"
+            "<tr>" + _cells(c["id"], c["recipe"], ", ".join(f"{k}={v}" for k, v in sorted(c["settings"].items())),
+                            "" if c.get("validation_top1") is None else format(c["validation_top1"], ".2%"),
+                            "" if c.get("p50_ms") is None else format(c["p50_ms"], ".3f") + _emu(c),
+                            "" if c.get("size_bytes") is None else format(c["size_bytes"], ","), c["why"]) + "</tr>"
+            for c in e["candidates"])
+        charts = _charts(name, e) if e["candidates"] else f"<p>{_h(e['reason'] or '')}</p>"
+        parts.append(f"<h2>{_h(name)} ({_h(e['backend'])}): {_h(e['status'])}</h2>{charts}"
                      "<table><tr><th>id</th><th>recipe</th><th>settings</th><th>val top-1</th><th>p50 ms</th>"
                      f"<th>bytes</th><th>why</th></tr>{rows}</table>")
     head = ("<table><tr><th>target</th><th>status</th><th>chosen</th><th>test top-1</th><th>p50 ms</th>"
             f"<th>bytes</th><th>note</th></tr>{''.join(summary)}</table>")
-    title = html.escape(f"edgepipe release: {index['model']}")
+    title = _h(f"edgepipe release: {index['model']}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
             "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse;width:100%}"
             "th,td{border-bottom:1px solid #ddd;padding:3px 6px;text-align:left;font-size:90%}"
             "figure{display:inline-block;margin:0.5em}</style></head>"
-            f"<body><h1>{title}</h1><p>Search space {html.escape(index['search']['name'])} "
-            f"(sha256 {index['search_sha256'][:16]}). Accuracy is top-1 on the validation split (choices) and "
-            "on the test split (reported); budgets are against the original model in fp32.</p>"
+            f"<body><h1>{title}</h1><p>Search space {_h(index['search']['name'])} "
+            f"(sha256 {_h(str(index['search_sha256'])[:16])}). Accuracy is top-1 on the validation split (choices) "
+            "and on the test split (reported); budgets are against the original model in fp32.</p>"
             f"{head}{''.join(parts)}</body></html>\n")
 
 

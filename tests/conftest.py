@@ -114,6 +114,8 @@ def loopback_board(tmp_path_factory: pytest.TempPathFactory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    key_type, host_key = (d / "host_key.pub").read_text().split()[:2]
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {key_type} {host_key}\n")  # the board's key, checked
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
         f"PidFile {d / 'sshd.pid'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
@@ -127,7 +129,7 @@ def loopback_board(tmp_path_factory: pytest.TempPathFactory):
         time.sleep(0.1)
     yield Board(host="127.0.0.1", user="root", port=port, python=sys.executable, workdir=str(d / "board"),
                 identity_file=str(d / "client_key"),
-                ssh_options=("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"))
+                ssh_options=(f"UserKnownHostsFile={d / 'known_hosts'}", "LogLevel=ERROR"))
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -318,9 +320,11 @@ class EmulatedBoard:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.1)
+        host_key = self.engine._run(["exec", name, "cat", "/etc/ssh/ssh_host_ed25519_key.pub"], timeout=60).stdout
+        known = self.tmp / f"known_hosts-{name}"
+        known.write_text(f"[127.0.0.1]:{port} {' '.join(host_key.split()[:2])}\n")
         board = Board(host="127.0.0.1", user="root", port=port, python=python, workdir="/tmp/edgepipe",
-                      identity_file=str(self.key),
-                      ssh_options=("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"))
+                      identity_file=str(self.key), ssh_options=(f"UserKnownHostsFile={known}", "LogLevel=ERROR"))
         return board, name
 
     def close(self) -> None:

@@ -223,11 +223,8 @@ def test_ssh_and_scp_put_double_dash_before_the_destination(monkeypatch, tmp_pat
 
     calls: list[list[str]] = []
 
-    class Done:
-        returncode, stdout, stderr = 0, "", ""
-
-    monkeypatch.setattr(remote.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
-    ssh = remote.SSH(Board(host="pi.local", user="pi", ssh_options=("StrictHostKeyChecking=no",)))
+    monkeypatch.setattr(remote, "_bounded_run", lambda cmd, *a: calls.append(cmd) or (0, "", "", None))
+    ssh = remote.SSH(Board(host="pi.local", user="pi", ssh_options=("ConnectTimeout=5",)))
     ssh.run("true", "x")
     ssh.copy([tmp_path / "a"], "/tmp/w")
     assert [c[0] for c in calls] == ["ssh", "scp"]

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_trust import _hostile_pt2
 
 from edgepipe.errors import ConfigError, DataError
-
-from test_trust import _hostile_pt2
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -218,15 +217,13 @@ def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path):
     out = tmp_path / "dist" / "cpu-fp32"
     out.parent.mkdir()
     lock_path(out).symlink_to(victim)
-    with pytest.raises(ConfigError, match="is a symbolic link"):
-        with dir_lock(out):
-            pass
+    with pytest.raises(ConfigError, match="is a symbolic link"), dir_lock(out):
+        pass
     assert victim.read_text() == "precious"
     lock_path(out).unlink()
     os.link(victim, lock_path(out))  # a hard link: the same file under the lock's name
-    with pytest.raises(ConfigError, match="not a plain file of its own"):
-        with dir_lock(out):
-            pass
+    with pytest.raises(ConfigError, match="not a plain file of its own"), dir_lock(out):
+        pass
     assert victim.read_text() == "precious"
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from edgepipe._hashing import sha256_json
-from edgepipe.config._schema import from_dict, load_toml, to_dict
+from edgepipe.config._schema import check_name, from_dict, load_toml, to_dict
 from edgepipe.config.options import parse_options
 from edgepipe.errors import ConfigError
 from edgepipe.types import DEFAULT_INPUT_SHAPE
@@ -94,11 +96,101 @@ class Runtime:
             raise ConfigError(f"runtime.threads = {self.threads}: must be >= 1, or left out for the default")
 
 
-# ssh options that run a local command or load a library: a target file is data, so it may not set them
-_SSH_CODE_OPTIONS = {"proxycommand", "localcommand", "permitlocalcommand", "knownhostscommand", "match",
-                     "include", "pkcs11provider", "securitykeyprovider", "remotecommand"}
 # the largest sample (C*H*W values) a target may ask for: 64 Mi values, 256 MiB per sample in float32
 MAX_SAMPLE_VALUES = 1 << 26
+
+
+def _choice(*values: str) -> Callable[[str], str]:
+    def check(v: str) -> str:
+        for c in values:
+            if v.lower() == c.lower():
+                return c
+        raise ValueError(" or ".join(values))
+    return check
+
+
+def _integer(lo: int, hi: int) -> Callable[[str], str]:
+    def check(v: str) -> str:
+        if not re.fullmatch(r"[0-9]{1,6}", v) or not lo <= int(v) <= hi:
+            raise ValueError(f"an integer in {lo}..{hi}")
+        return str(int(v))
+    return check
+
+
+def _algorithms(v: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9@._-]+(,[A-Za-z0-9@._-]+)*", v) or v.startswith("-"):
+        raise ValueError("a plain comma-separated list of algorithm names (no '+', '-', '^' or '*')")
+    return v
+
+
+_QOS = r"(af[1-4][1-3]|cs[0-7]|ef|le|lowdelay|throughput|reliability|none|[0-9]{1,3})"
+
+
+def _qos(v: str) -> str:
+    if not re.fullmatch(rf"{_QOS}([ \t]+{_QOS})?", v, re.IGNORECASE):
+        raise ValueError("one or two of af11..af43, cs0..cs7, ef, le, lowdelay, throughput, reliability, none")
+    return " ".join(v.split())
+
+
+def _regular_file(v: str) -> str:
+    """An existing regular file (links followed, so no /dev/null), as the absolute path ssh is given."""
+    p = str(Path(v).expanduser().resolve())
+    if re.search(r"[\s\"'%$\\]", p):  # ssh splits on spaces and expands %, $ and ~: the file checked is the one read
+        raise ValueError("a path without spaces, quotes, '\\', '%' or '$'")
+    if not Path(p).is_file():
+        raise ValueError("an existing regular file (not /dev/null, a directory or a missing path)")
+    return p
+
+
+#: the ssh options a target file may set, and what each takes: none of them runs a command, forwards
+#: anything, changes which host is reached or turns host-key checking off (edgepipe forces BatchMode=yes)
+SSH_OPTIONS: dict[str, Callable[[str], str]] = {
+    "AddressFamily": _choice("any", "inet", "inet6"),
+    "Ciphers": _algorithms,
+    "Compression": _choice("yes", "no"),
+    "ConnectionAttempts": _integer(1, 100),
+    "ConnectTimeout": _integer(1, 3600),
+    "HostKeyAlgorithms": _algorithms,
+    "IdentitiesOnly": _choice("yes", "no"),
+    "IdentityFile": _regular_file,
+    "IPQoS": _qos,
+    "KexAlgorithms": _algorithms,
+    "LogLevel": _choice("QUIET", "FATAL", "ERROR", "INFO", "VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3"),
+    "MACs": _algorithms,
+    "PubkeyAcceptedAlgorithms": _algorithms,
+    "ServerAliveCountMax": _integer(0, 1000),
+    "ServerAliveInterval": _integer(0, 86400),
+    "StrictHostKeyChecking": _choice("yes"),
+    "TCPKeepAlive": _choice("yes", "no"),
+    "UserKnownHostsFile": _regular_file,
+}
+_SSH_KEYS = {k.lower(): k for k in SSH_OPTIONS}
+_BOARD_FIELDS = {"port": "board.port", "user": "board.user", "hostname": "board.host"}
+# how ssh reads an `-o` value: a keyword (maybe in double quotes), then spaces/tabs and/or one '=', the argument
+_SSH_OPTION = re.compile(r'("?)([A-Za-z][A-Za-z0-9]*)\1(?:[ \t]*=[ \t]*|[ \t]+)(.+)')
+
+
+def ssh_option(option: str) -> tuple[str, str]:
+    """One ``ssh_options`` entry, parsed the way ssh parses ``-o``, as ``(Keyword, argument)`` if the
+    keyword is in :data:`SSH_OPTIONS` and its argument is one it allows; else a one-line ``ConfigError``.
+
+    The normalized pair, not the original text, is what ssh is given (``-o Keyword=argument``).
+    """
+    allowed = (f"allowed: {', '.join(SSH_OPTIONS)}; put anything else in ~/.ssh/config (a target file is data: "
+               "it may not run commands, forward, change the host or turn off host-key checking)")
+    if not isinstance(option, str) or not all(c.isprintable() or c == "\t" for c in option):
+        raise ConfigError(f"board.ssh_options: {option!r} holds control characters or is not text; {allowed}")
+    m = _SSH_OPTION.fullmatch(option.strip(" \t"))
+    if m is None:
+        raise ConfigError(f"board.ssh_options: {option!r} is not one ssh option (Keyword=value); {allowed}")
+    key = _SSH_KEYS.get(m[2].lower())
+    if key is None:
+        instead = f" (set {_BOARD_FIELDS[m[2].lower()]} instead)" if m[2].lower() in _BOARD_FIELDS else ""
+        raise ConfigError(f"board.ssh_options: {option!r}: {m[2]} may not be set by a target file{instead}; {allowed}")
+    try:
+        return key, SSH_OPTIONS[key](m[3].strip(" \t"))
+    except ValueError as e:
+        raise ConfigError(f"board.ssh_options: {option!r}: {key} takes {e}; {allowed}") from None
 
 
 @dataclass(frozen=True)
@@ -111,7 +203,8 @@ class Board:
     python: str = "python3"  # needs Python >= 3.11, numpy and the artifact's runtime on the board
     workdir: str = "/tmp/edgepipe"
     identity_file: str | None = None
-    ssh_options: tuple[str, ...] = ()  # extra `-o Key=Value` options for ssh/scp
+    #: extra ssh/scp options, ``Keyword=value``, from an allow-list (:data:`SSH_OPTIONS`)
+    ssh_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("host", "user", "python", "workdir", "identity_file"):
@@ -125,11 +218,15 @@ class Board:
                 raise ConfigError(f"board.{name} = {v!r}: must not contain spaces, quotes or shell characters")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"board.port = {self.port}: must be in 1..65535")
+        self.ssh_args()
+
+    def ssh_args(self) -> list[str]:
+        """``ssh_options`` checked and normalized, as ssh/scp arguments: ``["-o", "Keyword=value", ...]``."""
+        out: list[str] = []
         for o in self.ssh_options:
-            key = o.replace(" ", "=").split("=", 1)[0].strip().lower()
-            if key in _SSH_CODE_OPTIONS:
-                raise ConfigError(f"board.ssh_options: {o!r} would make ssh run a local command or load code; a "
-                                  "target file is data and cannot do that (put it in ~/.ssh/config yourself)")
+            key, value = ssh_option(o)
+            out += ["-o", f"{key}={value}"]
+        return out
 
     @classmethod
     def parse(cls, spec: str) -> Board:
@@ -158,6 +255,7 @@ class Target:
     board: Board | None = None
 
     def __post_init__(self) -> None:
+        check_name(self.name, "name")
         object.__setattr__(self, "options", parse_options(self.backend, self.options))
         if len(self.input_shape) != 4 or any(d < 1 for d in self.input_shape):
             raise ConfigError(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,29 +156,164 @@ def pip_line(module: str, python: str = "python3") -> str:
     return f"{python} -m pip install '{dist}=={version}'" if version else f"{python} -m pip install {dist}"
 
 
+#: the most a board's reply may be (bytes of the worker's stdout); more is refused unread
+MAX_REPLY_BYTES = 16 << 20
+_MAX_TEXT = 256  # a host field or dataset name
+_MAX_ERROR = 1000  # the worker's error message, as echoed
+#: a PEP 508 project name: what a `missing` module may be before it is echoed into a pip line
+_PROJECT = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,98}[A-Za-z0-9])?")
+_HOST_KEYS = ("machine", "system", "node", "processor", "python", "emulated")
+
+
+def _finite(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError("expected a finite number")
+    return float(v)
+
+
+def _count(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1 << 40:
+        raise ValueError("expected an integer >= 0")
+    return v
+
+
+def _text(v: Any, limit: int = _MAX_TEXT) -> str:
+    if not isinstance(v, str) or len(v) > limit or not v.isprintable():
+        raise ValueError(f"expected printable text of at most {limit} characters")
+    return v
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda v: None if v is None else check(v)
+
+
+def _keys(d: Any, allowed: dict[str, Callable[[Any], Any]], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ValueError("expected an object")
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0][:40]!r}; the worker sends only {', '.join(allowed)}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"no {missing[0]!r}")
+    out = {}
+    for k, v in d.items():
+        try:
+            out[k] = allowed[k](v)
+        except ValueError as e:
+            raise ValueError(f"{k} = {repr(v)[:60]}: {e}") from None
+    return out
+
+
+def _choice(v: Any, values: tuple[Any, ...]) -> Any:
+    if not any(v == c and type(v) is type(c) for c in values):
+        raise ValueError(f"expected one of {', '.join(map(json.dumps, values))}")
+    return v
+
+
+def _host(v: Any) -> dict[str, Any]:
+    """The worker's ``host_info()``: short printable strings; ``emulated`` only null or ``qemu-user``."""
+    return _keys(v, {k: (lambda e: _choice(e, (None, "qemu-user"))) if k == "emulated" else _text
+                     for k in _HOST_KEYS})
+
+
+def _logits(v: Any) -> dict[str, Any]:
+    import base64
+    import binascii
+
+    d = _keys(v, {"shape": lambda s: s, "float32_b64": lambda s: s}, ("shape", "float32_b64"))
+    shape, data = d["shape"], d["float32_b64"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(not isinstance(n, bool) and isinstance(n, int)
+                                                                and 0 <= n <= 1 << 31 for n in shape)):
+        raise ValueError("shape: expected [samples, classes]")
+    try:
+        size = len(base64.b64decode(data, validate=True)) if isinstance(data, str) else -1
+    except (binascii.Error, ValueError):
+        size = -1
+    if size != shape[0] * shape[1] * 4:
+        raise ValueError(f"float32_b64: expected base64 of {shape[0]} x {shape[1]} float32 values")
+    return d
+
+
+def _top1(v: Any) -> float:
+    if not 0.0 <= _finite(v) <= 1.0:
+        raise ValueError("expected a fraction in 0..1")
+    return float(v)
+
+
+def _project(v: Any) -> str:
+    if not isinstance(v, str) or not _PROJECT.fullmatch(v):
+        raise ValueError("expected a Python package name (letters, digits, '.', '_', '-')")
+    return v
+
+
+def _error(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("expected text")
+    return _one_line(v)
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one line of printable characters (others escaped), at most ``_MAX_ERROR`` long."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text[:_MAX_ERROR])
+    return out + (" ..." if len(text) > _MAX_ERROR else "")
+
+
+_EVAL = {"top1": _top1, "samples": _count, "dataset": _text, "logits": _logits}
+#: what a worker's result holds, each field with its check (see ``worker.measure``)
+_RESULT: dict[str, Callable[[Any], Any]] = {
+    **{k: _finite for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms",
+                            "throughput_per_s", "load_ms", "baseline_rss_mb", "peak_rss_mb",
+                            "peak_rss_above_baseline_mb")},
+    "iterations": _count, "warmup": _count, "batch": _count, "threads": _optional(_count),
+    "device_memory_mb": _optional(_finite), "host": _host,
+    "eval": lambda v: _keys(v, _EVAL, ("top1", "samples")),
+}
+_REQUIRED = tuple(k for k in _RESULT if k not in ("device_memory_mb", "host", "eval"))
+_FAILURE: dict[str, Callable[[Any], Any]] = {"error": _error,
+                                             "missing": lambda v: v if v == "" else _project(v), "host": _host}
+_PARTIAL_NEEDS = {"loaded": ("load_ms",), "timing": ("p50_ms", "mean_ms", "iterations"),
+                  "timed": ("p50_ms", "mean_ms", "iterations", "load_ms")}
+_PARTIAL: dict[str, Callable[[Any], Any]] = {
+    "phase": lambda v: _choice(v, tuple(_PARTIAL_NEEDS)), "host": _host,
+    "of": _optional(_count), "iterations": _count, "p50_ms": _finite, "mean_ms": _finite, "load_ms": _finite}
+
+
 def partial_figures(stdout: str) -> dict[str, Any] | None:
-    """The last ``{"partial": ...}`` line the worker printed (what it had measured so far), if any."""
+    """The last ``{"partial": ...}`` line the worker printed (what it had measured so far), if any and
+    well formed."""
     for line in reversed(stdout.strip().splitlines()):
         if line.startswith('{"partial"'):
             try:
-                return dict(json.loads(line)["partial"])
-            except (ValueError, KeyError, TypeError):
+                p = _keys(json.loads(line)["partial"], _PARTIAL, ("phase",))
+            except (ValueError, KeyError, TypeError, RecursionError):
                 return None
+            return p if all(k in p for k in _PARTIAL_NEEDS[p["phase"]]) else None
     return None
 
 
 def parse_worker_output(stdout: str, what: str, python: str = "python3", where: str = "this machine") -> dict[str, Any]:
-    """The worker's last JSON line; ``BenchmarkError`` if it failed or printed none."""
+    """The worker's last JSON line, checked against what the worker sends (types, finite numbers, bounded
+    text, no unknown keys); ``BenchmarkError`` if it failed, printed none, or sent something else."""
     for line in reversed(stdout.strip().splitlines()):
         if line.startswith("{") and not line.startswith('{"partial"'):
-            result = json.loads(line)
-            if not result.pop("ok", False):
+            try:
+                result = json.loads(line)
+                if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
+                    raise ValueError("expected an object with 'ok': true or false")
+                ok = result.pop("ok")
+                result = _keys(result, _RESULT, _REQUIRED) if ok else _keys(result, _FAILURE, ("error",))
+            except (ValueError, RecursionError) as e:
+                raise BenchmarkError(f"benchmark of {what}: the reply from {where} is not what edgepipe's worker "
+                                     f"sends ({_one_line(str(e))[:200]}); it was refused: check that {python} "
+                                     "there is a plain Python and nothing else prints on its stdout") from None
+            if not ok:
                 if result.get("missing"):
                     raise BenchmarkError(
                         f"benchmark of {what}: the Python on {where} ({python}) has no {result['missing']!r} "
                         f"module; install it there: {pip_line(result['missing'], python)}")
                 raise BenchmarkError(f"benchmark of {what} failed in the worker: {result.get('error')}")
-            return {k: v for k, v in result.items() if k != "partial"}
+            return result
     raise BenchmarkError(f"benchmark of {what}: the worker printed no result")
 
 

@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import selectors
 import shlex
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
 from edgepipe._fs import atomic_path
 from edgepipe._telemetry import NO_TELEMETRY_ENV
 from edgepipe.config import Board
-from edgepipe.errors import BenchmarkError
-from edgepipe.harness import BenchSettings, Measurement, _settings, parse_worker_output, partial_figures
+from edgepipe.errors import BenchmarkError, ConfigError
+from edgepipe.harness import (
+    MAX_REPLY_BYTES,
+    BenchSettings,
+    Measurement,
+    _settings,
+    parse_worker_output,
+    partial_figures,
+)
 from edgepipe.types import Artifact
 
 _MAIN = """\
@@ -50,33 +60,43 @@ def worker_zip(dest_dir: Path) -> Path:
 
 
 class SSH:
-    """ssh/scp to one board, non-interactive (keys only), with a connect timeout."""
+    """ssh/scp to one board, non-interactive (keys only), with a connect timeout.
 
-    def __init__(self, board: Board, timeout_s: float = 600.0) -> None:
+    ``BatchMode=yes`` comes first: ssh keeps the first value given for an option, and the target's
+    ``ssh_options`` (an allow-list, see :data:`edgepipe.config.target.SSH_OPTIONS`) cannot name it anyway.
+    What a board prints is read up to ``max_reply_bytes`` and refused beyond, never held whole.
+    """
+
+    def __init__(self, board: Board, timeout_s: float = 600.0, max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         self.board = board
         self.timeout_s = timeout_s
+        self.max_reply_bytes = max_reply_bytes
         self.dest = f"{board.user}@{board.host}" if board.user else board.host
-        opts = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
-        for o in board.ssh_options:
-            opts += ["-o", o]
+        extra = board.ssh_args()
+        opts = ["-o", "BatchMode=yes"]
+        if not any(o.startswith("ConnectTimeout=") for o in extra):
+            opts += ["-o", "ConnectTimeout=10"]
+        opts += extra
         if board.identity_file:
             opts += ["-i", str(Path(board.identity_file).expanduser())]
         self.opts = opts
 
     def _run(self, cmd: list[str], what: str) -> str:
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s)
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            raise _stopped(f"board {self.dest}: {what} ran past {self.timeout_s:.0f} s", out) from e
-        if r.returncode != 0:
-            tail = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        code, out, err, stop = _bounded_run(cmd, self.timeout_s, self.max_reply_bytes)
+        if stop == "timeout":
+            raise _stopped(f"board {self.dest}: {what} ran past {self.timeout_s:.0f} s", out)
+        if stop == "too large":
+            raise BenchmarkError(f"board {self.dest}: {what}: the board's reply is larger than "
+                                 f"{self.max_reply_bytes / 2**20:.0f} MiB, far more than edgepipe's worker sends; "
+                                 "it was refused unread: check what board.python runs there")
+        if code != 0:
+            tail = (err.strip().splitlines() or [f"exit status {code}"])[-1]
             msg = f"board {self.dest}: {what} failed: {tail}"
-            if partial_figures(r.stdout) is not None:  # it had started: the board or the link dropped mid-run
-                raise _stopped(msg, r.stdout)
+            if partial_figures(out) is not None:  # it had started: the board or the link dropped mid-run
+                raise _stopped(msg, out)
             raise BenchmarkError(f"{msg}; check that `ssh -p {self.board.port} {self.dest}` works without a "
                                  "password (keys) and the host is reachable")
-        return r.stdout
+        return out
 
     def run(self, command: str, what: str) -> str:
         return self._run(["ssh", "-p", str(self.board.port), *self.opts, "--", self.dest, command], what)
@@ -84,6 +104,55 @@ class SSH:
     def copy(self, files: list[Path], remote_dir: str) -> None:
         self._run(["scp", "-q", "-P", str(self.board.port), *self.opts, "--", *map(str, files),
                    f"{self.dest}:{remote_dir}/"], "copying files")
+
+
+#: the most stderr kept from ssh (its last lines name the failure)
+_STDERR_KEEP = 64 << 10
+
+
+def _bounded_run(cmd: list[str], timeout_s: float, limit: int) -> tuple[int, str, str, str | None]:
+    """Run ``cmd`` reading at most ``limit`` bytes of its stdout (and the last 64 KiB of stderr).
+
+    Returns ``(exit status, stdout, stderr, stop)``; ``stop`` is ``"timeout"`` or ``"too large"`` when the
+    command was killed for that, else ``None``.
+    """
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = bytearray(), bytearray()
+    stop: str | None = None
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ, out)
+        sel.register(proc.stderr, selectors.EVENT_READ, err)
+        try:
+            while sel.get_map() and stop is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    stop = "timeout"
+                    break
+                for key, _ in sel.select(left):
+                    chunk = os.read(key.fd, 1 << 16)
+                    buf: bytearray = key.data
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        continue
+                    buf += chunk
+                    if buf is out and len(out) > limit:
+                        stop = "too large"
+                        break
+                    if buf is err and len(err) > 2 * _STDERR_KEEP:
+                        del err[:-_STDERR_KEEP]
+        finally:
+            try:
+                proc.wait(timeout=0 if stop or sel.get_map() else max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                stop = stop or "timeout"
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+    text = "" if stop == "too large" else out.decode(errors="replace")
+    return proc.returncode, text, err[-_STDERR_KEEP:].decode(errors="replace"), stop
 
 
 def _stopped(message: str, stdout: str) -> BenchmarkError:
@@ -119,6 +188,11 @@ def measure_remote(artifact: Artifact, board: Board, settings: BenchSettings | N
 
     s = settings or BenchSettings()
     ssh = SSH(board, s.timeout_s)
+    root = artifact.path.parent
+    for p in artifact.files:  # one directory is copied: a file from elsewhere would be a host file sent out
+        if p.parent != root:
+            raise ConfigError(f"artifact file {str(p)!r} is not in {str(root)!r}, the artifact's directory; only "
+                              "the artifact's own files are copied to a board")
     extra = [eval_path] if eval_path is not None else []
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*artifact.files, *extra] if p.is_file())).hexdigest()
     remote_dir = f"{board.workdir.rstrip('/')}/{digest[:16]}"
@@ -126,9 +200,8 @@ def measure_remote(artifact: Artifact, board: Board, settings: BenchSettings | N
         wz = worker_zip(scratch or Path(tmp))
         ssh.run(f"mkdir -p {shlex.quote(remote_dir)}", "creating the work directory")
         ssh.copy([wz, *[p for p in artifact.files if p.is_file()], *extra], remote_dir)
-    root = artifact.path.parent
     remote = Artifact(artifact.backend, artifact.precision, Path(remote_dir) / artifact.path.name,
-                      [Path(remote_dir) / p.relative_to(root).name for p in artifact.files], artifact.metadata)
+                      [Path(remote_dir) / p.name for p in artifact.files], artifact.metadata)
     payload = json.dumps(_settings(remote, s, Path(remote_dir) / eval_path.name if eval_path else None))
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in NO_TELEMETRY_ENV.items())
     out = ssh.run(f"{env} {shlex.quote(board.python)} "

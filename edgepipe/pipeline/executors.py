@@ -34,6 +34,13 @@ engine there; a cluster with neither makes the engine build bundle on any CPU no
 on any machine without TensorRT (see :func:`task_resources`). Benchmarks of targets without a board run on whichever node the task lands on, next to
 other tasks: declare few CPUs per node (``ray start --num-cpus``) when latency budgets are tight.
 
+Trust. Whoever reaches a Ray cluster without token authentication runs code on every node, and the
+driver unpickles what tasks return. So ``--cluster`` to an address that is not loopback (``auto``'s too)
+is refused, before anything is sent there, unless this process has Ray's token authentication
+(``RAY_AUTH_MODE=token`` and a token where Ray looks for one) or the caller says ``insecure=True``
+(``--insecure-cluster``); see :func:`check_cluster_trust`. A worker's file names are checked before any
+is written: relative paths of plain components, inside the job's work directory (:func:`_unpack`).
+
 Checked before any work: a cluster is reachable at the address (else one line, nothing started); every
 board resource the targets need is declared by some node (else one line naming the resource and the
 ``ray start --resources`` line that provides it); every node has the driver's edgepipe and tool
@@ -48,6 +55,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import platform
 import shutil
@@ -348,16 +356,52 @@ def _pack(res: CandidateResult, root: Path) -> tuple[CandidateResult, dict[str, 
     return rel, files
 
 
-def _unpack(res: CandidateResult, files: dict[str, bytes], dest: Path, options: Any) -> CandidateResult:
+def _plain_name(name: object, who: str, what: str = "file name") -> str:
+    """``name`` when it is a relative POSIX path of plain components, else one :class:`ClusterError` line."""
+    text = name.as_posix() if isinstance(name, Path) else name
+    parts = text.split("/") if isinstance(text, str) else []
+    if not parts or any(p in ("", ".", "..") or "\x00" in p or "\\" in p for p in parts):
+        raise ClusterError(f"{who} returned the {what} {name!r}: not a relative path of plain components (no '..', "
+                           "no absolute path, no empty part, NUL or backslash); nothing was written: that worker is "
+                           "faulty or not yours, check the node (and the cluster's token authentication)")
+    return text
+
+
+def _unpack(res: CandidateResult, files: dict[str, bytes], dest: Path, options: Any,
+            who: str = "a worker") -> CandidateResult:
+    """Write a worker's ``files`` under ``dest`` and point the result's paths there. Every name (and every
+    path of the result) must be a relative path of plain components that stays inside ``dest``: a worker
+    does not choose where the driver writes, nor which of the driver's files go into a release. Every
+    name is checked before anything is written."""
     from edgepipe.pipeline import stages
 
+    if not isinstance(files, dict):
+        raise ClusterError(f"{who} returned {type(files).__name__} for its files, not a mapping of names to bytes")
+    names: dict[str, bytes] = {}
+    for name, data in files.items():
+        if not isinstance(data, bytes):
+            raise ClusterError(f"{who} returned {type(data).__name__} for {name!r}, not bytes; nothing was written")
+        names[_plain_name(name, who)] = data
+    sent = set(names) | {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)}
+    art = res.artifact
+    for f in [art.path, *art.files, res.onnx.path]:
+        if _plain_name(f, who, "result path") not in sent:
+            raise ClusterError(f"{who} returned a result naming {str(f)!r}, a file it did not send; nothing was written")
     if dest.exists():
         shutil.rmtree(dest)
-    for name, data in files.items():
-        p = dest / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    art = res.artifact
+    dest.mkdir(parents=True)
+    root = dest.resolve()
+    for rel in names:
+        if os.path.commonpath([root, (root / rel).resolve()]) != str(root):
+            raise ClusterError(f"{who} returned the file name {rel!r}, which leads outside {dest}; nothing was written")
+    try:
+        for rel, data in names.items():
+            p = root / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+    except OSError as e:
+        raise ClusterError(f"{who} returned files that cannot all be written under {dest} "
+                           f"({e.strerror or e}: {e.filename})") from None
     return dataclasses.replace(
         res,
         artifact=dataclasses.replace(art, path=dest / art.path, files=[dest / f for f in art.files]),
@@ -371,7 +415,9 @@ def _job_result(r: dict[str, Any], job: Job, session: Session) -> JobResult:
     the job's work directory and its notes passed on."""
     if "error" in r:
         return JobResult(error=r["error"], node=r["node"], host=r["host"])
-    res = _unpack(r["result"], r["files"], job.workdir, session.options)
+    who = (f"the worker on {r.get('host')!r} (node {r.get('node')!r}) for candidate {job.info.get('id', '?')!r} "
+           f"of {job.target.name!r}")
+    res = _unpack(r["result"], r["files"], job.workdir, session.options, who)
     for n in res.notes:
         session.reporter.note(n)
     return JobResult(res, node=r["node"], host=r["host"])
@@ -445,6 +491,83 @@ def _auto_address() -> str:
     return str(found)
 
 
+def address_host(address: str) -> str:
+    """The host of a Ray address: ``HOST:PORT``, ``[IPV6]:PORT``, ``ray://HOST:PORT``, or a bare host."""
+    rest = address.split("://", 1)[-1].split("/", 1)[0]
+    if rest.startswith("["):
+        return rest[1:].split("]", 1)[0]
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(rest)
+        return rest  # a bare IPv6 address (no port)
+    return rest.rpartition(":")[0] if ":" in rest else rest
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1 (also as ``::ffff:127.x.y.z``); names are not resolved."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+#: where Ray (2.52 and later) finds the token when ``RAY_AUTH_MODE=token``, in its order
+RAY_TOKEN_SOURCES = "RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token"
+
+
+def ray_token_auth() -> str | None:
+    """Where this process's Ray token comes from when it has token authentication, else ``None``.
+
+    Read as Ray reads it, without importing Ray: ``RAY_AUTH_MODE=token`` in the environment (a driver that
+    connects to a given address enables it no other way), and a token from ``RAY_AUTH_TOKEN``, else the
+    file ``RAY_AUTH_TOKEN_PATH`` names, else ``~/.ray/auth_token``. A ``RAY_AUTH_TOKEN_PATH`` that cannot
+    be read is a :class:`ClusterError` (Ray would abort the process on it)."""
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() != "token":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    try:
+        if path.read_text().strip():
+            return str(path)
+    except OSError as e:
+        if named:
+            raise ClusterError(f"RAY_AUTH_TOKEN_PATH={named}: {e.strerror or e}; point it at the file holding the "
+                               "cluster's token (`ray get-auth-token` on the head prints it)") from None
+    return None
+
+
+def check_cluster_trust(address: str, given: str, insecure: bool = False) -> str | None:
+    """Refuse a cluster at a non-loopback ``address`` unless this process has Ray's token authentication
+    (:func:`ray_token_auth`) or ``insecure``: whoever reaches a cluster without it runs code on every node,
+    and the driver unpickles what its tasks return. Sends nothing anywhere: call it before connecting.
+
+    Returns how the cluster is trusted: ``"loopback"``, the token's source, or ``"insecure"``."""
+    host = address_host(address)
+    if is_loopback(host):
+        return "loopback"
+    token = ray_token_auth()
+    if token:
+        return token
+    if insecure:
+        return "insecure"
+    found = (" (found by --cluster auto; a cluster on this machine: --cluster 127.0.0.1:PORT)"
+             if given == "auto" and address != given else "")
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token":
+        why = f"RAY_AUTH_MODE=token is set but no token was found ({RAY_TOKEN_SOURCES})"
+    else:
+        why = "this process has no Ray token authentication (RAY_AUTH_MODE=token and a token)"
+    raise ClusterError(
+        f"--cluster {address}{found}: {host!r} is not a loopback address and {why}; whoever reaches a cluster "
+        "without it runs code on every node and on this driver. Start every node with RAY_AUTH_MODE=token and "
+        f"the cluster's token, and run edgepipe with them too ({RAY_TOKEN_SOURCES}); or pass --insecure-cluster "
+        "(api: insecure_cluster=True) for a network only you can reach")
+
+
 def _reachable(address: str, given: str) -> None:
     """One line, nothing started, when nothing listens at a ``host:port`` address."""
     if "://" in address:
@@ -485,11 +608,13 @@ def task_resources(target: Target, options: Any, have: dict[str, float]) -> tupl
 class RayExecutor:
     """One Ray task per candidate on the cluster at ``address`` (``"auto"``: the one this machine is in).
 
-    Connects, and checks every node's versions, on construction; :meth:`close` disconnects.
+    Connects, and checks every node's versions, on construction; :meth:`close` disconnects. A cluster at
+    a non-loopback address needs Ray's token authentication here, or ``insecure=True``
+    (:func:`check_cluster_trust`): refused before anything is sent to it.
     """
 
     def __init__(self, address: str = "auto", *, max_retries: int = 3, batch_size: int | None = None,
-                 board_timeout: float = 600.0) -> None:
+                 board_timeout: float = 600.0, insecure: bool = False) -> None:
         self.given = address
         self.board_timeout = board_timeout
         try:
@@ -498,6 +623,7 @@ class RayExecutor:
             raise ClusterError("--cluster needs Ray: pip install 'edgepipe[cluster]'") from None
         if address == "auto":
             address = _auto_address()
+        self.trust = check_cluster_trust(address, self.given, insecure)  # before anything is sent there
         _reachable(address, self.given)
         self.address = address
         self.max_retries = max_retries
@@ -600,7 +726,7 @@ class RayExecutor:
             self._ray.shutdown()
 
 
-def executor(cluster: str | None = None, workers: int | None = None) -> Executor:
+def executor(cluster: str | None = None, workers: int | None = None, insecure: bool = False) -> Executor:
     """``None``: the local process pool (``workers``, default: the cores); else a :class:`RayExecutor`
-    connected to ``cluster``."""
-    return PoolExecutor(workers) if cluster is None else RayExecutor(cluster)
+    connected to ``cluster`` (``insecure``: see :func:`check_cluster_trust`)."""
+    return PoolExecutor(workers) if cluster is None else RayExecutor(cluster, insecure=insecure)

@@ -5,13 +5,22 @@
 bench worker: edgepipe's pure-Python modules in one zip), ``eval.npz`` (the release's test split, for
 ``--verify``) and ``context.json`` (what it was made from and for). Written atomically: a context
 directory is complete or absent.
+
+Trust. The release is data, not instructions for the image: it is copied without following anything
+(a symlink, device, FIFO or socket anywhere in it is refused, one line naming it, before anything is
+written or downloaded); the software pinned in the image is what edgepipe runs here (this machine's
+installed versions, or the NVIDIA base's known ones), never versions a manifest asks for; and the
+evaluation data bundled is the data the manifest names only when its sha256 matches the one the manifest
+records (or the data the caller passes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,20 +63,26 @@ class Context:
 
 
 def requirements(manifest: Any, backend: str, runtime: str | None = None, platform: str = "linux/amd64") -> dict[str, str]:
-    """The distributions (exact versions: those the release was built and verified with) its image needs."""
+    """The distributions (exact versions) its image needs: the versions installed here, which edgepipe
+    builds, evaluates and compares the image's answers with (and the NVIDIA base's known ones).
+
+    The manifest's ``tools`` are not read: they are what the release says it was built with, free text
+    in a file anyone can write, and the image's software is not the release's to choose. A release built
+    with other versions than this machine's gets this machine's (``--verify`` compares the two).
+    """
+    from importlib import metadata
+
     from edgepipe.versions import tool_versions
 
-    have = {**tool_versions(), **manifest.tools}
+    have = tool_versions()
 
     def pin(dist: str) -> str:
-        from importlib import metadata
-
         if dist not in have:
             with contextlib.suppress(metadata.PackageNotFoundError):
                 have[dist] = metadata.version(dist)
         if dist not in have:
-            raise ConfigError(f"the release's manifest records no version of {dist} and it is not installed "
-                              f"here; install it (pip install {dist}) so the image can pin the same version")
+            raise ConfigError(f"{dist} is not installed here, and the image pins the version this machine runs; "
+                              f"install it (pip install {dist}) and build the context again")
         return have[dist]
 
     dists = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"],
@@ -82,6 +97,61 @@ def requirements(manifest: Any, backend: str, runtime: str | None = None, platfo
     return {"numpy": pin("numpy"), **{d: pin(d) for d in dists}}
 
 
+def _entry_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def copy_release(release: Path, dest: Path | None = None) -> list[str]:
+    """Check (and, given ``dest``, copy into it) every entry of the release directory; the files' relative
+    paths. Only directories and regular files are taken, and nothing is followed: a symlink (to ``~/.ssh``,
+    say), a device, FIFO or socket anywhere in the release is a :class:`ConfigError` naming it. Entries are
+    examined and opened relative to their directory's descriptor (``O_NOFOLLOW``), so a link swapped in
+    while copying is refused too, never read through.
+    """
+    release = Path(release).resolve()  # the directory the caller named, wherever it lives
+    out: list[str] = []
+
+    def unreadable(e: OSError) -> None:
+        raise ConfigError(f"release {str(release)!r}: {e.filename} cannot be read ({e.strerror or e}); a release "
+                          "is copied whole: make it readable, or remove it") from None
+
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(release, follow_symlinks=False, onerror=unreadable):
+        rel = Path(dirpath).relative_to(release)
+        if dest is not None:
+            (dest / rel).mkdir(parents=True, exist_ok=True)
+        for name in sorted([*dirnames, *filenames]):
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            where = (rel / name).as_posix()
+            if not stat.S_ISREG(st.st_mode):
+                to = f" to {os.readlink(name, dir_fd=dirfd)!r}" if stat.S_ISLNK(st.st_mode) else ""
+                raise ConfigError(f"release {str(release)!r}: {where!r} is {_entry_kind(st.st_mode)}{to}; a release "
+                                  "holds only regular files and directories (a link would put what it points at "
+                                  "into the image): replace it with the file itself, or remove it")
+            out.append(where)
+            if dest is None:
+                continue
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
+            except OSError as e:
+                raise ConfigError(f"release {str(release)!r}: {where!r} cannot be read as a regular file "
+                                  f"({e.strerror or e}); it changed while being copied: copy again") from None
+            with os.fdopen(fd, "rb") as src:
+                if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                    raise ConfigError(f"release {str(release)!r}: {where!r} changed into something other than a "
+                                      "regular file while being copied; copy again")
+                with open(dest / rel / name, "xb") as dst:
+                    shutil.copyfileobj(src, dst)
+            os.utime(dest / rel / name, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.chmod(dest / rel / name, stat.S_IMODE(st.st_mode) & 0o755)
+    return out
+
+
 def write_context(release: Path, out: Path, platform: str, *, base_image: str | None = None,
                   python: str | None = None, data: str | None = None) -> Context:
     """Write the build context for ``release``'s image of ``platform`` into ``out`` (replaced whole).
@@ -93,7 +163,11 @@ def write_context(release: Path, out: Path, platform: str, *, base_image: str | 
     from edgepipe.types import Manifest
 
     release = Path(release)
-    if not release.is_dir() or artifact_from_release(release) is None:
+    if not release.is_dir():
+        raise ConfigError(f"{str(release)!r} is not a release directory (no {MANIFEST} naming an artifact); "
+                          "make one with `edgepipe build --target T --out dist/` and give dist/T")
+    copy_release(release)  # no link, device or FIFO anywhere in it: checked before anything is read or downloaded
+    if artifact_from_release(release) is None:
         raise ConfigError(f"{str(release)!r} is not a release directory (no {MANIFEST} naming an artifact); "
                           "make one with `edgepipe build --target T --out dist/` and give dist/T")
     wheels.platform_tags(platform)  # a bad platform fails before anything is downloaded
@@ -103,6 +177,7 @@ def write_context(release: Path, out: Path, platform: str, *, base_image: str | 
     runtime = (m.target.get("options") or {}).get("runtime")
     base = base_image or DEFAULT_BASES[family][platform]
     python = python or (TRT_BASE[platform]["python"] if family == "tensorrt" else DEFAULT_PYTHON)
+    eval_x, eval_y, _ = verify.eval_split(release, data)  # bound by hash to the manifest's record
     house = wheels.wheelhouse(requirements(m, backend, runtime, platform), platform, python)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,12 +186,12 @@ def write_context(release: Path, out: Path, platform: str, *, base_image: str | 
         # the chosen base (the official image unless one is given) becomes the file's default
         text = text.replace(f"ARG BASE_IMAGE={DEFAULT_BASES[family]['linux/amd64']}", f"ARG BASE_IMAGE={base}", 1)
         (tmp / "Dockerfile").write_text(text)
-        shutil.copytree(release, tmp / "release", symlinks=False)
+        copy_release(release, tmp / "release")
         wheels.copy_into(house, tmp)
         shutil.copy2(worker_zip(tmp), tmp / "edgepipe-worker.pyz")
         for z in tmp.glob("edgepipe-worker-*.pyz"):
             z.unlink()
-        verify.write_eval(release, tmp / verify.EVAL_FILE, data)
+        verify.save_eval(tmp / verify.EVAL_FILE, eval_x, eval_y)
         if family == "tensorrt":
             pkg = Path(__file__).resolve().parents[1]
             shutil.copytree(pkg, tmp / "src" / "edgepipe", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

@@ -18,8 +18,10 @@ def eval_split(release: Path, data: str | None = None) -> tuple[np.ndarray, np.n
     """The test split a release's top-1 was measured on: ``(x, y, name)``.
 
     Rebuilt from the manifest (data source, target input shape and split seed) and checked against the
-    data hash it records, so a board is verified on exactly the samples the release was judged on.
-    ``data`` overrides the source (e.g. the release was built from a folder that is elsewhere now).
+    data hash it records, so a board is verified on exactly the samples the release was judged on. A
+    manifest that names its data but records no sha256 of it is refused: whatever that name means on this
+    machine (any dataset, folder or file here) would be read and bundled. ``data`` overrides the source
+    (e.g. the release was built from a folder that is elsewhere now): the caller's choice, not checked.
     """
     from edgepipe.config.target import target_from_dict
     from edgepipe.pipeline import stages
@@ -31,15 +33,20 @@ def eval_split(release: Path, data: str | None = None) -> tuple[np.ndarray, np.n
         raise ConfigError(f"{str(release)!r} is not a release directory (no {MANIFEST}); give a directory "
                           "written by `edgepipe build` or `edgepipe release`")
     m = Manifest.read(mf)
-    source = data or m.inputs.get("data", {}).get("name")
+    recorded = m.inputs.get("data") if isinstance(m.inputs, dict) else None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    source, want = data or recorded.get("name"), recorded.get("sha256")
     if not source:
         raise ConfigError(f"{mf} records no data source; pass the evaluation data explicitly")
+    if data is None and not (isinstance(source, str) and isinstance(want, str) and want):
+        raise ConfigError(f"{mf} names the data {source!r} but records no sha256 of it, so nothing ties that name "
+                          "to the samples the release was evaluated on (here it could read any data on this "
+                          "machine); pass the evaluation data explicitly (--data)")
     target = target_from_dict({k: v for k, v in m.target.items() if k != "sha256"}, str(mf))
     splits = stages.load_splits(source, target)
-    want = m.inputs.get("data", {}).get("sha256")
-    if data is None and want and stages.data_sha256(splits) != want:
-        raise ConfigError(f"the data {source!r} here is not the data {release} was evaluated on (hash differs); "
-                          "pass the data it was built from")
+    if data is None and stages.data_sha256(splits) != want:
+        raise ConfigError(f"the data {source!r} here is not the data {release} was evaluated on (its sha256 "
+                          "differs from the manifest's); pass the data it was built from (--data)")
     return splits.test.x.astype(np.float32), splits.test.y, splits.test.name
 
 

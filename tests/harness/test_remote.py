@@ -49,7 +49,7 @@ def test_measure_on_board_over_ssh(board, example_onnx):
 
 
 def test_unreachable_board_is_a_clear_error(example_onnx):
-    b = Board(host="127.0.0.1", port=_free_port(), ssh_options=("StrictHostKeyChecking=no",))
+    b = Board(host="127.0.0.1", port=_free_port(), ssh_options=("ConnectTimeout=5",))
     with pytest.raises(BenchmarkError, match=r"board 127.0.0.1: creating the work directory failed: .*without a password"):
         measure_remote(Artifact("onnxruntime", "fp32", example_onnx.path), b, BenchSettings(iterations=1))
 
