@@ -48,6 +48,13 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _plain(text: Any) -> str:
+    """``text`` for rich output: a board's or a file's words are never read as markup (``[red]``)."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def _console(stderr: bool = False) -> Any:
     import os
 
@@ -576,7 +583,7 @@ def _measurement_table(m: Any, title: str) -> None:
     t.add_row("size_bytes", str(m.size_bytes))
     t.add_row("iterations x batch", f"{m.iterations} x {m.batch}")
     if m.host:
-        t.add_row("measured on", m.where)
+        t.add_row("measured on", _plain(m.where))
     ev = m.eval
     if ev:
         t.add_row("top-1 there", f"{ev['top1']:.2%} on {ev['samples']} samples (release: {ev['release_top1']:.2%})")
@@ -590,7 +597,7 @@ def _measurement_table(m: Any, title: str) -> None:
     console = _console()
     console.print(t)
     if m.emulated:
-        console.print(f"[yellow]note:[/] measured under emulation ({m.emulated}): these figures prove the artifact "
+        console.print(f"[yellow]note:[/] measured under emulation ({_plain(m.emulated)}): these figures prove the artifact "
                       "runs there, not how fast; they are never a board's latency", highlight=False)
 
 
