@@ -26,8 +26,11 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
-def sha256_arrays(*arrays: np.ndarray) -> str:
+def sha256_arrays(*arrays: np.ndarray, names: list[str] | None = None) -> str:
+    """Hash of the arrays' dtypes, shapes and bytes, in order; ``names`` (one per array) are hashed first."""
     h = hashlib.sha256()
+    if names is not None:
+        h.update(json.dumps(names).encode())
     for a in arrays:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())

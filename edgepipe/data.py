@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgepipe._hashing import sha256_arrays
 from edgepipe.errors import DataError
+from edgepipe.types import Samples, TensorSpec, sample_count, take
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".webp")
 EVAL_FRACTION = 0.2
@@ -24,29 +25,49 @@ EVAL_FRACTION = 0.2
 
 @dataclass(frozen=True)
 class Dataset:
-    """Labelled samples in NCHW float32 and their integer labels."""
+    """Samples and what they are judged against, every array with samples on axis 0.
+
+    ``x``: one array (a one-input model: NCHW float32 for the image loaders) or one array per input name.
+    ``y``: the target under the key ``y`` (integer labels ``[N]``, masks ``[N, H, W]``), or None.
+    ``targets``: every other target by name (boxes ``[N, K, 4]``, classes ``[N, K]``, strings, ...).
+    """
 
     name: str
-    x: np.ndarray
-    y: np.ndarray
+    x: Samples
+    y: np.ndarray | None
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 4:
-            raise DataError(f"dataset {self.name!r}: samples must be NCHW, got shape {self.x.shape}")
-        if len(self.x) != len(self.y):
-            raise DataError(f"dataset {self.name!r}: {len(self.x)} samples but {len(self.y)} labels")
-        if len(self.x) == 0:
+        try:
+            n = sample_count(self.x)
+        except ValueError as e:
+            raise DataError(f"dataset {self.name!r}: {e}") from None
+        if n == 0:
             raise DataError(f"dataset {self.name!r} is empty: give it at least one sample")
+        for key, arr in self.all_targets.items():
+            if arr.ndim == 0 or len(arr) != n:
+                raise DataError(f"dataset {self.name!r}: target {key!r} has shape {list(arr.shape)}, but the inputs "
+                                f"hold {n} samples; every array's first dimension is the sample count")
 
     def __len__(self) -> int:
-        return len(self.x)
+        return sample_count(self.x)
+
+    @property
+    def all_targets(self) -> dict[str, np.ndarray]:
+        """Every target by name, ``y`` included (what a metric is given)."""
+        return {**({"y": self.y} if self.y is not None else {}), **self.targets}
 
     @property
     def sha256(self) -> str:
-        return sha256_arrays(self.x, self.y)
+        if isinstance(self.x, np.ndarray) and not self.targets and self.y is not None:
+            return sha256_arrays(self.x, self.y)  # one input and labels: the hash it always had
+        arrays = {**({f"input:{k}": v for k, v in self.x.items()} if isinstance(self.x, dict) else {"x": self.x}),
+                  **{f"target:{k}": v for k, v in self.all_targets.items()}}
+        return sha256_arrays(*(arrays[k] for k in sorted(arrays)), names=sorted(arrays))
 
     def subset(self, idx: np.ndarray, name: str) -> Dataset:
-        return Dataset(f"{self.name}:{name}", self.x[idx], self.y[idx])
+        return Dataset(f"{self.name}:{name}", take(self.x, idx), None if self.y is None else self.y[idx],
+                       {k: v[idx] for k, v in self.targets.items()})
 
 
 @dataclass(frozen=True)
@@ -344,6 +365,124 @@ def _from_folder(path: Path, chw: tuple[int, int, int]) -> Dataset:
     if not xs:
         raise DataError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found in its class folders")
     return Dataset(path.name, fit_to_shape(np.stack(xs), chw), np.array(ys, dtype=np.int64))
+
+
+def load_data(spec: str, inputs: list[TensorSpec]) -> Dataset:
+    """The data ``spec`` for a model whose inputs are ``inputs`` (concrete shapes, batch first; dtype ``""``
+    where the model does not say, as for a torch module).
+
+    A one-input image model (one 4-D float input) takes every source :func:`load_dataset` reads, fitted to its
+    shape. Any other model takes an ``.npz`` holding one array per input under the input's name (``x`` for a
+    one-input model) and its targets under any other names, or ``pkg.mod:fn`` (code you chose, as with a model
+    factory) returning the same arrays as a dict.
+    """
+    one_image = len(inputs) == 1 and len(inputs[0].shape) == 4 and inputs[0].dtype in ("", "float32")
+    if ":" in spec and not Path(spec).exists():
+        return _from_arrays(spec, _from_function(spec), inputs, fit=one_image)
+    if one_image and not (spec.endswith(".npz") and Path(spec).is_file()):
+        return load_dataset(spec, tuple(inputs[0].shape[1:]))  # type: ignore[arg-type]
+    path = Path(spec)
+    if path.suffix != ".npz" or not path.is_file():
+        shapes = ", ".join(f"{t.name} {list(t.shape)}" for t in inputs)
+        raise DataError(f"dataset {spec!r}: this model's inputs ({shapes}) need an .npz with one array per input, "
+                        "named after it, and its targets (labels 'y', masks, boxes ...), or --data pkg.mod:fn "
+                        "returning them; the built-in datasets and image folders are for one-input image models")
+    check_npz(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+    return _from_arrays(path.stem, arrays, inputs, fit=one_image, where=str(path))
+
+
+def _from_function(spec: str) -> dict[str, np.ndarray]:
+    from edgepipe._imports import import_object
+
+    fn = import_object(spec, "--data", error=DataError)
+    try:
+        arrays = fn()
+    except Exception as e:
+        raise DataError(f"--data {spec}: the function raised {type(e).__name__}: {str(e).strip()[:200]}") from e
+    if not isinstance(arrays, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray)
+                                               for k, v in arrays.items()):
+        raise DataError(f"--data {spec}: return a dict of numpy arrays by name (one per input, and the targets)")
+    return arrays
+
+
+def _from_arrays(name: str, arrays: dict[str, np.ndarray], inputs: list[TensorSpec], *, fit: bool = False,
+                 where: str | None = None) -> Dataset:
+    """A dataset from named arrays: the model's inputs by name (``x`` for a one-input model), every other array a
+    target; each checked against the model's shape and dtype."""
+    where = where or name
+    names = [t.name for t in inputs]
+    given = dict(arrays)
+    found: dict[str, np.ndarray] = {}
+    for t in inputs:
+        key = t.name if t.name in given else ("x" if len(inputs) == 1 and "x" in given else None)
+        if key is None:
+            spare = sorted(k for k in given if k not in ("y", *names))
+            raise DataError(f"{where}: no array for the model's input {t.name!r} (its inputs: {', '.join(names)}); the "
+                            f"data has {', '.join(sorted(given)) or 'nothing'}"
+                            + (f": is {spare[0]!r} meant to be {t.name!r}? name each input's array after it"
+                               if spare else ""))
+        found[t.name] = given.pop(key)
+    for key, arr in list(found.items()) + list(given.items()):
+        if arr.dtype.hasobject:
+            raise DataError(f"{where}: array {key!r} holds Python objects; data never runs code: store numbers or "
+                            "fixed-width strings")
+    x: dict[str, np.ndarray] = {}
+    for t in inputs:
+        x[t.name] = _as_input(found[t.name], t, where, fit)
+    n = len(next(iter(x.values())))
+    for k, v in x.items():
+        if len(v) != n:
+            raise DataError(f"{where}: input {k!r} holds {len(v)} samples but {names[0]!r} holds {n}")
+    for key, arr in given.items():
+        if arr.ndim == 0 or len(arr) != n:
+            raise DataError(f"{where}: target {key!r} has shape {list(arr.shape)}; its first dimension must be the "
+                            f"{n} samples the inputs hold")
+        if arr.dtype.kind not in "biufU":
+            raise DataError(f"{where}: target {key!r} has dtype {arr.dtype}; give numbers or fixed-width strings")
+    y = given.pop("y", None)
+    integral = y is not None and (y.dtype.kind in "iub" or (y.dtype.kind == "f" and np.array_equal(y, np.round(y))))
+    if integral:
+        y = y.astype(np.int64)  # type: ignore[union-attr]
+    return Dataset(name, x[names[0]] if len(inputs) == 1 else x, y, given)
+
+
+def _as_input(arr: np.ndarray, t: TensorSpec, where: str, fit: bool) -> np.ndarray:
+    """One input's samples, checked against the model: rank, static sizes, dtype; image inputs resized."""
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{where}: input {t.name!r} has dtype {arr.dtype}; give numbers")
+    want = tuple(t.shape[1:])
+    if fit and arr.ndim == 3 and len(want) == 3:
+        arr = arr[:, None]
+    if fit:
+        x = fit_to_shape(arr.astype(np.float32), want)  # type: ignore[arg-type]
+    else:
+        if arr.ndim != len(t.shape):
+            raise DataError(f"{where}: input {t.name!r} is {len(t.shape)}-D {list(t.shape)} in the model, but its array "
+                            f"is {arr.ndim}-D {list(arr.shape)}")
+        for i, (have, need) in enumerate(zip(arr.shape[1:], want, strict=True), start=1):
+            if isinstance(need, int) and have != need:
+                raise DataError(f"{where}: input {t.name!r} dimension {i} is {need} in the model's shape "
+                                f"{list(t.shape)}, but the data's is {have}")
+        integer_model = t.dtype.startswith(("int", "uint")) or t.dtype == "bool"
+        if integer_model or (t.dtype == "" and arr.dtype.kind in "biu"):
+            if arr.dtype.kind == "f":
+                raise DataError(f"{where}: input {t.name!r} is {t.dtype or 'integer'} in the model, but the data's "
+                                f"array is {arr.dtype}; store it as integers")
+            x = arr.astype(t.dtype or "int64")
+        else:
+            x = np.ascontiguousarray(arr, dtype=t.dtype if t.dtype and t.is_float else np.float32)
+    if x.dtype.kind == "f":
+        finite = np.isfinite(x).reshape(len(x), -1).all(axis=1) if len(x) else np.ones(0, bool)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise DataError(f"{where}: {len(bad)} of {len(x)} samples of input {t.name!r} hold NaN or Inf values (the "
+                            f"first is sample {int(bad[0])}); remove or repair them")
+    return x
 
 
 def load_dataset(spec: str, chw: tuple[int, int, int]) -> Dataset:

@@ -19,7 +19,7 @@ import numpy as np
 from edgepipe._fs import atomic_path
 from edgepipe._hashing import sha256_file
 from edgepipe.errors import ExportError
-from edgepipe.types import OnnxModel
+from edgepipe.types import ONNX_DTYPES, OnnxModel, Signature, TensorSpec
 
 if TYPE_CHECKING:
     from torch import nn
@@ -56,18 +56,32 @@ def _quiet() -> Any:
             lg.setLevel(lvl)
 
 
+def _spec(value: Any) -> TensorSpec:
+    tt = value.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+    return TensorSpec(value.name, dims, ONNX_DTYPES.get(tt.elem_type, f"onnx:{tt.elem_type}"))
+
+
+def signature(model: Any) -> Signature:
+    """The signature of an ONNX ``ModelProto``: every graph input that is not an initializer, every output."""
+    initializers = {i.name for i in model.graph.initializer}
+    return Signature(tuple(_spec(i) for i in model.graph.input if i.name not in initializers),
+                     tuple(_spec(o) for o in model.graph.output))
+
+
 def onnx_model(path: Path) -> OnnxModel:
-    """Describe an ONNX file: its first input's name and shape, and its hash."""
+    """Describe an ONNX file: its signature (inputs and outputs: names, shapes, dtypes) and its hash."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise ExportError(f"{path}: edgepipe handles models with one input; this one has {len(inputs)}")
-    dims = inputs[0].type.tensor_type.shape.dim
-    shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
-    return OnnxModel(path=path, input_name=inputs[0].name, input_shape=shape, sha256=sha256_file(path))
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise ExportError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+    sig = signature(model)
+    if not sig.inputs:
+        raise ExportError(f"{path}: the model has no inputs")
+    return OnnxModel(path=path, input_name=sig.inputs[0].name, input_shape=sig.inputs[0].shape,
+                     sha256=sha256_file(path), signature=sig)
 
 
 def strip_metadata(model: Any) -> None:

@@ -21,50 +21,163 @@ DEFAULT_INPUT_SHAPE: tuple[int, int, int, int] = (1, 1, 32, 32)
 MANIFEST_SCHEMA = 2  # 2: typed stage records, three data splits, original-model reference, candidate
 
 
+#: a dimension: a size, a named dynamic dimension ("batch", "height") or unknown (None)
+Dim = int | str | None
+
+#: ONNX element types by their numpy names (``onnx.TensorProto`` numbers), for the signatures read from graphs
+ONNX_DTYPES: dict[int, str] = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+                               9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
+    """One input or output of a model: its name, shape (named or unknown dynamic dimensions) and numpy dtype."""
+
     name: str
-    shape: tuple[int | str | None, ...]
+    shape: tuple[Dim, ...]
     dtype: str
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return "float" in self.dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(str(d["name"]), tuple(d["shape"]), str(d["dtype"]))
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model's inputs and outputs, in order: the value every stage reads instead of assuming one NCHW input
+    and one ``[N, C]`` output."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...] = ()
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Signature:
+        return cls(tuple(TensorSpec.from_dict(t) for t in d.get("inputs", [])),
+                   tuple(TensorSpec.from_dict(t) for t in d.get("outputs", [])))
 
 
 @dataclass(frozen=True)
 class OnnxModel:
-    """An exported float ONNX model on disk (single file, weights inside)."""
+    """An exported float ONNX model on disk (single file, weights inside) and its signature."""
 
     path: Path
-    input_name: str
-    input_shape: tuple[int | str | None, ...]
+    input_name: str  # the first input's (a one-input model's) name and shape; every input is in ``signature``
+    input_shape: tuple[Dim, ...]
     sha256: str
+    signature: Signature | None = None
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        if self.signature is not None:
+            return self.signature.inputs
+        return (TensorSpec(self.input_name, self.input_shape, "float32"),)
+
+
+#: samples of a model's inputs: one array (a one-input model) or one array per input, by name (axis 0 = sample)
+Samples = np.ndarray | dict[str, np.ndarray]
+
+
+def sample_count(x: Samples) -> int:
+    """How many samples ``x`` holds (the first dimension; every input's must agree)."""
+    if isinstance(x, dict):
+        counts = {len(v) for v in x.values()}
+        if len(counts) > 1:
+            raise ValueError(f"inputs hold different sample counts: { {k: len(v) for k, v in x.items()} }")
+        return counts.pop() if counts else 0
+    return len(x)
+
+
+def feeds_of(x: Samples, names: list[str]) -> dict[str, np.ndarray]:
+    """``x`` as arrays by input name: a single array is the one input's; a dict must name every input."""
+    if not isinstance(x, dict):
+        if len(names) != 1:
+            raise ValueError(f"the model has {len(names)} inputs ({', '.join(names)}); give one array per input")
+        return {names[0]: x}
+    if len(names) == 1 and len(x) == 1 and names[0] not in x:  # a one-input model's array under another name
+        return {names[0]: next(iter(x.values()))}
+    missing = [n for n in names if n not in x]
+    if missing:
+        raise ValueError(f"no samples for input(s) {', '.join(missing)}; the data has {', '.join(sorted(x))}")
+    return {n: x[n] for n in names}
+
+
+def take(x: Samples, idx: Any) -> Samples:
+    """The samples ``idx`` (an index array or a slice) of every input."""
+    return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
+
+
+def _sha256_samples(x: Samples) -> str:
+    if isinstance(x, dict):
+        return sha256_arrays(*(a for _, a in sorted(x.items())), names=sorted(x))
+    return sha256_arrays(x)
 
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """NCHW float32 samples from the calibration split (the method is the target's ``calibration.method``).
+    """Samples from the calibration split (the method is the target's ``calibration.method``).
 
-    ``validation_x``/``validation_y`` (optional) are labelled samples for backends that check accuracy
-    while compiling (OpenVINO's accuracy-controlled int8); the pipeline passes the validation split,
-    never the test split the figures are reported on.
+    ``x`` is one array for a one-input model or one array per input name. ``validation_x``/``validation_y``
+    (optional) are labelled samples for backends that check accuracy while compiling (OpenVINO's
+    accuracy-controlled int8); the pipeline passes the validation split, never the test split the figures
+    are reported on.
     """
 
-    x: np.ndarray
+    x: Samples
     source: str = ""
-    validation_x: np.ndarray | None = None
+    validation_x: Samples | None = None
     validation_y: np.ndarray | None = None
     validation_source: str = ""
 
+    def __len__(self) -> int:
+        return sample_count(self.x)
+
+    def feeds(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The calibration samples by input name (see :func:`feeds_of`)."""
+        return feeds_of(self.x, names)
+
     @property
     def sha256(self) -> str:
-        return sha256_arrays(self.x)
+        return _sha256_samples(self.x)
 
     @property
     def validation_sha256(self) -> str | None:
         if self.validation_x is None or self.validation_y is None:
             return None
+        if isinstance(self.validation_x, dict):
+            return sha256_arrays(*(a for _, a in sorted(self.validation_x.items())), self.validation_y,
+                                 names=[*sorted(self.validation_x), "y"])
         return sha256_arrays(self.validation_x, self.validation_y)
 
     def record(self) -> dict[str, Any]:
-        return {"source": self.source, "samples": len(self.x), "sha256": self.sha256}
+        return {"source": self.source, "samples": len(self), "sha256": self.sha256}
 
 
 @dataclass

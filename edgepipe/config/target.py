@@ -245,7 +245,8 @@ class Target:
     name: str
     backend: str
     precision: Precision
-    input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE
+    #: one shape (a one-input model), or a table of shapes by input name; any rank, batch first
+    input_shape: tuple[int, ...] | dict[str, tuple[int, ...]] = DEFAULT_INPUT_SHAPE
     description: str = ""
     dynamic_batch: bool = True
     calibration: Calibration = field(default_factory=Calibration)
@@ -257,20 +258,52 @@ class Target:
     def __post_init__(self) -> None:
         check_name(self.name, "name")
         object.__setattr__(self, "options", parse_options(self.backend, self.options))
-        if len(self.input_shape) != 4 or any(d < 1 for d in self.input_shape):
-            raise ConfigError(
-                f"input_shape = {list(self.input_shape)}: give four positive sizes, N C H W (e.g. [1, 3, 224, 224])"
-            )
-        if math.prod(self.input_shape[1:]) > MAX_SAMPLE_VALUES or self.input_shape[0] > 4096:
-            raise ConfigError(
-                f"input_shape = {list(self.input_shape)}: at most {MAX_SAMPLE_VALUES:,} values (C*H*W) per sample "
-                "and a batch of at most 4096; this would not fit in memory"
-            )
+        if isinstance(self.input_shape, dict):
+            if not self.input_shape:
+                raise ConfigError("input_shape = {}: name at least one input, e.g. { images = [1, 3, 224, 224] }")
+            shapes = {str(k): tuple(v) for k, v in self.input_shape.items()}
+            object.__setattr__(self, "input_shape", shapes)
+            for k, v in shapes.items():
+                check_shape(v, f"input_shape.{k}")
+            batches = {v[0] for v in shapes.values()}
+            if len(batches) > 1:
+                raise ConfigError(f"input_shape = {shapes}: every input needs the same batch size (the first "
+                                  f"dimension), got {sorted(batches)}")
+        else:
+            object.__setattr__(self, "input_shape", tuple(self.input_shape))
+            check_shape(self.input_shape, "input_shape")
 
     @property
-    def chw(self) -> tuple[int, int, int]:
-        n, c, h, w = self.input_shape
-        return (c, h, w)
+    def batch(self) -> int:
+        """The batch size every input's shape starts with."""
+        return next(iter(self.input_shape.values()))[0] if isinstance(self.input_shape, dict) else self.input_shape[0]
+
+    def shapes(self, names: list[str]) -> dict[str, tuple[int, ...]]:
+        """The shape of each of a model's inputs (``names``, in order), from ``input_shape``.
+
+        A single shape is the one input's; a table must name every input and no other."""
+        if not isinstance(self.input_shape, dict):
+            if len(names) != 1:
+                raise ConfigError(f"target {self.name!r}: the model has {len(names)} inputs ({', '.join(names)}); give "
+                                  "a shape per input: --input-shape NAME=d0,d1,... for each, or input_shape = "
+                                  "{ name = [...] } in the target")
+            return {names[0]: self.input_shape}
+        unknown = sorted(set(self.input_shape) - set(names))
+        missing = [n for n in names if n not in self.input_shape]
+        if unknown or missing:
+            raise ConfigError(f"target {self.name!r}: input_shape names {', '.join(unknown) or 'every input'} but the "
+                              f"model's inputs are {', '.join(names)}" + (f" (no shape for {', '.join(missing)})"
+                                                                          if missing else ""))
+        return {n: self.input_shape[n] for n in names}
+
+    @property
+    def chw(self) -> tuple[int, ...]:
+        """The one input's shape without its batch (C, H, W for an image model)."""
+        if isinstance(self.input_shape, dict):
+            if len(self.input_shape) != 1:
+                raise ConfigError(f"target {self.name!r} has several inputs; they have no single sample shape")
+            return next(iter(self.input_shape.values()))[1:]
+        return self.input_shape[1:]
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -279,8 +312,18 @@ class Target:
     def sha256(self) -> str:
         return sha256_json(self.to_dict())
 
-    def with_input_shape(self, shape: tuple[int, ...]) -> Target:
-        return dataclasses.replace(self, input_shape=tuple(shape))
+    def with_input_shape(self, shape: tuple[int, ...] | dict[str, tuple[int, ...]]) -> Target:
+        return dataclasses.replace(self, input_shape=dict(shape) if isinstance(shape, dict) else tuple(shape))
+
+
+def check_shape(shape: tuple[int, ...], where: str) -> None:
+    """A concrete input shape: at least one dimension, every size >= 1, a sample that fits in memory."""
+    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ConfigError(f"{where} = {list(shape)}: give positive sizes, batch first (e.g. [1, 3, 224, 224], "
+                          "[1, 1, 16000] or [1, 16])")
+    if math.prod(shape[1:]) > MAX_SAMPLE_VALUES or shape[0] > 4096:
+        raise ConfigError(f"{where} = {list(shape)}: at most {MAX_SAMPLE_VALUES:,} values per sample and a batch of "
+                          "at most 4096; this would not fit in memory")
 
 
 def target_from_dict(data: dict[str, Any], where: str) -> Target:

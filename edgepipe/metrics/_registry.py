@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgepipe._imports import first_line as _first_line
+from edgepipe._imports import import_object
 from edgepipe.errors import ConfigError
 from edgepipe.metrics.base import FunctionMetric, Metric
 
@@ -66,47 +65,8 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _import(spec: str, mod_name: str, what: str) -> Any:
-    """Import the module the user named; like model factories, the current directory is searched last,
-    and only when nothing else has the module."""
-    try:
-        try:
-            return importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            cwd = str(Path.cwd())
-            top = mod_name.partition(".")[0]
-            if e.name != top or cwd in sys.path or "" in sys.path:
-                raise
-            if not (Path(cwd) / top).is_dir() and not (Path(cwd) / f"{top}.py").is_file():
-                raise
-            sys.path.append(cwd)
-            importlib.invalidate_caches()
-            return importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError(f"{what} {spec!r}: cannot import module {mod_name!r} ({_first_line(e)})") from e
-    except SyntaxError as e:
-        raise ConfigError(f"{what} {spec!r}: module {mod_name!r} does not compile: {e.msg} "
-                          f"({e.filename}, line {e.lineno})") from e
-    except Exception as e:
-        raise ConfigError(f"{what} {spec!r}: importing module {mod_name!r} raised {type(e).__name__}: "
-                          f"{_first_line(e)}") from e
-
-
 def _load(spec: str, what: str, example: str) -> Any:
-    mod_name, _, attr = spec.partition(":")
-    if not mod_name or not attr:
-        raise ConfigError(f"{what} {spec!r}: give package.module:{example}")
-    obj = _import(spec, mod_name, what)
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+    return import_object(spec, what, example)
 
 
 def get(spec: str) -> Metric:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgepipe._hashing import sha256_file
+from edgepipe._imports import first_line as _first_line
 from edgepipe.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -140,35 +139,11 @@ def save_program(module: nn.Module, input_shape: tuple[int, ...], out: Path) -> 
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _import(spec: str, mod_name: str) -> Any:
-    """Import the factory's module from where Python finds it; the current directory is searched only
-    when nothing else has it (and then last, so it never shadows an installed package)."""
-    try:
-        try:
-            return importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            cwd = str(Path.cwd())
-            top = mod_name.partition(".")[0]
-            if e.name != top or spec == EXAMPLE or cwd in sys.path or "" in sys.path:
-                raise
-            if not (Path(cwd) / top).is_dir() and not (Path(cwd) / f"{top}.py").is_file():
-                raise
-            sys.path.append(cwd)
-            importlib.invalidate_caches()
-            return importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ModelLoadError(f"model {spec!r}: cannot import module {mod_name!r} ({e})") from e
-    except SyntaxError as e:
-        raise ModelLoadError(f"model {spec!r}: module {mod_name!r} does not compile: {e.msg} "
-                             f"({e.filename}, line {e.lineno})") from e
-    except Exception as e:
-        raise ModelLoadError(f"model {spec!r}: importing module {mod_name!r} raised {type(e).__name__}: "
-                             f"{_first_line(e)}") from e
+    """Import the factory's module (the current directory last, never for the bundled example)."""
+    from edgepipe._imports import import_module
+
+    return import_module(spec, mod_name, "model", ModelLoadError, search_cwd=spec != EXAMPLE)
 
 
 def _from_factory(spec: str, weights: Path | None, trust_code: bool | None = None) -> Any:
