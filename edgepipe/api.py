@@ -380,7 +380,8 @@ def _verified(m: Measurement, release: Path, x: np.ndarray, y: np.ndarray) -> Me
         raise BenchmarkError("the worker returned no logits to verify")
     there = decode_logits(ev)
     del ev["logits"]
-    ev["release_top1"] = Manifest.read(release / MANIFEST).accuracy.top1
+    acc = Manifest.read(release / MANIFEST).accuracy
+    ev["release_top1"] = acc.value / 100 if acc.metric == "top1" else None
     try:
         here, here_name = ver.local_logits(release, x)
         ev["comparison"] = ver.compare(here, there, y, here_name, m.where).to_dict()

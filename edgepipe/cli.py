@@ -33,7 +33,15 @@ _RUN_OPTIONS = (
     click.option("-d", "--data", default="digits", show_default=True,
                  help="'digits', 'mnist5k' (5,000 real MNIST digits, 1,000 test), 'photos', an .npz with x and y, or an image folder (one sub-folder per class); split into "
                       "calibration, validation (choices) and test (reported figures)."),
-    click.option("--input-shape", help="N,C,H,W overriding the targets' input shape, e.g. 1,3,224,224."),
+    click.option("--input-shape", multiple=True, metavar="[NAME=]D0,D1,...",
+                 help="The model's input shape, batch first, overriding the targets': 1,3,224,224 (any rank), or "
+                      "NAME=1,3,320,320 once per input of a model with several."),
+    click.option("--metric", metavar="NAME|pkg.mod:obj",
+                 help="How the model is judged: top1, top5, miou, map, map50, agreement, sqnr, or your own "
+                      "(a Metric or a function (outputs, targets) -> float, higher is better). Default: top1 for a "
+                      "classifier ([N, C] scores and integer labels 'y'); any other model must name one."),
+    click.option("--postprocess", metavar="pkg.mod:fn",
+                 help="Runs on the model's outputs before the metric (e.g. a detector's decode + NMS)."),
     click.option("--iterations", type=int, help="Timed iterations per benchmark (default: the target's)."),
     click.option("--local-bench", is_flag=True, help="Measure on this machine even when a target names a [board]."),
     click.option("--no-cache", is_flag=True, help="Recompute every stage instead of reusing cached outputs."),
@@ -103,16 +111,36 @@ class RichReporter:
             self.progress.console.print(f"[yellow]note:[/] {message}")
 
 
-def _shape(value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
+def _dims(value: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in value.replace("x", ",").split(","))
     except ValueError:
-        raise click.BadParameter(f"{value!r}: give N,C,H,W as integers, e.g. 1,3,224,224") from None
-    if len(shape) != 4:
-        raise click.BadParameter(f"{value!r}: give four sizes N,C,H,W, e.g. 1,3,224,224")
+        raise click.BadParameter(f"{value!r}: give the sizes as integers, batch first: 1,3,224,224 (an image), "
+                                 "1,1,16000 (audio), 1,16 (tokens); NAME=... for one input of several") from None
+    if not shape or any(d < 1 for d in shape):
+        raise click.BadParameter(f"{value!r}: every size must be >= 1")
     return shape
+
+
+def _shape(value: str | tuple[str, ...] | None) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
+    """``--input-shape``: ``d0,d1,...`` for a one-input model, or ``NAME=d0,d1,...`` once per input."""
+    values = (value,) if isinstance(value, str) else tuple(value or ())
+    if not values:
+        return None
+    named = [v for v in values if "=" in v]
+    if not named:
+        if len(values) > 1:
+            raise click.BadParameter(f"{list(values)}: several shapes need names: NAME=d0,d1,... once per input")
+        return _dims(values[0])
+    if len(named) != len(values):
+        raise click.BadParameter(f"{list(values)}: name every input's shape (NAME=d0,d1,...) or give one bare shape")
+    out: dict[str, tuple[int, ...]] = {}
+    for v in values:
+        name, _, dims = v.partition("=")
+        if not name or name in out:
+            raise click.BadParameter(f"{v!r}: give NAME=d0,d1,... with each input named once")
+        out[name] = _dims(dims)
+    return out
 
 
 def _emit_json(obj: Any) -> None:
@@ -148,11 +176,12 @@ def cli(debug: bool) -> None:
 @click.option("-r", "--recipe", help="Compression recipe (.toml) applied before export.")
 @_run_options
 @click.option("--no-bench", is_flag=True, help="Skip latency and memory measurement.")
-@click.option("--allow-accuracy-drop", is_flag=True, help="Release even when top-1 drops more than the target's budget.")
+@click.option("--allow-accuracy-drop", is_flag=True, help="Release even when the metric drops more than the target's budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no progress bars).")
 def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | None, weights: Path | None,
-          data: str, input_shape: str | None, iterations: int | None, no_bench: bool, local_bench: bool, no_cache: bool,
-          allow_accuracy_drop: bool, trust_code: bool, as_json: bool) -> None:
+          data: str, input_shape: tuple[str, ...], metric: str | None, postprocess: str | None, iterations: int | None,
+          no_bench: bool, local_bench: bool, no_cache: bool, allow_accuracy_drop: bool, trust_code: bool,
+          as_json: bool) -> None:
     """Run the whole pipeline for one or more targets.
 
     MODEL is package.module:factory, a .pt2 ExportedProgram, a TorchScript .pt, or an .onnx file;
@@ -166,7 +195,7 @@ def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | 
         result = api.build(model, targets, out=out, reporter=rep, recipe=recipe, weights=weights, data=data,
                            input_shape=_shape(input_shape), iterations=iterations, bench=not no_bench,
                            cache=not no_cache, allow_accuracy_drop=allow_accuracy_drop, local_bench=local_bench,
-                           trust_code=trust_code)
+                           trust_code=trust_code, metric=metric, postprocess=postprocess)
     if as_json:
         _emit_json({"model": result.model, "notes": result.notes,
                     "targets": {r.manifest.name: {"release_dir": str(r.release_dir), **r.manifest.to_dict()}
@@ -185,18 +214,19 @@ def _build_table(result: Any) -> None:
     from edgepipe.harness import speedup
 
     t = Table(title=f"edgepipe build: {result.model}")
-    for col in ("target", "backend", "prec.", "top-1", "drop pts", "p50 ms", "p99 ms", "speed-up", "mem MB",
+    metric = result.results[0].manifest.accuracy.metric if result.results else "metric"
+    for col in ("target", "backend", "prec.", metric, "drop", "SQNR dB", "p50 ms", "p99 ms", "speed-up", "mem MB",
                 "size KiB"):
         t.add_column(col, justify="left" if col in ("target", "backend", "prec.") else "right")
     shown_ref: set[str] = set()
     for r in result.results:
         m = r.manifest
         ref_lat, src, acc, art = m.reference_latency, m.source_onnx, m.accuracy, m.artifact
-        ref_key = f"{acc.reference_top1}{ref_lat}"
+        ref_key = f"{acc.reference}{ref_lat}"
         if ref_key not in shown_ref:
             shown_ref.add(ref_key)
             mem = f"{ref_lat['peak_rss_above_baseline_mb']:.1f}" if ref_lat else "-"
-            t.add_row("fp32 original", "onnxruntime", "fp32", f"{acc.reference_top1:.2%}", "-",
+            t.add_row("fp32 original", "onnxruntime", "fp32", acc.format(acc.reference), "-", "-",
                       _ms(ref_lat, "p50_ms"), _ms(ref_lat, "p99_ms"), "1.00x" if ref_lat else "-", mem,
                       f"{src.bytes / 1024:.0f}" if src and not m.compression else "-", style="dim")
         lat = m.latency
@@ -205,12 +235,14 @@ def _build_table(result: Any) -> None:
         if lat and (lat.get("host") or {}).get("emulated"):
             speed += " (emulated)"
         mem = f"{lat['peak_rss_above_baseline_mb']:.1f}" if lat else "-"
-        t.add_row(m.name, art.backend, art.precision, f"{acc.top1:.2%}", f"{acc.drop_points:+.2f}",
-                  _ms(lat, "p50_ms"), _ms(lat, "p99_ms"), speed, mem, f"{art.size_bytes / 1024:.0f}")
+        sqnr = (m.fidelity or {}).get("sqnr_db")
+        t.add_row(m.name, art.backend, art.precision, acc.format(acc.value), f"{acc.drop:+.2f}",
+                  f"{min(sqnr):.1f}" if sqnr else "-", _ms(lat, "p50_ms"), _ms(lat, "p99_ms"), speed, mem, f"{art.size_bytes / 1024:.0f}")
     console = _console()
     console.print(t)
-    console.print("mem MB: peak resident memory of the bench worker above its baseline; drop pts: top-1 points "
-                  "below the original model in fp32 (test split); speed-up: reference p50 / target p50, shown only when "
+    console.print(f"mem MB: peak resident memory of the bench worker above its baseline; drop: how much worse "
+                  f"than the original model in fp32 on {metric} (test split, in its units); SQNR dB: the worst output's "
+                  "signal-to-noise ratio against the fp32 model's outputs; speed-up: reference p50 / target p50, shown only when "
                   "both were timed on the same machine; (emulated): timed under qemu-user, which proves function, "
                   "not speed.", style="dim")
     for r in result.results:
@@ -290,9 +322,9 @@ class ReleaseLive:
                    "(default: the cores here; 1: one after another in this process).")
 @click.option("--json", "as_json", is_flag=True, help="Print index.json and the run's figures as JSON.")
 def release(model: str | None, targets: str, out: Path, search: Path | None, max_trials: int | None,
-            weights: Path | None, data: str, input_shape: str | None, iterations: int | None, local_bench: bool,
-            no_cache: bool, trust_code: bool, cluster: str | None, insecure_cluster: bool, workers: int | None,
-            as_json: bool) -> int:
+            weights: Path | None, data: str, input_shape: tuple[str, ...], metric: str | None,
+            postprocess: str | None, iterations: int | None, local_bench: bool, no_cache: bool, trust_code: bool,
+            cluster: str | None, insecure_cluster: bool, workers: int | None, as_json: bool) -> int:
     """Find the best artifact for every target, by measurement, under its budgets, and release it.
 
     For each target, every candidate of the search space (recipe x quantization settings) runs
@@ -327,7 +359,7 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
                                  progress=live.progress, weights=weights, data=data,
                                  input_shape=_shape(input_shape), iterations=iterations, cache=not no_cache,
                                  local_bench=local_bench, trust_code=trust_code, cluster=executor,
-                                 workers=workers)
+                                 workers=workers, metric=metric, postprocess=postprocess)
     finally:
         if executor is not None:
             executor.close()
@@ -379,7 +411,9 @@ def export(model: str | None, out: Path, weights: Path | None, input_shape: str,
         _emit_json({"path": str(onnx.path), "sha256": onnx.sha256, "input_shape": onnx.input_shape, "parity": parity})
     else:
         click.echo(f"wrote {onnx.path} (input {list(onnx.input_shape)}); parity on {parity['samples']} samples: "
-                   f"max abs error {parity['max_abs_error']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}")
+                   f"max abs error {parity['max_abs_error']:.2e}"
+                   + (f", top-1 agreement {parity['top1_agreement']:.2%}" if parity.get("top1_agreement") is not None
+                      else ""))
 
 
 @cli.command()
@@ -501,12 +535,14 @@ def quantize(model: str | None, analyze: bool, target: str, weights: Path | None
 @click.option("-t", "--target", required=True, help="Target name or .toml path.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
 @click.option("-d", "--data", default="digits", show_default=True, help="Calibration/evaluation data.")
-@click.option("--input-shape", help="N,C,H,W overriding the target's input shape.")
-@click.option("--allow-accuracy-drop", is_flag=True, help="Release even when top-1 drops more than the budget.")
+@_RUN_OPTIONS[2]
+@_RUN_OPTIONS[3]
+@_RUN_OPTIONS[4]
+@click.option("--allow-accuracy-drop", is_flag=True, help="Release even when the metric drops more than the budget.")
 @_trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: str | None,
-                allow_accuracy_drop: bool, trust_code: bool, as_json: bool) -> None:
+def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: tuple[str, ...], metric: str | None,
+                postprocess: str | None, allow_accuracy_drop: bool, trust_code: bool, as_json: bool) -> None:
     """Compile MODEL (usually an .onnx) for one target, calibrated on its own data, and evaluate it.
 
     Like `build` without the benchmark: writes OUT/<target>/ with the artifact and manifest.json.
@@ -515,7 +551,8 @@ def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: str 
 
     with RichReporter(quiet=as_json) as rep:
         result = api.compile(model, target, out=out, data=data, reporter=rep, input_shape=_shape(input_shape),
-                             allow_accuracy_drop=allow_accuracy_drop, trust_code=trust_code)
+                             allow_accuracy_drop=allow_accuracy_drop, trust_code=trust_code, metric=metric,
+                             postprocess=postprocess)
     r = result.results[0]
     if as_json:
         _emit_json({"release_dir": str(r.release_dir), **r.manifest.to_dict()})
@@ -586,7 +623,8 @@ def _measurement_table(m: Any, title: str) -> None:
         t.add_row("measured on", _plain(m.where))
     ev = m.eval
     if ev:
-        t.add_row("top-1 there", f"{ev['top1']:.2%} on {ev['samples']} samples (release: {ev['release_top1']:.2%})")
+        t.add_row("top-1 there", f"{ev['top1']:.2%} on {ev['samples']} samples"
+                  + (f" (release: {ev['release_top1']:.2%})" if ev.get("release_top1") is not None else ""))
         c = ev.get("comparison")
         if c:
             t.add_row("top-1 here", f"{c['here_top1']:.2%} ({c['here']})")

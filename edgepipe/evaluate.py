@@ -1,4 +1,7 @@
-"""Accuracy of a loaded artifact (through its Runner) on labelled samples."""
+"""Running a loaded artifact (its Runner) over samples: every output, batched as the runner's inputs allow.
+
+What the outputs are worth is the metric's business (:mod:`edgepipe.metrics`); this module only runs.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +9,42 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edgepipe.types import Runner
+from edgepipe.types import Runner, Samples, feeds_of, sample_count
 
 
-def predict(runner: Runner, x: np.ndarray, batch: int = 64,
-            progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Logits for every sample of ``x`` (NCHW float32), batching as the runner's input allows."""
-    spec = runner.inputs[0]
-    static = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
+def outputs(runner: Runner, x: Samples, batch: int = 64,
+            progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Every output of ``runner`` over every sample of ``x`` (one array, or one per input name), in the model's
+    output order, samples on axis 0. A fixed-batch model gets its last batch padded (and the padding dropped)."""
+    feeds = feeds_of(x, [spec.name for spec in runner.inputs])
+    n = sample_count(feeds)
+    first = runner.inputs[0].shape[0] if runner.inputs[0].shape else None
+    static = first if isinstance(first, int) and first > 0 else None
     step = static or batch
-    outs = []
-    for i in range(0, len(x), step):
-        xb = x[i : i + step]
-        n = len(xb)
-        if static and n < static:  # pad a short last batch for a fixed-batch model
-            xb = np.concatenate([xb, np.repeat(xb[-1:], static - n, axis=0)])
-        outs.append(np.asarray(runner({spec.name: np.ascontiguousarray(xb)})[0])[:n])
+    parts: list[list[np.ndarray]] = []
+    for i in range(0, n, step):
+        fb = {k: v[i : i + step] for k, v in feeds.items()}
+        m = len(next(iter(fb.values())))
+        if static and m < static:
+            fb = {k: np.concatenate([v, np.repeat(v[-1:], static - m, axis=0)]) for k, v in fb.items()}
+        got = runner({k: np.ascontiguousarray(v) for k, v in fb.items()})
+        parts.append([np.asarray(o)[:m] for o in got])
         if progress:
-            progress(n)
-    return np.concatenate(outs).reshape(len(x), -1)
+            progress(m)
+    if not parts:
+        return []
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+def predict(runner: Runner, x: Samples, batch: int = 64,
+            progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """The first output for every sample of ``x``, one row per sample (a classifier's logits)."""
+    out = outputs(runner, x, batch, progress)[0]
+    return out.reshape(len(out), -1)
 
 
 def top1(runner: Runner, x: np.ndarray, y: np.ndarray, progress: Callable[[int], None] | None = None) -> float:
-    """Top-1 accuracy (0..1) of ``runner`` on ``x`` against labels ``y``."""
-    from edgepipe.data import check_labels
+    """Top-1 accuracy (0..1) of ``runner`` on ``x`` against labels ``y``: the registry's ``top1`` as a fraction."""
+    from edgepipe import metrics
 
-    logits = predict(runner, x, progress=progress)
-    check_labels(y, logits.shape[1], "the data's labels")
-    return float((logits.argmax(1) == y).mean())
+    return metrics.score("top1", [predict(runner, x, progress=progress)], {"y": y}) / 100.0

@@ -67,6 +67,19 @@ def _rows(pairs: list[tuple[str, Any]]) -> str:
     return "".join(f"<tr><th>{_h(k)}</th><td>{_h(v)}</td></tr>" for k, v in pairs)
 
 
+def fidelity_rows(fid: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The fidelity to fp32 as report rows: SQNR per output, and the flip rate where outputs are class scores."""
+    if not fid:
+        return []
+    rows = [("SQNR vs fp32 (test, per output)", ", ".join(f"{v:.1f} dB" for v in fid.get("sqnr_db") or []))]
+    if fid.get("flip_rate") is not None:
+        conf = fid.get("confident_flip_rate")
+        rows.append(("top-1 flips vs fp32 (test)", f"{fid['flip_rate']:.2f}% of samples; "
+                     + (f"{conf:.2f}% of the {fid.get('confident_samples')} confident ones (fp32 margin > "
+                        f"{fid.get('margin')})" if conf is not None else "no confident samples")))
+    return rows
+
+
 def render_report(m: Manifest) -> str:
     """A self-contained HTML page of one release's manifest: for people; the manifest is for machines."""
     t, acc, lat, ref, a = m.target, m.accuracy, m.latency, m.reference_latency, m.artifact
@@ -74,19 +87,20 @@ def render_report(m: Manifest) -> str:
     summary = [
         ("target", f"{t['name']}: {t.get('description', '')}"),
         ("backend / precision", f"{a.backend} / {a.precision}"),
-        ("top-1 (artifact)", f"{acc.top1:.2%} on {acc.samples} held-out test samples"),
-        ("top-1 (original model, fp32)", f"{acc.reference_top1:.2%} (drop {acc.drop_points:+.2f} points)"),
+        (f"{acc.metric} (artifact)", f"{acc.format(acc.value)} on {acc.samples} held-out test samples"),
+        (f"{acc.metric} (original model, fp32)", f"{acc.format(acc.reference)} (drop {acc.drop:+.4g})"),
         ("size", f"{a.size_bytes:,} bytes"),
     ]
-    if acc.validation_top1 is not None:
-        summary.append(("top-1 on validation (choices)", f"{acc.validation_top1:.2%} on {acc.validation_samples} "
-                        f"samples (drop {acc.validation_drop_points:+.2f} points)"))
-    if acc.compressed_top1 is not None:
-        summary.append(("compressed model, fp32 (validation)", f"{acc.compressed_top1:.2%}"))
+    if acc.validation_value is not None:
+        summary.append((f"{acc.metric} on validation (choices)", f"{acc.format(acc.validation_value)} on "
+                        f"{acc.validation_samples} samples (drop {acc.validation_drop or 0.0:+.4g})"))
+    if acc.compressed is not None:
+        summary.append(("compressed model, fp32 (validation)", acc.format(acc.compressed)))
+    summary += fidelity_rows(m.fidelity)
     if m.candidate:
         summary.append(("search candidate", ", ".join(f"{k}={v}" for k, v in m.candidate.items())))
     if acc.evaluated_on:
-        summary.append(("top-1 measured on", acc.evaluated_on))
+        summary.append((f"{acc.metric} measured on", acc.evaluated_on))
     if m.bench_skipped:
         summary.append(("not benchmarked", m.bench_skipped))
     if lat:
@@ -161,7 +175,7 @@ def _release_file(root: Path, name: Any, manifest: Path) -> Path:
 
 INDEX = "index.json"
 SUMS = "SHA256SUMS"
-INDEX_SCHEMA = 1
+INDEX_SCHEMA = 2  # 2: the metric by name and unit, figures in its units, SQNR and flip rate per candidate
 
 
 def release_index(result: Any) -> dict[str, Any]:
@@ -180,7 +194,8 @@ def release_index(result: Any) -> dict[str, Any]:
         first = next((x.result for x in o.tried if x.result is not None), None)
         if first is not None:
             acc, ref_lat = first.manifest.accuracy, first.manifest.reference_latency
-            entry["reference"] = {"validation_top1": acc.validation_reference_top1, "test_top1": acc.reference_top1,
+            entry["metric"] = {"name": acc.metric, "unit": acc.unit, "higher_is_better": acc.higher_is_better}
+            entry["reference"] = {"validation": acc.validation_reference, "test": acc.reference,
                                   "p50_ms": ref_lat["p50_ms"] if ref_lat else None,
                                   "emulated": (ref_lat.get("host") or {}).get("emulated") if ref_lat else None}
         cands = []
@@ -220,15 +235,17 @@ def _charts(name: str, entry: dict[str, Any]) -> str:
     matplotlib.rcParams["svg.hashsalt"] = "edgepipe"  # stable element ids: same inputs, same bytes
     import matplotlib.pyplot as plt
 
-    cands = [c for c in entry["candidates"] if c.get("validation_top1") is not None]
+    cands = [c for c in entry["candidates"] if c.get("validation") is not None]
     if not cands:
         return "<p>No candidate could be built, so there is nothing to chart.</p>"
     budgets, ref = entry["budgets"], entry.get("reference") or {}
+    metric = entry.get("metric") or {"name": "top1", "unit": "%", "higher_is_better": True}
+    unit = metric["unit"] or "value"
     timed = all(c["p50_ms"] is not None for c in cands)
     out = []
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     xs = [c["p50_ms"] if timed else c["size_bytes"] / 1024 for c in cands]
-    ys = [c["validation_top1"] * 100 for c in cands]
+    ys = [c["validation"] for c in cands]
     colors = ["tab:green" if c["qualifies"] else "tab:red" for c in cands]
     ax.scatter(xs, ys, c=colors, s=36, zorder=3, label="candidates (green: within budgets)")
     front = sorted((x, y) for x, y, c in zip(xs, ys, cands, strict=True) if c["pareto"])
@@ -237,14 +254,16 @@ def _charts(name: str, entry: dict[str, Any]) -> str:
     for x, y, c in zip(xs, ys, cands, strict=True):
         ax.annotate(c["id"] + (" (chosen)" if c["id"] == entry["chosen"] else ""), (x, y), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
-    if ref.get("validation_top1") is not None and "max_accuracy_drop" in budgets:
-        ax.axhline(ref["validation_top1"] * 100 - budgets["max_accuracy_drop"], color="grey", ls=":",
-                   label=f"accuracy budget (-{budgets['max_accuracy_drop']} pts)")
+    drop = budgets.get("max_metric_drop", budgets.get("max_accuracy_drop"))
+    if ref.get("validation") is not None and drop is not None:
+        sign = -1 if metric["higher_is_better"] else 1
+        ax.axhline(ref["validation"] + sign * drop, color="grey", ls=":",
+                   label=f"{metric['name']} budget ({'-' if sign < 0 else '+'}{drop} {unit})")
     if timed and "max_latency_ms" in budgets:
         ax.axvline(budgets["max_latency_ms"], color="grey", ls="-.", label="latency budget")
     ax.set_xlabel("p50 latency (ms)" if timed else "artifact size (KiB); latency not measured here")
-    ax.set_ylabel("validation top-1 (%)")
-    ax.set_title(f"{name}: accuracy vs {'latency' if timed else 'size'}")
+    ax.set_ylabel(f"validation {metric['name']} ({unit})")
+    ax.set_title(f"{name}: {metric['name']} vs {'latency' if timed else 'size'}")
     ax.legend(fontsize=7, loc="lower right")
     out.append(_svg(fig))
     plt.close(fig)
@@ -261,6 +280,15 @@ def _charts(name: str, entry: dict[str, Any]) -> str:
     return "".join(f"<figure>{s}</figure>" for s in out)
 
 
+def _sqnr(c: dict[str, Any]) -> str:
+    """A candidate's fidelity in one cell: the worst output's SQNR, and the top-1 flip rate where there is one."""
+    db = c.get("sqnr_db")
+    if not db:
+        return "-"
+    flips = c.get("flip_rate")
+    return f"{min(db):.1f}" + (f" / {flips:.2f}%" if flips is not None else "")
+
+
 def _emu(c: dict[str, Any]) -> str:
     return f" (emulated by {c['emulated']}: function, not speed)" if c.get("emulated") else ""
 
@@ -274,29 +302,33 @@ def render_release_report(index: dict[str, Any]) -> str:
     summary = []
     for name, e in index["targets"].items():
         chosen = next((c for c in e["candidates"] if c["id"] == e["chosen"]), None)
-        fig = (f"{chosen['test_top1']:.2%}", (f"{chosen['p50_ms']:.3f}" + _emu(chosen)) if chosen["p50_ms"] else "-",
-               f"{chosen['size_bytes']:,}") if chosen else ("-", "-", "-")
+        metric = (e.get("metric") or {}).get("name", "")
+        fig = (f"{metric} {chosen['test']:.4g}", (f"{chosen['p50_ms']:.3f}" + _emu(chosen)) if chosen["p50_ms"]
+               else "-", _sqnr(chosen), f"{chosen['size_bytes']:,}") if chosen else ("-", "-", "-", "-")
         summary.append(f"<tr>{_cells(name, e['status'], e['chosen'] or '-', *fig, e['reason'] or '')}</tr>")
         rows = "".join(
             "<tr>" + _cells(c["id"], c["recipe"], ", ".join(f"{k}={v}" for k, v in sorted(c["settings"].items())),
-                            "" if c.get("validation_top1") is None else format(c["validation_top1"], ".2%"),
+                            "" if c.get("validation") is None else format(c["validation"], ".4g"), _sqnr(c),
                             "" if c.get("p50_ms") is None else format(c["p50_ms"], ".3f") + _emu(c),
                             "" if c.get("size_bytes") is None else format(c["size_bytes"], ","), c["why"]) + "</tr>"
             for c in e["candidates"])
         charts = _charts(name, e) if e["candidates"] else f"<p>{_h(e['reason'] or '')}</p>"
         parts.append(f"<h2>{_h(name)} ({_h(e['backend'])}): {_h(e['status'])}</h2>{charts}"
-                     "<table><tr><th>id</th><th>recipe</th><th>settings</th><th>val top-1</th><th>p50 ms</th>"
+                     f"<table><tr><th>id</th><th>recipe</th><th>settings</th><th>val {_h(metric)}</th>"
+                     "<th>SQNR dB / flips</th><th>p50 ms</th>"
                      f"<th>bytes</th><th>why</th></tr>{rows}</table>")
-    head = ("<table><tr><th>target</th><th>status</th><th>chosen</th><th>test top-1</th><th>p50 ms</th>"
-            f"<th>bytes</th><th>note</th></tr>{''.join(summary)}</table>")
+    head = ("<table><tr><th>target</th><th>status</th><th>chosen</th><th>test metric</th><th>p50 ms</th>"
+            f"<th>SQNR dB / flips</th><th>bytes</th><th>note</th></tr>{''.join(summary)}</table>")
     title = _h(f"edgepipe release: {index['model']}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
             "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse;width:100%}"
             "th,td{border-bottom:1px solid #ddd;padding:3px 6px;text-align:left;font-size:90%}"
             "figure{display:inline-block;margin:0.5em}</style></head>"
             f"<body><h1>{title}</h1><p>Search space {_h(index['search']['name'])} "
-            f"(sha256 {_h(str(index['search_sha256'])[:16])}). Accuracy is top-1 on the validation split (choices) "
-            "and on the test split (reported); budgets are against the original model in fp32.</p>"
+            f"(sha256 {_h(str(index['search_sha256'])[:16])}). Each target is judged by the model's metric on the "
+            "validation split (choices) and on the test split (reported); budgets are against the original model "
+            "in fp32, in the metric's units. SQNR and flips compare each artifact's outputs with the fp32 model's "
+            "on the test split.</p>"
             f"{head}{''.join(parts)}</body></html>\n")
 
 

@@ -18,7 +18,9 @@ from edgepipe._hashing import sha256_arrays
 #: The bundled example's input (N, C, H, W): the one place it is written.
 DEFAULT_INPUT_SHAPE: tuple[int, int, int, int] = (1, 1, 32, 32)
 
-MANIFEST_SCHEMA = 2  # 2: typed stage records, three data splits, original-model reference, candidate
+#: 2: typed stage records, three data splits, original-model reference, candidate; 3: the model's signature, its
+#: metric (any metric, in its units), fidelity to fp32 (SQNR, flip rate), budgets in the metric's units
+MANIFEST_SCHEMA = 3
 
 
 #: a dimension: a size, a named dynamic dimension ("batch", "height") or unknown (None)
@@ -247,23 +249,46 @@ class StageRecord:
 
 @dataclass
 class Accuracy:
-    """Top-1 of the artifact on the test split, against the original (uncompressed) model's fp32 top-1.
+    """The artifact's score on the model's metric (test split), against the original (uncompressed) model's fp32
+    score on the same samples.
 
-    ``drop_points`` is ``reference_top1 - top1`` in points; ``compressed_top1`` is the fp32 top-1 of the
-    compressed model (``None`` without a recipe); ``validation_*`` are the figures choices were made on.
+    ``drop`` is how much worse than the reference the artifact is, in the metric's units (positive: worse,
+    whichever way the metric goes); ``compressed`` is the compressed model's fp32 score (validation; ``None``
+    without a recipe); ``validation_*`` are the figures choices were made on.
     """
 
-    top1: float
-    reference_top1: float
-    drop_points: float
+    metric: str
+    value: float
+    reference: float
+    drop: float
     dataset: str
     samples: int
-    compressed_top1: float | None = None
-    validation_top1: float | None = None
-    validation_reference_top1: float | None = None
-    validation_drop_points: float | None = None
+    unit: str = "%"
+    higher_is_better: bool = True
+    compressed: float | None = None
+    validation_value: float | None = None
+    validation_reference: float | None = None
+    validation_drop: float | None = None
     validation_samples: int | None = None
     evaluated_on: str | None = None
+
+    def format(self, value: float | None) -> str:
+        """``value`` in the metric's units, as tables and reports print it."""
+        if value is None:
+            return "-"
+        return f"{value:.2f}%" if self.unit == "%" else f"{value:.4g}{' ' + self.unit if self.unit else ''}"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Accuracy:
+        if "top1" in d and "metric" not in d:  # schema 2: top-1 as a fraction, drops in points
+            pct = {k: None if d.get(k) is None else d[k] * 100 for k in
+                   ("top1", "reference_top1", "compressed_top1", "validation_top1", "validation_reference_top1")}
+            return cls("top1", pct["top1"], pct["reference_top1"], d["drop_points"], d["dataset"], d["samples"],
+                       compressed=pct["compressed_top1"], validation_value=pct["validation_top1"],
+                       validation_reference=pct["validation_reference_top1"],
+                       validation_drop=d.get("validation_drop_points"), validation_samples=d.get("validation_samples"),
+                       evaluated_on=d.get("evaluated_on"))
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
 @dataclass
@@ -311,6 +336,11 @@ class Manifest:
     candidate: dict[str, Any] | None = None  # which search candidate this is (release only)
     artifact: ArtifactRecord | None = None
     source_onnx: FileRecord | None = None
+    #: the model's inputs and outputs (names, shapes, dtypes) as the artifact takes them
+    signature: dict[str, Any] | None = None
+    #: how far the artifact's outputs are from the fp32 reference's on the test split, whatever the metric:
+    #: SQNR per output (dB), flip rate overall and among confident samples (where outputs are class scores)
+    fidelity: dict[str, Any] | None = None
     schema: int = MANIFEST_SCHEMA
 
     @property
@@ -343,11 +373,12 @@ class Manifest:
         return cls(
             target=d["target"], inputs=d["inputs"], tools=d.get("tools", {}),
             stages=[StageRecord.from_dict(s) for s in d.get("stages", [])],
-            accuracy=Accuracy(**{k: v for k, v in acc.items() if k in {f.name for f in fields(Accuracy)}}),
+            accuracy=Accuracy.from_dict(acc),
             budgets={k: Budget(**b) for k, b in (d.get("budgets") or {}).items()},
             latency=d.get("latency"), reference_latency=d.get("reference_latency"),
             bench_skipped=d.get("bench_skipped"), compression=d.get("compression"), candidate=d.get("candidate"),
             artifact=art, source_onnx=FileRecord(**d["source_onnx"]) if d.get("source_onnx") else None,
+            signature=d.get("signature"), fidelity=d.get("fidelity"),
             schema=d.get("schema", MANIFEST_SCHEMA),
         )
 

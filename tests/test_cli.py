@@ -83,7 +83,7 @@ def test_build_json_and_bench(tmp_path):
     r = run("build", "-t", "cpu-int8", "--out", str(tmp_path), "--iterations", "10", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)["targets"]["cpu-int8"]
-    assert res["accuracy"]["top1"] >= 0.95 and res["latency"]["iterations"] == 10
+    assert res["accuracy"]["metric"] == "top1" and res["accuracy"]["value"] >= 95 and res["latency"]["iterations"] == 10
     b = run("bench", str(tmp_path / "cpu-int8"), "--iterations", "10", "--json")
     assert b.returncode == 0, b.stderr
     m = json.loads(b.stdout)

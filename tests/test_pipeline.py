@@ -33,10 +33,11 @@ def test_build_releases_artifact_source_and_manifest(built):
     by = {r.manifest.name: r for r in result.results}
     assert by["cpu-int8"].release_dir == d
     report = (d / "report.html").read_text()
-    assert "cpu-int8" in report and f"{by['cpu-int8'].top1:.2%}" in report
+    acc = by["cpu-int8"].manifest.accuracy
+    assert "cpu-int8" in report and acc.format(acc.value) in report and "SQNR vs fp32" in report
     m = json.loads((d / "manifest.json").read_text())
-    assert m["schema"] == 2
-    for key in ("inputs", "tools", "stages", "accuracy", "latency", "artifact", "budgets"):
+    assert m["schema"] == 3
+    for key in ("inputs", "tools", "stages", "accuracy", "latency", "artifact", "budgets", "signature", "fidelity"):
         assert m[key], key
     assert m["inputs"]["model"]["sha256"] and m["inputs"]["data"]["sha256"] and m["inputs"]["target"]
     assert m["inputs"]["data"]["splits"] == {"train": 1079, "calibration": 256, "validation": 359, "test": 359}
@@ -49,7 +50,12 @@ def test_build_releases_artifact_source_and_manifest(built):
     export, compile_, evaluate = m["stages"][1:4]
     assert export["parity"]["top1_agreement"] == 1.0
     assert compile_["inputs"]["onnx"] == export["output_sha256"] == m["source_onnx"]["sha256"]
-    assert evaluate["test_top1"] == m["accuracy"]["top1"] and evaluate["validation_top1"] == m["accuracy"]["validation_top1"]
+    assert evaluate["metric"] == m["accuracy"]["metric"] == "top1"
+    assert evaluate["test"] == m["accuracy"]["value"] and evaluate["validation"] == m["accuracy"]["validation_value"]
+    assert m["signature"]["inputs"] == [{"name": "input", "shape": ["batch", 1, 32, 32], "dtype": "float32"}]
+    assert [o["name"] for o in m["signature"]["outputs"]] == ["logits"]
+    fid = m["fidelity"]
+    assert len(fid["sqnr_db"]) == 1 and 15 < fid["sqnr_db"][0] < 200 and 0 <= fid["flip_rate"] <= 2
     lat = m["latency"]
     assert lat["iterations"] == 20 and lat["p50_ms"] <= lat["p99_ms"] and lat["peak_rss_above_baseline_mb"] > 0
     from edgepipe._hashing import sha256_file
@@ -88,12 +94,12 @@ def test_calibration_settings_of_the_target_reach_the_release(tmp_path):
 def test_int8_accuracy_within_one_point_of_fp32_and_at_least_95(built):
     _, result = built
     by = {r.manifest.name: r.manifest.accuracy for r in result.results}
-    assert by["cpu-int8"].top1 >= 0.95
-    assert by["cpu-int8"].drop_points <= 1.0 and by["cpu-int8"].validation_drop_points <= 1.0
-    assert by["cpu-fp32"].top1 == by["cpu-fp32"].reference_top1 and by["cpu-fp32"].drop_points == 0
-    assert by["cpu-fp32"].validation_top1 == by["cpu-fp32"].validation_reference_top1
-    assert by["cpu-int8"].reference_top1 == by["cpu-fp32"].top1  # one reference: the original model in fp32
-    assert by["cpu-int8"].compressed_top1 is None  # no recipe
+    assert by["cpu-int8"].metric == "top1" and by["cpu-int8"].unit == "%" and by["cpu-int8"].value >= 95
+    assert by["cpu-int8"].drop <= 1.0 and by["cpu-int8"].validation_drop <= 1.0
+    assert by["cpu-fp32"].value == by["cpu-fp32"].reference and by["cpu-fp32"].drop == 0
+    assert by["cpu-fp32"].validation_value == by["cpu-fp32"].validation_reference
+    assert by["cpu-int8"].reference == by["cpu-fp32"].value  # one reference: the original model in fp32
+    assert by["cpu-int8"].compressed is None  # no recipe
     assert by["cpu-int8"].dataset == "digits:test" and by["cpu-int8"].samples == 359
 
 
@@ -186,15 +192,15 @@ def make():
 def test_accuracy_budget_fails_the_build_and_releases_nothing(tmp_path, monkeypatch):
     (tmp_path / "outlier_model.py").write_text(OUTLIER_MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(BudgetError, match="over the budget of 1.0 points"):
+    with pytest.raises(BudgetError, match=r"top1 .* points worse than .* over the budget of 1.0"):
         api.build("outlier_model:make", ["cpu-int8"], out=tmp_path / "dist", bench=False)
     assert not (tmp_path / "dist" / "cpu-int8").exists()
     assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
     r = api.build("outlier_model:make", ["cpu-int8"], out=tmp_path / "dist", bench=False, allow_accuracy_drop=True)
     m = r.results[0].manifest
-    assert m.accuracy.reference_top1 > 0.85 and m.accuracy.drop_points > 1.0
-    budget = m.budgets["max_accuracy_drop"]  # judged on the validation split
-    assert budget.ok is False and budget.value == m.accuracy.validation_drop_points > 1.0
+    assert m.accuracy.reference > 85 and m.accuracy.drop > 1.0
+    budget = m.budgets["max_metric_drop"]  # judged on the validation split, in the metric's units
+    assert budget.ok is False and budget.value == m.accuracy.validation_drop > 1.0
 
 
 def test_unknown_target_fails_before_any_work(tmp_path):

@@ -71,8 +71,8 @@ def test_release_writes_every_target_index_sums_and_report(released):
         "cpu-int8": "released", "intel-cpu-int8": "released", "too-fast": "failed"}
     for name in ("cpu-int8", "intel-cpu-int8"):
         m = json.loads((out / name / "manifest.json").read_text())
-        assert m["schema"] == 2 and m["candidate"]["search_sha256"] and m["candidate"]["id"]
-        assert m["accuracy"]["reference_top1"] >= m["accuracy"]["top1"] - 0.01
+        assert m["schema"] == 3 and m["candidate"]["search_sha256"] and m["candidate"]["id"]
+        assert m["accuracy"]["metric"] == "top1" and m["accuracy"]["reference"] >= m["accuracy"]["value"] - 1
         assert not {"seconds", "cached"} & _keys(m)  # how a run went stays out of released files, at any depth
     assert not (out / "too-fast").exists()
     index = json.loads((out / "index.json").read_text())
@@ -197,7 +197,7 @@ def test_choice_prefers_smaller_within_noise_then_accuracy(monkeypatch):
     figures = {"a": (1.00, 300, 0.99), "b": (1.03, 200, 0.98), "c": (0.90, 500, 0.97), "d": (0.80, 100, 0.90)}
     monkeypatch.setattr(Tried, "p50_ms", property(lambda s: figures[s.candidate.id][0]))
     monkeypatch.setattr(Tried, "size_bytes", property(lambda s: figures[s.candidate.id][1]))
-    monkeypatch.setattr(Tried, "validation_top1", property(lambda s: figures[s.candidate.id][2]))
+    monkeypatch.setattr(Tried, "goodness", property(lambda s: figures[s.candidate.id][2]))
     monkeypatch.setattr(Tried, "qualifies", property(lambda s: s.candidate.id != "d"))
     tried = [Tried(Candidate(k, "none", {})) for k in figures]
     assert choose(tried, 0.05).candidate.id == "c"  # fastest qualifying; d is faster but misses a budget

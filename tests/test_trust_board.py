@@ -299,10 +299,10 @@ def test_bad_json_from_a_board_is_one_cli_line(sshd, tmp_path):
 
 def _index(emulated: str) -> dict[str, object]:
     """A release index (as ``release_index`` writes it) with one board-measured candidate."""
-    cand = {"id": "c01", "recipe": "none", "settings": {"calibration": "minmax"}, "validation_top1": None,
-            "test_top1": 0.9, "p50_ms": 1.5, "size_bytes": 1000, "emulated": emulated, "qualifies": True,
+    cand = {"id": "c01", "recipe": "none", "settings": {"calibration": "minmax"}, "validation": None,
+            "test": 90.0, "p50_ms": 1.5, "size_bytes": 1000, "emulated": emulated, "qualifies": True,
             "pareto": True, "why": "chosen: fastest qualifying"}
-    return {"schema": 1, "model": "m", "search": {"name": "default"}, "search_sha256": "0" * 64,
+    return {"schema": 2, "model": "m", "search": {"name": "default"}, "search_sha256": "0" * 64,
             "targets": {"emuboard": {"status": "released", "backend": "onnxruntime", "reason": None, "budgets": {},
                                      "release_dir": "emuboard/", "chosen": "c01", "candidates": [cand],
                                      "reference": {"emulated": emulated}}}}

@@ -118,13 +118,15 @@ def test_a_forged_evaluation_or_compiled_model_in_the_cache_is_recomputed(tmp_pa
     calib = stages.calibration_set(splits)
     art, _ = stages.compile(example_onnx, t, calib, tmp_path / "w1", cache)
     real, _ = stages.evaluate(art, t, splits, cache)
-    # an evaluate record has no files: only its figures, which the attacker rewrites
-    (ev_dir,) = (tmp_path / "cache" / "stages" / "evaluate").iterdir()
-    rec = json.loads((ev_dir / "record.json").read_text())
-    rec.update(validation_top1=0.4242, test_top1=0.4242)
-    (ev_dir / "record.json").write_text(json.dumps(rec))
+    # the cached outputs the figures are computed from, rewritten to answer "7" for every sample
+    (ev_dir,) = (tmp_path / "cache" / "stages" / "predict").iterdir()
+    with np.load(ev_dir / "outputs.npz") as f:
+        forged = {k: np.where(np.arange(f[k].shape[1]) == 7, 1000.0, 0.0).astype(np.float32)[None].repeat(len(f[k]), 0)
+                  for k in f.files}
+    np.savez(ev_dir / "outputs.npz", **forged)
+    _resign_files(ev_dir)
     ev, record = stages.evaluate(art, t, splits, cache)
-    assert not record.cached and ev.test_top1 == real.test_top1
+    assert not record.cached and ev.test == real.test > 50  # recomputed from the artifact, not the forged 7s
     # the compiled model swapped (as a +1000 bias would be) and the record's digest updated to match
     (comp_dir,) = (tmp_path / "cache" / "stages" / "compile-onnxruntime").iterdir()
     (model,) = [p for p in comp_dir.iterdir() if p.suffix == ".onnx"]
@@ -138,14 +140,14 @@ def test_cache_root_is_made_private_and_the_key_lives_outside_it(tmp_path):
     from edgepipe.pipeline.cache import Cache, key_file, signing_key
 
     cache = Cache(tmp_path / "fresh")
-    cache.put("evaluate", "k", [], {"test_top1": 0.5})
+    cache.put("evaluate", "k", [], {"test": 0.5})
     assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o700
     assert len(signing_key()) >= 32 and key_file().stat().st_mode & 0o777 == 0o600
     assert tmp_path / "fresh" not in key_file().parents
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
     os.chmod(shared, 0o755)
-    Cache(shared).put("evaluate", "k", [], {"test_top1": 0.5})  # shared on purpose: left as its owner made it
+    Cache(shared).put("evaluate", "k", [], {"test": 0.5})  # shared on purpose: left as its owner made it
     assert shared.stat().st_mode & 0o777 == 0o755
 
 
@@ -153,7 +155,7 @@ def test_an_entry_signed_with_another_key_is_a_miss(tmp_path, monkeypatch):
     from edgepipe.pipeline import cache as cache_mod
 
     c = cache_mod.Cache(tmp_path / "cache")
-    c.put("evaluate", "k", [], {"test_top1": 0.5})
+    c.put("evaluate", "k", [], {"test": 0.5})
     assert c.get("evaluate", "k") is not None
     monkeypatch.setenv("EDGEPIPE_CACHE_KEY_FILE", str(tmp_path / "other.key"))
     assert c.get("evaluate", "k") is None  # someone else's key: not trusted, recomputed

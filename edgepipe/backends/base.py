@@ -1,8 +1,9 @@
 """The Backend protocol: compile an ONNX model for a target, and load the result as a Runner.
 
-A backend owns its layout quirks (NHWC, int8 input/output, engine profiles): the pipeline always feeds
-NCHW float32 arrays and gets float logits back. Heavy imports (openvino, tensorflow, tensorrt) stay
-inside the methods so that importing this package is cheap.
+A backend owns its layout quirks (NHWC, int8 input/output, engine profiles): the pipeline feeds arrays by the
+ONNX model's input names, in the ONNX layout and dtype (float32 images NCHW, int64 token ids as they are), and
+gets every output back, in the ONNX model's output order and layout. Heavy imports (openvino, tensorflow,
+tensorrt) stay inside the methods so that importing this package is cheap.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import abc
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from edgepipe.config import Target
 from edgepipe.errors import BackendUnavailable, CompileError, ConfigError
-from edgepipe.types import Artifact, CalibrationSet, OnnxModel, Runner, StandIn
+from edgepipe.types import Artifact, CalibrationSet, OnnxModel, Runner, Signature, StandIn, TensorSpec
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -104,12 +108,18 @@ class Backend(abc.ABC):
                 f"{target.calibration.method!r}; supported: {', '.join(caps.calibration_methods)}"
             )
 
+    def check_signature(self, signature: Signature, target: Target) -> None:
+        """Refuse, before any work, a model whose inputs or outputs this backend cannot compile for ``target``
+        (raises ``ConfigError`` or ``CompileError`` naming the input). Default: every signature is accepted."""
+        return None
+
     def compile(self, onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path) -> Artifact:
         """Compile ``onnx`` for ``target`` into ``workdir``; returns the artifact."""
         self.validate(target)
+        self.check_signature(signature_of(onnx), target)
         self.require("compile")
         workdir.mkdir(parents=True, exist_ok=True)
-        if target.precision == "int8" and len(calibration.x) == 0:
+        if target.precision == "int8" and len(calibration) == 0:
             raise CompileError(f"target {target.name!r}: the calibration set is empty; int8 needs samples")
         return self._compile(onnx, target, calibration, workdir)
 
@@ -122,4 +132,41 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def load(self, artifact: Artifact, threads: int | None = None) -> Runner:
-        """Load an artifact for inference (NCHW float32 in, float logits out)."""
+        """Load an artifact for inference: arrays by ONNX input name in, every output (ONNX order) out."""
+
+
+def signature_of(onnx: OnnxModel) -> Signature:
+    """The model's full signature: the one it carries, else read from its file (every input and output)."""
+    if onnx.signature is not None and onnx.signature.outputs:
+        return onnx.signature
+    from edgepipe.export import onnx_model
+
+    return onnx_model(onnx.path).signature or Signature(onnx.inputs)
+
+
+def check_feeds(inputs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> None:
+    """``ValueError`` unless ``feeds`` holds exactly one array per input of the model, by name."""
+    want = [t.name for t in inputs]
+    if set(feeds) != set(want):
+        raise ValueError(f"the model's inputs are {', '.join(want)}; got feeds for {', '.join(sorted(feeds)) or 'none'}"
+                         " (give one array per input, by name)")
+
+
+def calibration_feeds(specs: tuple[TensorSpec, ...], calibration: CalibrationSet) -> dict[str, np.ndarray]:
+    """The calibration samples of the inputs ``specs``, by name, each in its input's dtype: float inputs as
+    float, integer inputs (token ids, indices) exactly as given: never scaled, never normalized."""
+    import numpy as np
+
+    feeds = calibration.feeds([t.name for t in specs])
+    out = {}
+    for t in specs:
+        x = np.asarray(feeds[t.name])
+        if t.is_float:
+            x = np.asarray(x, dtype=t.dtype if t.dtype in ("float32", "float16", "float64") else np.float32)
+        elif not t.dtype.startswith("onnx:"):
+            if x.dtype.kind == "f" and not np.array_equal(x, np.round(x)):
+                raise CompileError(f"input {t.name!r} takes {t.dtype} (ids, indices) but its calibration samples are "
+                                   f"{x.dtype} with fractions: give them as integers, exactly as the model takes them")
+            x = x.astype(t.dtype, copy=False)
+        out[t.name] = x
+    return out

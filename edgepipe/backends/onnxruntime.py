@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.backends import register
-from edgepipe.backends.base import Backend, Capabilities
+from edgepipe.backends.base import Backend, Capabilities, calibration_feeds, check_feeds, signature_of
 from edgepipe.config import Target
 from edgepipe.config.options import OrtOptions
 from edgepipe.errors import CompileError
@@ -79,20 +79,44 @@ class OrtRunner:
             raise CompileError(f"onnxruntime cannot load {path.name}: {text.rpartition('failed:')[2].strip() or text}; "
                                "the model uses an operator or feature onnxruntime's CPU provider lacks "
                                "(custom ops are not supported)") from e
-        self.inputs = [TensorSpec(i.name, tuple(i.shape), i.type) for i in self.session.get_inputs()]
+        self.inputs = [TensorSpec(i.name, tuple(i.shape), numpy_dtype(i.type)) for i in self.session.get_inputs()]
+        self._dtypes = {t.name: np.dtype(t.dtype) for t in self.inputs if not t.dtype.startswith("onnx:")}
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        check_feeds(self.inputs, feeds)
+        feeds = {k: np.asarray(v, dtype=self._dtypes.get(k)) for k, v in feeds.items()}
         return self.session.run(None, feeds)
 
 
-class _Reader:
-    """Feeds calibration samples to onnxruntime's calibrator in batches."""
+def numpy_dtype(ort_type: str) -> str:
+    """onnxruntime's type string (``tensor(float)``) as a numpy dtype name (``float32``)."""
+    name = ort_type.removeprefix("tensor(").removesuffix(")")
+    return _ORT_TYPES.get(name, name if name in _NUMPY_NAMES else f"onnx:{name}")
 
-    def __init__(self, name: str, x: np.ndarray, batch: int) -> None:
-        self._it = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+_ORT_TYPES = {"float": "float32", "double": "float64", "float16": "float16", "bool": "bool"}
+_NUMPY_NAMES = {"int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "bfloat16"}
+
+
+class _FeedsReader:
+    """Feeds calibration samples (one array per input name) to onnxruntime's calibrator in batches.
+
+    Every input's samples are given as they are in the model's dtype: integer inputs (token ids, indices) are
+    never scaled, and onnxruntime quantizes float tensors only (no Q/DQ on a Gather's indices)."""
+
+    def __init__(self, feeds: dict[str, np.ndarray], batch: int) -> None:
+        n = len(next(iter(feeds.values()))) if feeds else 0
+        self._it = iter([{k: v[i : i + batch] for k, v in feeds.items()} for i in range(0, n, batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
+
+
+class _Reader(_FeedsReader):
+    """One input's calibration samples (what :mod:`edgepipe.quantize.sensitivity` passes)."""
+
+    def __init__(self, name: str, x: np.ndarray, batch: int) -> None:
+        super().__init__({name: x}, batch)
 
 
 @register
@@ -123,8 +147,8 @@ class OnnxRuntimeBackend(Backend):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        static_batch = isinstance(onnx.input_shape[0], int)
-        batch = 1 if static_batch and onnx.input_shape[0] == 1 else opts.calibration_batch
+        specs = signature_of(onnx).inputs
+        batch = 1 if all(t.shape and t.shape[0] == 1 for t in specs) else opts.calibration_batch
         act = QuantType.QUInt8 if opts.activation_type == "uint8" else QuantType.QInt8
         calib_method = getattr(CalibrationMethod, _METHODS[method])
         calibrator = _CALIBRATOR[method]
@@ -135,7 +159,7 @@ class OnnxRuntimeBackend(Backend):
             pre = Path(tmp) / "pre.onnx"
             try:
                 quant_pre_process(str(onnx.path), str(pre), skip_symbolic_shape=False)
-                reader: _Reader | None = _Reader(onnx.input_name, calibration.x, batch)
+                reader: _FeedsReader | None = _FeedsReader(calibration_feeds(specs, calibration), batch)
                 ranges: dict[str, Any] = {}
                 if any(k not in _FORWARDED for k in calibrator) or target_keep:
                     # options quantize_static would drop; or float layers, whose int8 neighbours' outputs
@@ -203,7 +227,7 @@ def fused_activations(model: Path) -> dict[str, Any]:
     return out
 
 
-def calibrate_ranges(model: Path, tmp: Path, method: Any, options: dict[str, Any], reader: _Reader,
+def calibrate_ranges(model: Path, tmp: Path, method: Any, options: dict[str, Any], reader: _FeedsReader,
                      activation_ranges: bool = False) -> Path:
     """Run onnxruntime's calibrator with ``options`` on ``model``; the ranges, as quantize_static's cache file.
 

@@ -12,6 +12,10 @@ Two traps measured on this kind of machine shape the code:
 - ``compiled_model(array)`` shares the caller's array with the infer request; a later copying call
   writes into it. The Runner uses its own infer request and copies inputs and outputs.
 
+Any signature: every input keeps its dtype (integer token ids stay integers, and NNCF calibrates on them as
+they are), dynamic dimensions other than the batch are fixed to the target's shapes, and the Runner returns
+every output in the ONNX model's order.
+
 OpenVINO's converter and NNCF send usage telemetry and write ids under ``~/intel/`` unless opted out:
 edgepipe opts out for its users (see :func:`_no_telemetry`).
 """
@@ -30,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgepipe.backends import register
-from edgepipe.backends.base import Backend, Capabilities
+from edgepipe.backends.base import Backend, Capabilities, calibration_feeds, check_feeds, signature_of
 from edgepipe.config import Target
 from edgepipe.config.options import OpenVinoOptions
 from edgepipe.errors import CompileError, ConfigError
-from edgepipe.types import Artifact, CalibrationSet, OnnxModel, TensorSpec
+from edgepipe.types import Artifact, CalibrationSet, OnnxModel, Signature, TensorSpec, feeds_of
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -167,20 +171,22 @@ class OpenVinoRunner:
         self.request = self.compiled.create_infer_request()
         self.inputs = [
             TensorSpec(p.get_any_name(), tuple(d.get_length() if d.is_static else None for d in p.get_partial_shape()),
-                       p.get_element_type().get_type_name())
+                       np.dtype(p.get_element_type().to_dtype()).name)
             for p in self.compiled.inputs
         ]
+        self._types = {t.name: p.get_element_type() for t, p in zip(self.inputs, self.compiled.inputs, strict=True)}
         self._n_outputs = len(self.compiled.outputs)
         self._tensors: dict[str, tuple[Any, np.ndarray]] = {}  # input name -> (its tensor, a view of its memory)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        for name, x in feeds.items():
-            x = np.asarray(x, dtype=np.float32)
-            held = self._tensors.get(name)
+        check_feeds(self.inputs, feeds)
+        for spec in self.inputs:
+            x = np.asarray(feeds[spec.name], dtype=spec.dtype)
+            held = self._tensors.get(spec.name)
             if held is None or held[1].shape != x.shape:
-                tensor = self._ov.Tensor(self._ov.Type.f32, self._ov.Shape(list(x.shape)))
-                self.request.set_tensor(name, tensor)
-                held = self._tensors[name] = (tensor, tensor.data)
+                tensor = self._ov.Tensor(self._types[spec.name], self._ov.Shape(list(x.shape)))
+                self.request.set_tensor(spec.name, tensor)
+                held = self._tensors[spec.name] = (tensor, tensor.data)
             np.copyto(held[1], x)
         self.request.infer()
         return [self.request.get_output_tensor(i).data.copy() for i in range(self._n_outputs)]
@@ -251,6 +257,7 @@ class OpenVinoBackend(Backend):
             model = ov.convert_model(str(onnx.path))
         except Exception as e:  # the converter raises plain exceptions of many kinds
             raise CompileError(f"OpenVINO could not convert {onnx.path.name}: {e}") from e
+        _fix_shapes(model, target)
         runtime = {"inference_precision": _INFERENCE_PRECISION[target.precision],
                    "performance_hint": opts.performance_hint}
         metadata: dict[str, Any] = {
@@ -258,7 +265,7 @@ class OpenVinoBackend(Backend):
             "weights": {"fp16": "fp16 (compressed)", "int8": "int8"}.get(target.precision, "fp32"),
         }
         if target.precision == "int8":
-            model, metadata["quantization"] = self._quantize(model, target, calibration, opts)
+            model, metadata["quantization"] = self._quantize(model, signature_of(onnx), target, calibration, opts)
         for key, value in runtime.items():
             model.set_rt_info(value, [RT_INFO, key])
         _stable_names(model, _onnx_names(onnx.path))
@@ -293,7 +300,7 @@ class OpenVinoBackend(Backend):
                                   f"of this model; its layers are: {hint}")
         return nncf.IgnoredScope(names=[*opts.ignored_scope, *keep], patterns=list(opts.ignored_patterns))
 
-    def _quantize(self, model: ov.Model, target: Target, calibration: CalibrationSet,
+    def _quantize(self, model: ov.Model, signature: Signature, target: Target, calibration: CalibrationSet,
                   opts: OpenVinoOptions) -> tuple[ov.Model, dict[str, Any]]:
         nncf = _nncf()
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
@@ -301,14 +308,14 @@ class OpenVinoBackend(Backend):
 
         estimator = _RANGE_ESTIMATORS[target.calibration.method]
         kwargs = dict(
-            subset_size=len(calibration.x),
+            subset_size=len(calibration),
             preset=nncf.QuantizationPreset.PERFORMANCE if opts.preset == "performance" else nncf.QuantizationPreset.MIXED,
             target_device=nncf.TargetDevice.CPU,
             ignored_scope=self._ignored_scope(model, target, opts),
             advanced_parameters=AdvancedQuantizationParameters(
                 activations_range_estimator_params=getattr(RangeEstimatorParametersSet, estimator)),
         )
-        samples = nncf.Dataset(_chunks(calibration.x, _batch(model)))
+        samples = nncf.Dataset(_calibration_items(calibration_feeds(signature.inputs, calibration), _batch(model)))
         try:
             with _quiet():
                 quantized = nncf.quantize(model, samples, **kwargs)
@@ -325,7 +332,12 @@ class OpenVinoBackend(Backend):
             "calibration": {**calibration.record(), "method": target.calibration.method},
             "quantized_layers": quantized_layers(quantized),
         }
-        if opts.accuracy_control:
+        if opts.accuracy_control and not _classifier(signature):
+            record["accuracy_control"] = {
+                "skipped": f"accuracy control measures top-1 on a one-input model with one [N, C] output; this model "
+                           f"has inputs {', '.join(signature.input_names)} and outputs "
+                           f"{', '.join(f'{o.name} {list(o.shape)}' for o in signature.outputs)}: plain int8 is kept"}
+        elif opts.accuracy_control:
             quantized, record["accuracy_control"] = self._accuracy_control(model, quantized, samples, target,
                                                                            calibration, kwargs)
             record["quantized_layers"] = quantized_layers(quantized)
@@ -336,6 +348,8 @@ class OpenVinoBackend(Backend):
         """Plain int8 if it meets the budget on the validation data; else NNCF's accuracy-controlled int8."""
         nncf = _nncf()
         vx, vy = calibration.validation_x, calibration.validation_y
+        if isinstance(vx, dict):  # the one input's samples, by its name
+            vx = next(iter(feeds_of(vx, [model.inputs[0].get_any_name()]).values()))
         if vx is None or vy is None or len(vx) == 0:
             raise CompileError(
                 f"target {target.name!r}: options.accuracy_control needs labelled validation data "
@@ -376,6 +390,37 @@ class OpenVinoBackend(Backend):
         return OpenVinoRunner(artifact.path, threads)
 
 
+def _fix_shapes(model: ov.Model, target: Target) -> None:
+    """Give every dynamic dimension but the batch the size the target's shape gives that input.
+
+    A dynamic batch stays dynamic; static dimensions are the model's. A model whose inputs have no dynamic
+    dimension beyond the batch (every exported image classifier) is left exactly as converted."""
+    ov = _openvino()
+    names = [p.get_any_name() for p in model.inputs]
+    loose = {n for n, p in zip(names, model.inputs, strict=True) if any(d.is_dynamic for d in p.get_partial_shape()[1:])}
+    if not loose:
+        return
+    shapes = target.shapes(names)
+    new = {}
+    for name, port in zip(names, model.inputs, strict=True):
+        ps, want = port.get_partial_shape(), shapes[name]
+        if len(want) != ps.rank.get_length():
+            raise ConfigError(f"target {target.name!r}: input_shape gives input {name!r} the shape {list(want)}, but the "
+                              f"model's input has {ps.rank.get_length()} dimensions ({ps})")
+        dims = [ps[0]] + [ov.Dimension(w) if ps[i].is_dynamic else ps[i] for i, w in enumerate(want) if i > 0]
+        new[name] = ov.PartialShape(dims)
+    try:
+        model.reshape(new)
+    except Exception as e:  # OpenVINO's shape inference raises plain exceptions
+        raise CompileError(f"OpenVINO could not give the model the target's input shapes "
+                           f"({', '.join(f'{k}: {v}' for k, v in new.items())}): {e}") from e
+
+
+def _classifier(signature: Signature) -> bool:
+    """One input and one [N, C] output: what top-1 (accuracy control's metric here) applies to."""
+    return len(signature.inputs) == 1 and len(signature.outputs) == 1 and signature.outputs[0].rank == 2
+
+
 def _batch(model: ov.Model) -> int:
     """The model's fixed batch size, or 1 when the batch is dynamic."""
     dim = model.inputs[0].get_partial_shape()[0]
@@ -383,14 +428,24 @@ def _batch(model: ov.Model) -> int:
 
 
 def _chunks(x: np.ndarray, n: int) -> list[np.ndarray]:
-    """``x`` in batches of ``n``; a short last batch is padded with copies of its last sample."""
+    """``x`` in batches of ``n``; a short last batch is padded with copies of its last sample. Float samples are
+    float32; integer ones (token ids) keep their values and dtype."""
     out = []
     for i in range(0, len(x), n):
         xb = x[i : i + n]
         if len(xb) < n:
             xb = np.concatenate([xb, np.repeat(xb[-1:], n - len(xb), axis=0)])
-        out.append(np.ascontiguousarray(xb, dtype=np.float32))
+        out.append(np.ascontiguousarray(xb, dtype=np.float32 if xb.dtype.kind == "f" else xb.dtype))
     return out
+
+
+def _calibration_items(feeds: dict[str, np.ndarray], n: int) -> list[Any]:
+    """NNCF's calibration items: batches of the one input's array, or dicts of batches by input name (what an
+    OpenVINO infer request takes)."""
+    if len(feeds) == 1:
+        return _chunks(next(iter(feeds.values())), n)
+    chunks = {k: _chunks(v, n) for k, v in feeds.items()}
+    return [dict(zip(chunks, batch, strict=True)) for batch in zip(*chunks.values(), strict=True)]
 
 
 def _validate(compiled: Any, items: Any) -> tuple[float, list[float]]:

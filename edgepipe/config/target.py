@@ -65,13 +65,21 @@ class Calibration:
 class Budgets:
     """What the artifact must meet. ``None`` means no budget."""
 
-    max_accuracy_drop: float | None = 1.0  # top-1 points below the original model's fp32 top-1
+    #: how much worse than the original model in fp32 the artifact may be on the validation split, in the
+    #: model's metric's units (points of top-1, of mAP, dB of SQNR ...); ``None``: ``max_accuracy_drop``
+    max_metric_drop: float | None = None
+    max_accuracy_drop: float | None = 1.0  # the older name of max_metric_drop (top-1 points)
     max_latency_ms: float | None = None  # p50 at batch 1 on the measuring machine
     max_memory_mb: float | None = None  # peak resident memory above the worker's baseline
     max_size_mb: float | None = None  # the artifact's files, in MB (10^6 bytes)
 
+    @property
+    def metric_drop(self) -> float | None:
+        """The metric budget in force: ``max_metric_drop``, else its alias ``max_accuracy_drop``."""
+        return self.max_metric_drop if self.max_metric_drop is not None else self.max_accuracy_drop
+
     def __post_init__(self) -> None:
-        for name in ("max_accuracy_drop", "max_latency_ms", "max_memory_mb", "max_size_mb"):
+        for name in ("max_metric_drop", "max_accuracy_drop", "max_latency_ms", "max_memory_mb", "max_size_mb"):
             v = getattr(self, name)
             if v is not None and (not math.isfinite(v) or v < 0):
                 raise ConfigError(f"budgets.{name} = {v}: must be a finite number >= 0; leave it out for no budget")

@@ -116,15 +116,25 @@ def _load_weights(module: nn.Module, weights: Path, trust_code: bool | None = No
         raise ModelLoadError(f"weights {str(weights)!r} do not fit the model: {first}{hint}") from e
 
 
-def save_program(module: nn.Module, input_shape: tuple[int, ...], out: Path) -> Path:
-    """Save ``module`` as a torch.export ``.pt2`` program with a dynamic batch, atomically."""
+def save_program(module: nn.Module, input_shape: tuple[int, ...] | dict[str, tuple[int, ...]], out: Path,
+                 dtypes: dict[str, str] | None = None) -> Path:
+    """Save ``module`` as a torch.export ``.pt2`` program with a dynamic batch, atomically.
+
+    Args:
+        module: the model.
+        input_shape: one input's shape (batch first, any rank), or a shape per forward argument by name.
+        out: where the ``.pt2`` goes.
+        dtypes: numpy dtype by input name (``"int64"`` for token ids); floats and inputs not named: float32.
+    """
     import torch
 
+    from edgepipe.export import _resolve_inputs
 
-    example = torch.zeros((2, *input_shape[1:]))
+    spec = _resolve_inputs(module, input_shape, dtypes)
+    # an example batch of 1 would let torch.export specialise the batch dimension to 1
+    example = spec.examples(2)
     try:
-        program = torch.export.export(module, (example,),
-                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+        program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes())
     except Exception as e:
         raise ModelLoadError(f"the model does not export with torch.export, so no .pt2 was written: {e}") from e
     out = Path(out)

@@ -21,8 +21,9 @@ class TargetResult:
     manifest: Manifest
 
     @property
-    def top1(self) -> float:
-        return self.manifest.accuracy.top1
+    def score(self) -> float:
+        """The artifact's metric on the test split, in the metric's units."""
+        return self.manifest.accuracy.value
 
 
 @dataclass
@@ -51,15 +52,16 @@ def build(model: str | None, targets: list[str], options: BuildOptions | None = 
         for t in tgts:
             c = candidate.run(session, t, recipe)
             result.notes += c.notes
-            drop = c.manifest.budgets.get("max_accuracy_drop")
+            drop = c.manifest.budgets.get("max_metric_drop")
             if drop is not None and not drop.ok and not opts.allow_accuracy_drop:
                 acc = c.manifest.accuracy
                 raise BudgetError(
-                    f"target {t.name!r}: top-1 {acc.validation_top1:.2%} on the validation split is {drop.value:.2f} "
-                    f"points below the original model's fp32 {acc.validation_reference_top1:.2%}, over the budget of "
-                    f"{drop.limit} points; nothing was released (pass --allow-accuracy-drop to release anyway)")
+                    f"target {t.name!r}: {acc.metric} {acc.format(acc.validation_value)} on the validation split is "
+                    f"{drop.value:.2f} {acc.unit if acc.unit != '%' else 'points'} worse than the original model's fp32 "
+                    f"{acc.format(acc.validation_reference)}, over the budget of {drop.limit}; nothing was released "
+                    "(pass --allow-accuracy-drop to release anyway)")
             for key, b in c.manifest.budgets.items():
-                if not b.ok and key != "max_accuracy_drop":
+                if not b.ok and key != "max_metric_drop":
                     result.notes.append(f"{t.name}: {key} budget missed ({b.value:.2f} > {b.limit}) on this machine")
                     rep.note(result.notes[-1])
             with rep.stage(f"{t.name}: release"):

@@ -29,9 +29,10 @@ from edgepipe.versions import tool_versions
 class Reference:
     """The original (uncompressed) model in fp32 on onnxruntime: what every budget is measured against."""
 
-    validation_top1: float
-    test_top1: float
+    validation: float
+    test: float
     latency: Measurement | None
+    predictions: stages.Predictions | None = None
 
 
 @dataclass
@@ -60,6 +61,19 @@ class Session:
     reporter: Reporter = field(default_factory=NullReporter)
     _compressed: dict[tuple[str, str], tuple[Compressed, StageRecord]] = field(default_factory=dict)
     _references: dict[tuple[Any, ...], Reference] = field(default_factory=dict)
+    _scorers: dict[str, stages.Scorer] = field(default_factory=dict)
+
+    def splits(self, target: Target) -> Splits:
+        """The data for this target's input shapes and calibration settings."""
+        return stages.load_splits(self.options.data, target, self.source)
+
+    def scorer(self, onnx: OnnxModel, splits: Splits) -> stages.Scorer:
+        """The model's metric (``--metric``, else top-1 for a classifier), resolved once per output signature."""
+        outs = list(onnx.signature.outputs) if onnx.signature is not None else []
+        key = repr([o.shape for o in outs])
+        if key not in self._scorers:
+            self._scorers[key] = stages.resolve_scorer(self.options, outs, splits)
+        return self._scorers[key]
 
     def compressed(self, recipe: Any, splits: Splits) -> tuple[Compressed, StageRecord]:
         key = (recipe.sha256 if recipe else "", stages.data_sha256(splits))
@@ -70,7 +84,7 @@ class Session:
 
     def reference(self, target: Target, splits: Splits) -> Reference:
         """The original model's fp32 figures for this target's input, threads and bench settings."""
-        key = (target.input_shape, target.dynamic_batch, target.runtime, stages.data_sha256(splits),
+        key = (repr(target.input_shape), target.dynamic_batch, target.runtime, stages.data_sha256(splits),
                self.options.bench, self.options.iterations, None if self.options.local_bench else target.board)
         if key not in self._references:
             ref_target = dataclasses.replace(target, name=f"{target.name}-reference", backend="onnxruntime",
@@ -80,7 +94,8 @@ class Session:
                 onnx, _ = stages.export(stages.original(self.source), ref_target, splits, work, self.cache,
                                         self.options.parity_atol)
             art = Artifact("onnxruntime", "fp32", onnx.path)
-            ev, _ = stages.evaluate(art, ref_target, splits, self.cache, self.reporter)
+            ev, _ = stages.evaluate(art, ref_target, splits, self.cache, self.reporter,
+                                    scorer=self.scorer(onnx, splits))
             m = None
             if self.options.bench:
                 # a board target's reference is timed on that board, so a speed-up compares like with like
@@ -96,7 +111,7 @@ class Session:
                             raise
                         self.reporter.note(f"{target.name}: no speed-up: the fp32 reference (onnxruntime) could not "
                                            f"be timed on the board: {e}")
-            self._references[key] = Reference(ev.validation_top1, ev.test_top1, m)
+            self._references[key] = Reference(ev.validation, ev.test, m, ev.predictions)
         return self._references[key]
 
 
@@ -105,7 +120,7 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
     """Compress → export → compile → evaluate → bench one candidate for ``target``; budgets checked."""
     opts, cache, rep = session.options, session.cache, session.reporter
     work = workdir or session.scratch / target.name
-    splits = stages.load_splits(opts.data, target)
+    splits = session.splits(target)
     compressed, compress_rec = session.compressed(recipe, splits)
     ref = session.reference(target, splits)
     with rep.stage(f"{target.name}: export"):
@@ -113,13 +128,14 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
     calib = stages.calibration_set(splits)
     with rep.stage(f"{target.name}: compile ({target.backend} {target.precision})"):
         artifact, compile_rec = stages.compile(onnx, target, calib, work, cache, rep)
-    ev, eval_rec = stages.evaluate(artifact, target, splits, cache, rep)
+    ev, eval_rec = stages.evaluate(artifact, target, splits, cache, rep, scorer=session.scorer(onnx, splits),
+                                   reference=ref.predictions)
     notes = []
     if recipe is not None and compressed.is_onnx:
         notes.append(f"{target.name}: model is ONNX: compression recipe skipped (compress the torch model instead)")
     m, records = None, [compress_rec, export_rec, compile_rec, eval_rec]
     if ev.evaluated_on:
-        notes.append(f"{target.name}: top-1 measured on {ev.evaluated_on}")
+        notes.append(f"{target.name}: {ev.metric} measured on {ev.evaluated_on}")
         if opts.bench:
             notes.append(f"{target.name}: not benchmarked: {ev.bench_skipped}")
     elif opts.bench:
@@ -133,9 +149,11 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
                      + (" (its latency is not checked against max_latency_ms)" if target.budgets.max_latency_ms else ""))
     for n in notes:
         rep.note(n)
-    val_drop = round((ref.validation_top1 - ev.validation_top1) * 100, 4)
-    test_drop = round((ref.test_top1 - ev.test_top1) * 100, 4)
+    val_drop, test_drop = ev.drop(ref.validation, ev.validation), ev.drop(ref.test, ev.test)
     budgets = stages.budgets(target, val_drop, m, artifact.size_bytes)
+    compressed_score = None
+    if recipe is not None and compressed.fp32_validation_top1 is not None and ev.metric == "top1":
+        compressed_score = compressed.fp32_validation_top1 * 100
     manifest = Manifest(
         target={**target.to_dict(), "sha256": target.sha256},
         inputs={
@@ -149,11 +167,10 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
         tools=tool_versions(),
         stages=records,
         accuracy=Accuracy(
-            top1=ev.test_top1, reference_top1=ref.test_top1, drop_points=test_drop, dataset=splits.test.name,
-            samples=ev.test_samples, compressed_top1=compressed.fp32_validation_top1 if recipe else None,
-            validation_top1=ev.validation_top1, validation_reference_top1=ref.validation_top1,
-            validation_drop_points=val_drop, validation_samples=ev.validation_samples,
-            evaluated_on=ev.evaluated_on,
+            metric=ev.metric, value=ev.test, reference=ref.test, drop=test_drop, dataset=splits.test.name,
+            samples=ev.test_samples, unit=ev.unit, higher_is_better=ev.higher_is_better,
+            compressed=compressed_score, validation_value=ev.validation, validation_reference=ref.validation,
+            validation_drop=val_drop, validation_samples=ev.validation_samples, evaluated_on=ev.evaluated_on,
         ),
         budgets=budgets,
         latency=m.to_dict() if m else None,
@@ -161,6 +178,8 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
         bench_skipped=ev.bench_skipped if opts.bench else None,
         compression=compressed.records if compressed.recipe is not None else None,
         candidate=candidate,
+        signature=onnx.signature.to_dict() if onnx.signature is not None else None,
+        fidelity=ev.fidelity,
     )
     return CandidateResult(target, manifest, artifact, onnx, calib, m, notes)
 

@@ -72,8 +72,16 @@ class Tried:
         return self.result.artifact.size_bytes if self.result else None
 
     @property
-    def validation_top1(self) -> float | None:
-        return self.result.manifest.accuracy.validation_top1 if self.result else None
+    def validation(self) -> float | None:
+        """The metric on the validation split, in its units."""
+        return self.result.manifest.accuracy.validation_value if self.result else None
+
+    @property
+    def goodness(self) -> float:
+        """The validation metric with higher always better (for choosing); -inf when not built."""
+        if self.result is None or self.validation is None:
+            return float("-inf")
+        return self.validation if self.result.manifest.accuracy.higher_is_better else -self.validation
 
     def misses(self) -> dict[str, dict[str, float]]:
         if self.result is None:
@@ -86,8 +94,10 @@ class Tried:
             return {**d, "error": self.error}
         acc = self.result.manifest.accuracy
         lat = self.result.manifest.latency
-        return {**d, "validation_top1": acc.validation_top1, "validation_drop_points": acc.validation_drop_points,
-                "test_top1": acc.top1, "test_drop_points": acc.drop_points, "p50_ms": lat["p50_ms"] if lat else None,
+        fid = self.result.manifest.fidelity or {}
+        return {**d, "validation": acc.validation_value, "validation_drop": acc.validation_drop,
+                "test": acc.value, "test_drop": acc.drop, "sqnr_db": fid.get("sqnr_db"),
+                "flip_rate": fid.get("flip_rate"), "p50_ms": lat["p50_ms"] if lat else None,
                 "peak_memory_mb": lat["peak_rss_above_baseline_mb"] if lat else None, "size_bytes": self.size_bytes,
                 # "qemu-user": timed under emulation, which proves function only (never a board's latency)
                 "emulated": (lat.get("host") or {}).get("emulated") if lat else None,
@@ -216,7 +226,7 @@ def _sampled(session: Session, target: Target, space: SearchSpace, recipes: dict
     def figures(t: Tried) -> tuple[float, float, float]:
         if t.result is None:
             return (0.0, float("inf"), float("inf"))
-        return (t.validation_top1 or 0.0, t.p50_ms if t.p50_ms is not None else 0.0, float(t.size_bytes or 0))
+        return (t.goodness, t.p50_ms if t.p50_ms is not None else 0.0, float(t.size_bytes or 0))
 
     tried: list[Tried] = []
     # trials a killed run finished are replayed through the stage cache (seconds), not re-measured
@@ -249,13 +259,13 @@ def _report(progress: Progress, target: Target, t: Tried) -> None:
         return
     acc = t.result.manifest.accuracy
     lat = f", {t.p50_ms:.3f} ms" if t.p50_ms is not None else ""
-    detail = f"val drop {acc.validation_drop_points:+.2f} pts{lat}, {(t.size_bytes or 0) / 1024:.0f} KiB"
+    detail = f"val {acc.metric} drop {acc.validation_drop or 0.0:+.2f}{lat}, {(t.size_bytes or 0) / 1024:.0f} KiB"
     progress(target.name, t.candidate.id, t.candidate.label, "ok" if t.qualifies else "misses", detail)
 
 
 def pareto_front(tried: list[Tried]) -> None:
-    """Mark the candidates no other candidate beats on validation top-1, latency and size at once."""
-    pts = [(t, (-(t.validation_top1 or 0.0), t.p50_ms if t.p50_ms is not None else 0.0, float(t.size_bytes or 0)))
+    """Mark the candidates no other candidate beats on the validation metric, latency and size at once."""
+    pts = [(t, (-t.goodness, t.p50_ms if t.p50_ms is not None else 0.0, float(t.size_bytes or 0)))
            for t in tried if t.result is not None]
     for t, a in pts:
         t.pareto = not any(all(x <= y for x, y in zip(b, a, strict=True)) and b != a for _, b in pts)
@@ -276,7 +286,7 @@ def choose(tried: list[Tried], noise: float) -> Tried | None:
         ok = [t for t in ok if t.p50_ms is not None and t.p50_ms <= fastest * (1 + noise)]
     smallest = min(t.size_bytes or 0 for t in ok)
     ok = [t for t in ok if (t.size_bytes or 0) <= smallest * (1 + SIZE_TIE)]
-    return min(ok, key=lambda t: (-(t.validation_top1 or 0.0), t.size_bytes or 0, t.candidate.id))
+    return min(ok, key=lambda t: (-t.goodness, t.size_bytes or 0, t.candidate.id))
 
 
 def closest_miss(tried: list[Tried]) -> str:
@@ -290,7 +300,9 @@ def closest_miss(tried: list[Tried]) -> str:
         return sum((m["value"] - m["limit"]) / (m["limit"] or 1.0) for m in t.misses().values())
 
     best = min(built, key=lambda t: (score(t), t.candidate.id))
-    units = {"max_accuracy_drop": "points", "max_latency_ms": "ms", "max_memory_mb": "MB", "max_size_mb": "MB"}
+    acc = best.result.manifest.accuracy if best.result else None
+    units = {"max_metric_drop": f"{acc.metric} {'points' if acc.unit == '%' else acc.unit}".strip() if acc else "",
+             "max_latency_ms": "ms", "max_memory_mb": "MB", "max_size_mb": "MB"}
     parts = [f"{k} by {m['value'] - m['limit']:.3g} {units.get(k, '')} ({m['value']:.3g} > {m['limit']})"
              for k, m in best.misses().items()]
     return f"no candidate meets the budgets; closest is {best.candidate.id} ({best.candidate.label}), which misses " \

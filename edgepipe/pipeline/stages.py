@@ -15,24 +15,29 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from edgepipe import backends
-from edgepipe._hashing import sha256_file, sha256_json
+from edgepipe._hashing import sha256_arrays, sha256_file, sha256_json
 from edgepipe._progress import NullReporter, Reporter
 from edgepipe.config import Target, load_target
 from edgepipe.config.recipe import Recipe
-from edgepipe.data import Dataset, Splits, load_dataset, split
+from edgepipe.data import Dataset, Splits, load_data, split
 from edgepipe.errors import BackendUnavailable, ConfigError
 from edgepipe.harness import BenchSettings, Measurement
 from edgepipe.models import ModelSource, load_model
 from edgepipe.pipeline.cache import Cache
-from edgepipe.types import Artifact, Budget, CalibrationSet, OnnxModel, StageRecord, StandIn
+from edgepipe.types import Artifact, Budget, CalibrationSet, OnnxModel, StageRecord, StandIn, TensorSpec
 from edgepipe.versions import tool_versions
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from edgepipe.metrics import Metric
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class BuildOptions:
     parity_atol: float = 1e-3
     local_bench: bool = False  # measure here even when the target names a [board]
     trust_code: bool = False  # load .pt2 / TorchScript models and .pt2 weights, which can run code
+    metric: str | None = None  # a registered metric or pkg.mod:obj; None: top1 for a classifier, else refused
+    postprocess: str | None = None  # pkg.mod:fn run on the outputs before the metric (a detector's decode + NMS)
 
 
 class _Timer:
@@ -87,27 +94,51 @@ def resolve_targets(specs: list[str] | list[str | Target], input_shape: tuple[in
     return out
 
 
-_DATASETS: dict[tuple[str, tuple[int, int, int]], Dataset] = {}
+_DATASETS: dict[tuple[Any, ...], Dataset] = {}
 
 
-def data_splits(data: str, input_shape: tuple[int, ...], calibration_samples: int = 256,
+def input_specs(source: ModelSource | None, target: Target) -> list[TensorSpec]:
+    """The model's inputs at the target's shapes (batch first): names and dtypes from the ONNX graph, or, for a
+    torch module, the ``forward`` argument names when ``input_shape`` is a table (dtype ``""``: the data's)."""
+    shape = target.input_shape
+    if source is not None and source.is_onnx and source.onnx_path is not None:
+        from edgepipe.export import onnx_model
+
+        sig = onnx_model(source.onnx_path).signature
+        assert sig is not None
+        if len(sig.inputs) == 1 and not isinstance(shape, dict):
+            return [TensorSpec(sig.inputs[0].name, tuple(shape), sig.inputs[0].dtype)]
+        shapes = target.shapes(sig.input_names)
+        return [TensorSpec(t.name, shapes[t.name], t.dtype) for t in sig.inputs]
+    if isinstance(shape, dict):
+        if source is not None and source.module is not None:
+            from edgepipe.export import forward_input_names
+
+            names = forward_input_names(source.module)
+            shapes = target.shapes(names)
+            return [TensorSpec(n, shapes[n], "") for n in names]
+        return [TensorSpec(n, v, "") for n, v in shape.items()]
+    return [TensorSpec("input", tuple(shape), "")]
+
+
+def data_splits(data: str, input_shape: tuple[int, ...] | list[TensorSpec], calibration_samples: int = 256,
                 calibration_seed: int = 0) -> Splits:
-    """The dataset ``data`` fitted to ``input_shape`` (N, C, H, W) and split (train, calibration,
-    validation, test).
+    """The dataset ``data`` for the model's inputs and split (train, calibration, validation, test).
 
-    Datasets are kept in memory per (spec, shape) for the life of the process: a search over many
-    candidates reads and resizes its data once.
+    ``input_shape``: a one-input model's shape (N, C, H, W for the image datasets), or every input's
+    :class:`TensorSpec` (see :func:`input_specs`). Datasets are kept in memory per (spec, inputs) for the life of
+    the process: a search over many candidates reads and resizes its data once.
     """
-    chw = (int(input_shape[1]), int(input_shape[2]), int(input_shape[3]))
-    key = (data, chw)
+    specs = input_shape if isinstance(input_shape, list) else [TensorSpec("input", tuple(input_shape), "")]
+    key = (data, tuple((t.name if len(specs) > 1 else "", tuple(t.shape[1:]), t.dtype) for t in specs))
     if key not in _DATASETS:
-        _DATASETS[key] = load_dataset(data, chw)
+        _DATASETS[key] = load_data(data, specs)
     return split(_DATASETS[key], calibration_samples, calibration_seed)
 
 
-def load_splits(data: str, target: Target) -> Splits:
-    """:func:`data_splits` for the target's input shape and calibration settings."""
-    return data_splits(data, target.input_shape, target.calibration.samples, target.calibration.seed)
+def load_splits(data: str, target: Target, source: ModelSource | None = None) -> Splits:
+    """:func:`data_splits` for the target's input shapes (and the model's input names) and calibration settings."""
+    return data_splits(data, input_specs(source, target), target.calibration.samples, target.calibration.seed)
 
 
 def calibration_set(splits: Splits) -> CalibrationSet:
@@ -184,6 +215,12 @@ def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cac
         from edgepipe.compress._stats import top1
         from edgepipe.models import save_program
 
+        x = splits.validation.x
+        if isinstance(x, dict) or splits.validation.y is None or splits.validation.y.ndim != 1:
+            raise ConfigError(f"recipe {recipe.name!r}: compression recipes fine-tune against integer labels 'y' of a "
+                              "one-input classifier for now; this model has "
+                              + (f"inputs {', '.join(x)}" if isinstance(x, dict) else "no such labels")
+                              + ": release it without a recipe (recipes = [\"none\"])")
         # on a copy: the source module stays the original, which the reference and other recipes need
         module, steps = apply_recipe(copy.deepcopy(src.module), recipe, splits, rep)  # type: ignore[arg-type]
         acc = top1(module, splits.validation.x, splits.validation.y)
@@ -217,12 +254,22 @@ def _load_cached_program(entry: Any) -> nn.Module:
 
 
 def check_onnx_shape(onnx: OnnxModel, target: Target) -> None:
-    for want, have in zip(target.input_shape[1:], onnx.input_shape[1:], strict=False):
-        if isinstance(have, int) and have > 0 and have != want:
-            raise ConfigError(
-                f"input shape {list(target.input_shape)} does not match the ONNX model's input "
-                f"{list(onnx.input_shape)}; set the target's input_shape or pass --input-shape"
-            )
+    """Every input's static sizes in the ONNX graph agree with the target's shape for it (named input, dimension,
+    both values), before any work."""
+    inputs = list(onnx.inputs)
+    shapes = (target.shapes([t.name for t in inputs]) if isinstance(target.input_shape, dict) or len(inputs) > 1
+              else {inputs[0].name: target.input_shape})
+    for t in inputs:
+        want = shapes[t.name]
+        if len(want) != len(t.shape):
+            raise ConfigError(f"input {t.name!r} of the ONNX model is {len(t.shape)}-D {list(t.shape)}, but the target's "
+                              f"shape for it is {list(want)}; set the target's input_shape or pass --input-shape")
+        for i, (w, have) in enumerate(zip(want, t.shape, strict=True)):
+            if i > 0 and isinstance(have, int) and have > 0 and have != w:
+                raise ConfigError(
+                    f"input shape {list(want)} does not match the ONNX model's input {t.name!r} {list(t.shape)} "
+                    f"(dimension {i}: {have} in the model, {w} given); set the target's input_shape or pass "
+                    "--input-shape")
 
 
 def export(model: Compressed, target: Target, splits: Splits, workdir: Path, cache: Cache,
@@ -240,13 +287,18 @@ def export(model: Compressed, target: Target, splits: Splits, workdir: Path, cac
         shutil.copyfile(model.source.onnx_path, dest)
         return ex.onnx_model(dest), StageRecord("export", {"model": model.sha256}, onnx.sha256,
                                                 skipped="model is already ONNX")
-    inputs = {"model": model.sha256, "shape": sha256_json([list(target.input_shape), target.dynamic_batch]),
+    shape = ({k: list(v) for k, v in target.input_shape.items()} if isinstance(target.input_shape, dict)
+             else list(target.input_shape))
+    inputs = {"model": model.sha256, "shape": sha256_json([shape, target.dynamic_batch]),
               "tools": sha256_json({"tools": tool_versions(), "opset": ex.DEFAULT_OPSET})}
     key = sha256_json(inputs)
     hit = cache.get("export", key)
     entry = hit
     if hit is None:
-        onnx = ex.export(model.module, target.input_shape, dest, dynamic_batch=target.dynamic_batch)
+        x = splits.validation.x
+        dtypes = {k: str(v.dtype) for k, v in x.items()} if isinstance(x, dict) else None
+        onnx = ex.export(model.module, target.input_shape, dest, dynamic_batch=target.dynamic_batch,
+                         **({"dtypes": dtypes} if dtypes else {}))
         p = ex.parity(model.module, onnx, splits.validation.x)
         ex.check_parity(p, atol=parity_atol)
         record = {"parity": p.to_dict(), "opset": ex.DEFAULT_OPSET, "dynamic_batch": target.dynamic_batch}
@@ -393,15 +445,129 @@ def artifact_sha256(artifact: Artifact) -> str:
 
 
 @dataclass(frozen=True)
-class Evaluation:
-    """Top-1 on the validation split (for choices) and on the test split (for the report)."""
+class Predictions:
+    """A model's outputs on the validation and test splits (every output, samples on axis 0)."""
 
-    validation_top1: float
-    test_top1: float
+    validation: list[np.ndarray]
+    test: list[np.ndarray]
+
+    @property
+    def sha256(self) -> str:
+        return sha256_arrays(*self.validation, *self.test, names=[f"v{i}" for i in range(len(self.validation))]
+                             + [f"t{i}" for i in range(len(self.test))])
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """The model's metric (a registered name or ``pkg.mod:obj``) and the postprocess that runs before it."""
+
+    spec: str
+    postprocess: str | None = None
+
+    @cached_property
+    def metric(self) -> Metric:
+        from edgepipe import metrics
+
+        return metrics.get(self.spec)
+
+    @property
+    def key(self) -> str:
+        """What names this scorer in a cache key: the specs, and the source of user code (which can change)."""
+        return sha256_json([self.spec, self.postprocess, _source_sha256(self.spec), _source_sha256(self.postprocess)])
+
+    def __call__(self, outputs: list[np.ndarray], split: Dataset, reference: list[np.ndarray] | None) -> float:
+        from edgepipe import metrics
+
+        targets = dict(split.all_targets)
+        if self.metric.reference:
+            if reference is None:
+                raise ConfigError(f"metric {self.spec!r} compares with the fp32 model, which is not at hand here")
+            targets.update({metrics.reference_key(i): r for i, r in enumerate(reference)})
+        return metrics.score(self.metric, outputs, targets, self.postprocess)
+
+
+def _source_sha256(spec: str | None) -> str | None:
+    if not spec or ":" not in spec:
+        return None
+    import importlib.util
+
+    found = importlib.util.find_spec(spec.partition(":")[0])
+    origin = found.origin if found is not None else None
+    return sha256_file(Path(origin)) if origin and Path(origin).is_file() else None
+
+
+def resolve_scorer(options: BuildOptions, outputs: list[TensorSpec] | list[tuple[Any, ...]], splits: Splits) -> Scorer:
+    """The build's metric: ``options.metric``, else ``top1`` for a one-output classifier with integer labels;
+    anything else without a metric is refused in one line (no silent top-1)."""
+    from edgepipe import metrics
+
+    if options.metric:
+        found = Scorer(options.metric, options.postprocess)
+        _ = found.metric  # an unknown metric or a user module that does not import: refused now, in one line
+        return found
+    if options.postprocess:
+        raise ConfigError("--postprocess needs --metric: name the metric its output is for")
+    shapes = [o.shape if isinstance(o, TensorSpec) else o for o in outputs]
+    return Scorer(metrics.default_for(shapes, splits.validation.all_targets))
+
+
+def predict(artifact: Artifact, target: Target, splits: Splits, cache: Cache,
+            reporter: Reporter | None = None) -> tuple[Predictions, StandIn | None, dict[str, Any], bool]:
+    """Every output of ``artifact`` on the validation and test splits (cached by artifact and data); the
+    stand-in that ran in its place, if any; the cache's inputs; whether they came from the cache."""
+    from edgepipe.evaluate import outputs
+
+    rep = reporter or NullReporter()
+    evaluated, stand_in = runnable(artifact)
+    inputs = {"artifact": artifact_sha256(evaluated), "validation": splits.validation.sha256,
+              "test": splits.test.sha256, "evaluator": EVALUATOR}
+    key = sha256_json(inputs)
+    hit = cache.get("predict", key)
+    if hit is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="edgepipe-outputs-") as tmp:
+            path = hit.copy("outputs.npz", Path(tmp) / "outputs.npz")
+            with np.load(path, allow_pickle=False) as f:
+                nv, nt = hit.record["validation_outputs"], hit.record["test_outputs"]
+                pred = Predictions([f[f"v{i}"] for i in range(nv)], [f[f"t{i}"] for i in range(nt)])
+                return pred, stand_in, inputs, True
+    n = len(splits.validation) + len(splits.test)
+    with rep.stage(f"{target.name}: evaluate {artifact.backend} {artifact.precision}", total=n) as adv:
+        runner = backends.get(evaluated.backend).load(evaluated, target.runtime.threads)
+        pred = Predictions(outputs(runner, splits.validation.x, progress=adv), outputs(runner, splits.test.x,
+                                                                                     progress=adv))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgepipe-outputs-") as tmp:
+        path = Path(tmp) / "outputs.npz"
+        np.savez(path, **{f"v{i}": o for i, o in enumerate(pred.validation)},
+                 **{f"t{i}": o for i, o in enumerate(pred.test)})
+        cache.put("predict", key, [path], {"validation_outputs": len(pred.validation),
+                                           "test_outputs": len(pred.test)})
+    return pred, stand_in, inputs, False
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The model's metric on the validation split (for choices) and on the test split (for the report), and the
+    artifact's fidelity to the fp32 reference on the test split."""
+
+    metric: str
+    validation: float
+    test: float
     validation_samples: int
     test_samples: int
+    unit: str = "%"
+    higher_is_better: bool = True
+    fidelity: dict[str, Any] | None = None
     evaluated_on: str | None = None  # what stood in for the artifact, when this machine cannot run it
     bench_skipped: str | None = None  # why the artifact itself cannot be benchmarked here
+    predictions: Predictions | None = field(default=None, repr=False, compare=False)
+
+    def drop(self, reference: float, value: float) -> float:
+        """How much worse ``value`` is than ``reference`` in the metric's units (positive: worse)."""
+        return round((reference - value) if self.higher_is_better else (value - reference), 6)
 
 
 def runnable(artifact: Artifact) -> tuple[Artifact, StandIn | None]:
@@ -418,37 +584,31 @@ def runnable(artifact: Artifact) -> tuple[Artifact, StandIn | None]:
 
 
 #: bumped when how artifacts are run for evaluation changes what they compute, so cached figures of the
-#: old way are not reused (2: onnxruntime sessions without WeightBiasQuantization)
-EVALUATOR = 2
+#: old way are not reused (2: onnxruntime sessions without WeightBiasQuantization; 3: every output kept)
+EVALUATOR = 3
 
 
-def evaluate(artifact: Artifact, target: Target, splits: Splits, cache: Cache,
-             reporter: Reporter | None = None) -> tuple[Evaluation, StageRecord]:
-    """Top-1 of ``artifact`` on validation and test (cached by artifact and data)."""
-    from edgepipe.evaluate import top1
+def evaluate(artifact: Artifact, target: Target, splits: Splits, cache: Cache, reporter: Reporter | None = None,
+             *, scorer: Scorer | None = None, reference: Predictions | None = None) -> tuple[Evaluation, StageRecord]:
+    """The model's metric for ``artifact`` on validation and test, and its fidelity to ``reference`` (the fp32
+    original's outputs; ``None``: the artifact is the reference). The outputs are cached (stage ``predict``); the
+    metric is computed from them each time, so a new metric needs no new inference."""
+    from edgepipe import metrics
 
-    rep = reporter or NullReporter()
     timer = _Timer()
-    evaluated, stand_in = runnable(artifact)
-    inputs = {"artifact": artifact_sha256(evaluated), "validation": splits.validation.sha256,
-              "test": splits.test.sha256, "evaluator": EVALUATOR}
-    key = sha256_json(inputs)
-    hit = cache.get("evaluate", key)
-    if hit is not None:
-        val, test = hit.record["validation_top1"], hit.record["test_top1"]
-    else:
-        n = len(splits.validation) + len(splits.test)
-        with rep.stage(f"{target.name}: evaluate {artifact.backend} {artifact.precision}", total=n) as adv:
-            runner = backends.get(evaluated.backend).load(evaluated, target.runtime.threads)
-            val = top1(runner, splits.validation.x, splits.validation.y, adv)
-            test = top1(runner, splits.test.x, splits.test.y, adv)
-        stored = cache.put("evaluate", key, [], {"validation_top1": val, "test_top1": test})
-        if stored is not None:
-            val, test = stored.record["validation_top1"], stored.record["test_top1"]
-    ev = Evaluation(val, test, len(splits.validation), len(splits.test),
-                    stand_in.evaluates if stand_in else None, stand_in.bench if stand_in else None)
-    return ev, StageRecord("evaluate", inputs, sha256_json([val, test]), timer.seconds, hit is not None,
-                           {"validation_top1": val, "test_top1": test})
+    pred, stand_in, inputs, hit = predict(artifact, target, splits, cache, reporter)
+    sc = scorer or Scorer("top1")
+    ref_val = reference.validation if reference is not None else pred.validation
+    ref_test = reference.test if reference is not None else pred.test
+    val = sc(pred.validation, splits.validation, ref_val)
+    test = sc(pred.test, splits.test, ref_test)
+    fid = metrics.fidelity(pred.test, ref_test)
+    ev = Evaluation(sc.spec, val, test, len(splits.validation), len(splits.test), sc.metric.unit,
+                    sc.metric.higher_is_better, fid, stand_in.evaluates if stand_in else None,
+                    stand_in.bench if stand_in else None, pred)
+    record_inputs = {**inputs, "metric": sc.key, **({"reference": reference.sha256} if reference is not None else {})}
+    return ev, StageRecord("evaluate", record_inputs, sha256_json([val, test, fid]), timer.seconds, hit,
+                           {"metric": sc.spec, "validation": val, "test": test})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -505,12 +665,13 @@ def bench(artifact: Artifact, target: Target, settings: BenchSettings, cache: Ca
 # budgets
 
 
-def budgets(target: Target, drop_points: float, m: Measurement | None, size_bytes: int) -> dict[str, Budget]:
-    """Each of the target's budgets against what was measured (accuracy drop on validation)."""
+def budgets(target: Target, drop: float, m: Measurement | None, size_bytes: int) -> dict[str, Budget]:
+    """Each of the target's budgets against what was measured (``drop``: how much worse than the original model
+    on the validation split, in the metric's units)."""
     b = target.budgets
     out: dict[str, Budget] = {}
-    if b.max_accuracy_drop is not None:
-        out["max_accuracy_drop"] = Budget(b.max_accuracy_drop, drop_points, drop_points <= b.max_accuracy_drop)
+    if b.metric_drop is not None:
+        out["max_metric_drop"] = Budget(b.metric_drop, drop, drop <= b.metric_drop)
     if m is not None and b.max_latency_ms is not None and not m.emulated:  # emulated latency proves function only
         out["max_latency_ms"] = Budget(b.max_latency_ms, m.p50_ms, m.p50_ms <= b.max_latency_ms)
     if m is not None and b.max_memory_mb is not None:

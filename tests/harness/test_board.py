@@ -75,7 +75,7 @@ def test_build_on_the_board_times_its_reference_there_and_keeps_emulated_latency
     assert lat["host"]["machine"] == "aarch64" and lat["host"]["emulated"] == "qemu-user"
     assert ref["host"] == lat["host"]  # the fp32 reference was timed on the same (emulated) board
     assert "max_latency_ms" not in mf["budgets"]  # an emulated figure is never checked against a latency budget
-    assert "max_accuracy_drop" in mf["budgets"]
+    assert "max_metric_drop" in mf["budgets"]
     report = (tmp_path / "dist" / "emuboard" / "report.html").read_text()
     assert "emulated by qemu-user: proves function, not speed" in report
 
