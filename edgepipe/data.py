@@ -419,7 +419,8 @@ def _from_arrays(name: str, arrays: dict[str, np.ndarray], inputs: list[TensorSp
     given = dict(arrays)
     found: dict[str, np.ndarray] = {}
     for t in inputs:
-        key = t.name if t.name in given else ("x" if len(inputs) == 1 and "x" in given else None)
+        aliases = [t.name] + (["x", "input"] if len(inputs) == 1 else [])
+        key = next((a for a in aliases if a in given), None)
         if key is None:
             spare = sorted(k for k in given if k not in ("y", *names))
             raise DataError(f"{where}: no array for the model's input {t.name!r} (its inputs: {', '.join(names)}); the "

@@ -27,7 +27,7 @@ from edgepipe._progress import NullReporter, Reporter
 from edgepipe.config import Target, load_target
 from edgepipe.config.recipe import Recipe
 from edgepipe.data import Dataset, Splits, load_data, split
-from edgepipe.errors import BackendUnavailable, ConfigError
+from edgepipe.errors import BackendUnavailable, ConfigError, EdgepipeError
 from edgepipe.harness import BenchSettings, Measurement
 from edgepipe.models import ModelSource, load_model
 from edgepipe.pipeline.cache import Cache
@@ -81,7 +81,7 @@ def resolve_targets(specs: list[str] | list[str | Target], input_shape: tuple[in
     for spec in specs:
         t = spec if isinstance(spec, Target) else load_target(spec)
         if input_shape is not None:
-            t = t.with_input_shape(tuple(input_shape))
+            t = t.with_input_shape(input_shape)
         backend = backends.get(t.backend)
         backend.validate(t)
         avail = backend.check_target(t)
@@ -118,7 +118,17 @@ def input_specs(source: ModelSource | None, target: Target) -> list[TensorSpec]:
             shapes = target.shapes(names)
             return [TensorSpec(n, shapes[n], "") for n in names]
         return [TensorSpec(n, v, "") for n, v in shape.items()]
-    return [TensorSpec("input", tuple(shape), "")]
+    name = "input"  # what a one-input module's ONNX input is called; its data may use the forward's name
+    if source is not None and source.module is not None:
+        from edgepipe.export import forward_input_names
+
+        names = []
+        with contextlib.suppress(EdgepipeError):
+            names = forward_input_names(source.module)
+        if len(names) > 1:
+            target.shapes(names)  # one shape for several inputs: refused, naming them
+        name = names[0] if names else name
+    return [TensorSpec(name, tuple(shape), "")]
 
 
 def data_splits(data: str, input_shape: tuple[int, ...] | list[TensorSpec], calibration_samples: int = 256,
@@ -295,10 +305,10 @@ def export(model: Compressed, target: Target, splits: Splits, workdir: Path, cac
     hit = cache.get("export", key)
     entry = hit
     if hit is None:
-        x = splits.validation.x
-        dtypes = {k: str(v.dtype) for k, v in x.items()} if isinstance(x, dict) else None
-        onnx = ex.export(model.module, target.input_shape, dest, dynamic_batch=target.dynamic_batch,
-                         **({"dtypes": dtypes} if dtypes else {}))
+        x = splits.validation.x  # the data's dtypes are the inputs' (int64 token ids stay integers)
+        names = list(target.input_shape) if isinstance(target.input_shape, dict) else ["input"]
+        dtypes = {k: str(v.dtype) for k, v in (x if isinstance(x, dict) else {names[0]: x}).items()}
+        onnx = ex.export(model.module, target.input_shape, dest, dynamic_batch=target.dynamic_batch, dtypes=dtypes)
         p = ex.parity(model.module, onnx, splits.validation.x)
         ex.check_parity(p, atol=parity_atol)
         record = {"parity": p.to_dict(), "opset": ex.DEFAULT_OPSET, "dynamic_batch": target.dynamic_batch}
