@@ -313,3 +313,53 @@ def test_cli_takes_named_shapes_and_a_metric_and_says_bad_ones_in_one_line(zoo, 
     r = cli("--input-shape", "1,3,8,8")
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 1 and len(errors) == 1 and "has 2 inputs (image, feats)" in errors[0], r.stderr
+
+
+def _dynamic_hw_onnx(path: Path) -> Path:
+    """An ONNX classifier whose height and width are dynamic (``h``, ``w``), as detectors ship."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    r = _rng()
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], r.standard_normal(108).astype(np.float32).tolist())
+    nodes = [helper.make_node("Conv", ["images", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["scores"])]
+    graph = helper.make_graph(nodes, "dyn", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                           ["batch", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 4])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_onnx_with_dynamic_height_and_width_is_built_and_benched_at_the_given_shape(tmp_path):
+    model = _dynamic_hw_onnx(tmp_path / "dyn.onnx")
+    r = _rng()
+    data = tmp_path / "imgs.npz"
+    np.savez(data, images=r.random((60, 3, 20, 24), dtype=np.float32), y=r.integers(0, 4, 60))
+    res = api.build(str(model), ["cpu-fp32"], out=tmp_path / "dist", data=str(data), input_shape=(1, 3, 20, 24),
+                    iterations=5)
+    m = res.results[0].manifest
+    assert m.signature["inputs"][0]["shape"] == ["batch", 3, "h", "w"] and m.latency["iterations"] == 5
+    assert m.accuracy.metric == "top1"
+
+
+def test_a_two_input_model_is_benched_with_every_input(zoo, tmp_path):
+    data = _image_vector_data(tmp_path / "iv.npz")
+    res = api.build("anymodels:image_and_vector", ["cpu-fp32"], out=tmp_path / "dist", data=str(data),
+                    input_shape=SHAPES, iterations=5)
+    m = res.results[0].manifest
+    assert m.latency["iterations"] == 5 and m.latency["p50_ms"] > 0 and m.reference_latency["p50_ms"] > 0
+
+
+def test_the_bench_worker_feeds_every_input_at_the_targets_shapes():
+    from edgepipe.harness.worker import feeds_for
+    from edgepipe.types import TensorSpec
+
+    inputs = [TensorSpec("images", ("batch", 3, "h", "w"), "tensor(float)"),
+              TensorSpec("tokens", ("batch", 16), "tensor(int64)")]
+    feeds = feeds_for(inputs, {"images": [1, 3, 320, 256], "tokens": [1, 16]}, batch=2, seed=0)
+    assert feeds["images"].shape == (2, 3, 320, 256) and feeds["images"].dtype == np.float32
+    assert feeds["tokens"].shape == (2, 16) and feeds["tokens"].dtype == np.int64 and not feeds["tokens"].any()
+    one = feeds_for([TensorSpec("x", ("batch", 1, "t"), "float32")], {"": [1, 1, 16000]}, batch=1, seed=0)
+    assert one["x"].shape == (1, 1, 16000)

@@ -27,6 +27,8 @@ class BenchSettings:
     duration_s: float | None = None  # time-boxed instead of a fixed count
     seed: int = 0
     timeout_s: float = 600.0
+    #: each input's shape (batch first) by name, ``""`` for a one-input model's; None: the model's static sizes
+    shapes: dict[str, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         import math
@@ -112,6 +114,8 @@ def _settings(artifact: Artifact, s: BenchSettings, eval_path: Path | str | None
         "threads": s.threads, "batch": s.batch, "warmup": s.warmup, "iterations": s.iterations,
         "duration_s": s.duration_s, "seed": s.seed,
     }
+    if s.shapes:
+        out["shapes"] = {k: list(v) for k, v in s.shapes.items()}
     if eval_path is not None:
         out["eval"] = {"path": str(eval_path), "logits": True}
     return out

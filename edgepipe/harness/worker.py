@@ -46,11 +46,33 @@ def _peak_rss_mb() -> float:
     return _status_mb("VmHWM")
 
 
-def _input(shape: tuple[Any, ...], batch: int, seed: int) -> np.ndarray:
-    dims = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in shape[1:]]
-    if isinstance(shape[0], int) and shape[0] > 0:
+def _input(shape: tuple[Any, ...], batch: int, seed: int, dtype: str = "float32",
+           given: list[int] | None = None) -> np.ndarray:
+    """One input's timing sample: the target's concrete shape where given (a model with dynamic height and
+    width gets the sizes it was built for), else the model's static sizes (1 for a dynamic one); random floats,
+    or zeros for integer inputs (token ids: index 0 is valid in any vocabulary)."""
+    if given:
+        dims = [batch, *[int(d) for d in given[1:]]]
+    else:
+        dims = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in shape[1:]]
+    if shape and isinstance(shape[0], int) and shape[0] > 0:
         dims[0] = shape[0]
-    return np.random.default_rng(seed).random(dims, dtype=np.float32)
+    kind = dtype.replace("tensor(", "").rstrip(")")
+    if kind in ("float", "float32", "float16", "double", "float64", "bfloat16", ""):
+        return np.random.default_rng(seed).random(dims, dtype=np.float32).astype(
+            np.float16 if kind == "float16" else np.float64 if kind in ("double", "float64") else np.float32)
+    if kind == "bool":
+        return np.zeros(dims, dtype=bool)
+    return np.zeros(dims, dtype=np.dtype(kind if kind.startswith(("int", "uint")) else "int64"))
+
+
+def feeds_for(inputs: list[Any], shapes: dict[str, list[int]] | None, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """A sample for every input of a runner (``inputs``: its TensorSpecs), at ``shapes`` (by input name; ``""``:
+    a one-input model's) where given."""
+    shapes = shapes or {}
+    return {spec.name: _input(tuple(spec.shape), batch, seed + i, str(spec.dtype),
+                              shapes.get(spec.name) or (shapes.get("") if len(inputs) == 1 else None))
+            for i, spec in enumerate(inputs)}
 
 
 #: the Python modules a backend's runtime can be imported from (any one will do)
@@ -135,9 +157,8 @@ def measure(settings: dict[str, Any]) -> dict[str, Any]:
                         [Path(p) for p in settings.get("files", [])] or [], settings.get("metadata", {}))
     t0 = time.perf_counter()
     runner = backend.load(artifact, settings.get("threads"))
-    spec = runner.inputs[0]
-    x = _input(spec.shape, settings.get("batch", 1), settings.get("seed", 0))
-    feeds = {spec.name: x}
+    feeds = feeds_for(runner.inputs, settings.get("shapes"), settings.get("batch", 1), settings.get("seed", 0))
+    x = next(iter(feeds.values()))
     runner(feeds)
     load_ms = (time.perf_counter() - t0) * 1e3
     _partial("loaded", load_ms=load_ms, host=host_info())

@@ -626,8 +626,13 @@ def evaluate(artifact: Artifact, target: Target, splits: Splits, cache: Cache, r
 
 
 def bench_settings(target: Target, iterations: int | None = None) -> BenchSettings:
+    """How the target's artifacts are timed: its runtime settings, and its input shapes where they are not the
+    one-input default (a model with dynamic dimensions is timed at the sizes it was built for)."""
     r = target.runtime
-    return BenchSettings(threads=r.threads, batch=r.batch, warmup=r.warmup, iterations=iterations or r.iterations)
+    shape = target.input_shape
+    shapes = dict(shape) if isinstance(shape, dict) else {"": tuple(shape)}
+    return BenchSettings(threads=r.threads, batch=r.batch, warmup=r.warmup, iterations=iterations or r.iterations,
+                         shapes=shapes)
 
 
 #: held around every measurement; the process pool sets it to a lock its workers share, so a machine
