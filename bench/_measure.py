@@ -96,7 +96,7 @@ class Built:
     @property
     def top1(self) -> float | None:
         """Top-1 on the held-out test split (``None`` when not evaluated)."""
-        return self.evaluation.test_top1 if self.evaluation else None
+        return self.evaluation.test / 100 if self.evaluation else None
 
     @property
     def compile_seconds(self) -> float:
@@ -203,7 +203,7 @@ class Workspace:
         path = onnx.path if isinstance(onnx, OnnxModel) else Path(onnx)
         shape = tuple(splits.test.x.shape[1:])
         ref = target("onnx-reference", "onnxruntime", "fp32", (1, *shape), runtime={"threads": threads})
-        return self.evaluate(Artifact("onnxruntime", "fp32", path), ref, splits).test_top1
+        return self.evaluate(Artifact("onnxruntime", "fp32", path), ref, splits).test / 100
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def main() -> None:
             settings = BenchSettings(threads=t.runtime.threads, warmup=20, iterations=args.iterations)
             subjects += [Subject((t.name, "chosen"), chosen, settings, group=t.name),
                          Subject((t.name, "vendor"), vendor, settings, group=t.name)]
-            rows[t.name] = (m, o.chosen.candidate.label if o.chosen else "", ev.test_top1, vendor.size_bytes)
+            rows[t.name] = (m, o.chosen.candidate.label if o.chosen else "", ev.test / 100, vendor.size_bytes)
         r = interleave(subjects, args.rounds)
         print(f"\nrelease choice vs vendor default int8, batch 1, median of {args.rounds} interleaved rounds "
               f"({rel.wall_seconds:.0f} s release, {rel.stages_cached}/{rel.stages_total} stages cached)")
@@ -107,13 +107,13 @@ def main() -> None:
         for name, (m, label, vendor_top1, vendor_size) in rows.items():
             sp_ratio = r.ratio((name, "vendor"), (name, "chosen"))
             acc = m.accuracy
-            ok = sp_ratio.median >= 1.5 and acc.drop_points <= 1.0
+            ok = sp_ratio.median >= 1.5 and acc.drop <= 1.0
             assert m.artifact is not None
             print(f"{name:15s} {label[:52]:52s} {r.median((name, 'chosen')):7.3f} {r.median((name, 'vendor')):9.3f} "
-                  f"{sp_ratio.median:5.2f}x ({sp_ratio.min:.2f}-{sp_ratio.max:.2f}) {acc.top1:7.2%} {vendor_top1:7.2%} "
-                  f"{acc.reference_top1:7.2%} {acc.drop_points:+6.2f} {m.artifact.size_bytes / 1024:5.0f} "
+                  f"{sp_ratio.median:5.2f}x ({sp_ratio.min:.2f}-{sp_ratio.max:.2f}) {acc.value / 100:7.2%} {vendor_top1:7.2%} "
+                  f"{acc.reference / 100:7.2%} {acc.drop:+6.2f} {m.artifact.size_bytes / 1024:5.0f} "
                   f"{vendor_size / 1024:6.0f}  {'met' if ok else 'MISSED'}")
-            results[name] = {"speedup": sp_ratio.median, "drop_points": acc.drop_points, "goal_met": ok}
+            results[name] = {"speedup": sp_ratio.median, "drop_points": acc.drop, "goal_met": ok}
         print(json.dumps(results))
 
 

@@ -62,8 +62,8 @@ def main() -> int:
             assert stand_in is not None
             # the graph on onnxruntime's CPU provider; and the engine itself where this machine runs it
             graph = target(f"{t.name}-graph", "onnxruntime", precision, t.input_shape)
-            acc = ws.evaluate(stand_in.artifact, graph, sp).test_top1
-            engine_acc = ws.evaluate(b.artifact, t, sp).test_top1 if avail.run else None
+            acc = ws.evaluate(stand_in.artifact, graph, sp).test / 100
+            engine_acc = ws.evaluate(b.artifact, t, sp).test / 100 if avail.run else None
             size = (b.artifact.path.parent / b.artifact.metadata["onnx"]).stat().st_size
             rows.append((precision, method, acc, engine_acc, size, b))
             ok &= fp32 - acc <= 0.01 and (engine_acc is None or fp32 - engine_acc <= 0.01)
