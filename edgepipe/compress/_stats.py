@@ -46,18 +46,19 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def top1(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
-    was_training = model.training
-    model.eval()
+    """Top-1 (0..1) of a torch classifier on ``x`` against ``y``: the metric registry's ``top1`` as a fraction."""
+    from edgepipe import metrics
     from edgepipe.data import check_labels
 
-    correct = 0
-    for i in range(0, len(x), batch):
-        logits = model(torch.from_numpy(x[i : i + batch]))
-        if i == 0:
-            check_labels(y, logits.reshape(len(logits), -1).shape[1], "the data's labels")
-        correct += int((logits.argmax(1).numpy() == y[i : i + batch]).sum())
-    model.train(was_training)
-    return correct / len(x)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = np.concatenate([model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
+    finally:
+        model.train(was_training)
+    logits = logits.reshape(len(logits), -1)
+    check_labels(y, logits.shape[1], "the data's labels")
+    return metrics.score("top1", [logits], {"y": y}) / 100.0
 
 
 def stats(model: nn.Module, example: torch.Tensor, x: np.ndarray, y: np.ndarray) -> ModelStats:

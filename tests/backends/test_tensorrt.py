@@ -367,7 +367,7 @@ def test_build_releases_a_bundle_evaluated_through_its_onnx(example_onnx, tmp_pa
     result = api.build(str(example_onnx.path), ["jetson-orin-nano-int8"], out=tmp_path / "dist", iterations=5)
     r = result.results[0]
     m = r.manifest
-    assert m.accuracy.drop_points <= 1.0 and m.accuracy.validation_drop_points <= 1.0
+    assert m.accuracy.drop <= 1.0 and m.accuracy.validation_drop <= 1.0
     assert "onnxruntime (CPU)" in m.accuracy.evaluated_on
     assert m.latency is None and "edgepipe engine build" in m.bench_skipped
     assert m.artifact.file == BUNDLE_MANIFEST

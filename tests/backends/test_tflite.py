@@ -235,7 +235,7 @@ def test_gpu_fp16_target_builds_and_records_what_the_board_runs(toolchain, tmp_p
     assert board["runtime"] == "ai-edge-litert" and board["delegate"] == "gpu" and board["threads"] == 4
     assert "CPU" in m["artifact"]["metadata"]["evaluated_here_on"]
     acc = result.results[0].manifest.accuracy
-    assert acc.drop_points <= 0.5 and acc.validation_drop_points <= 0.5
+    assert acc.drop <= 0.5 and acc.validation_drop <= 0.5
     (row,) = [r for r in api.targets() if r.name == "arm64-gpu-fp16"]
     assert row.can_compile and not row.can_run and "GPU delegate" in row.reason
 
@@ -259,5 +259,5 @@ def test_int8_over_the_accuracy_budget_fails_the_build(toolchain, tmp_path):
     assert not (tmp_path / "dist" / "t").exists()
     result = api.build(None, [str(tmp_path / "t.toml")], out=tmp_path / "dist", data=str(tmp_path / "dim.npz"),
                        bench=False, allow_accuracy_drop=True)  # compile comes from the cache
-    budget = result.results[0].manifest.budgets["max_accuracy_drop"]
+    budget = result.results[0].manifest.budgets["max_metric_drop"]
     assert budget.ok is False and budget.value > 1.0
