@@ -130,7 +130,7 @@ def test_nchw_batches_give_the_same_predictions_as_onnxruntime(precision, conver
     agree = (whole.argmax(1) == reference[:64].argmax(1)).mean()
     assert agree == 1.0 if precision == "fp32" else agree >= 0.98
     with pytest.raises(ValueError, match="NCHW"):
-        runner({"x": x.transpose(0, 2, 3, 1)})  # NHWC in: refused, not silently misread
+        runner({runner.inputs[0].name: x.transpose(0, 2, 3, 1)})  # NHWC in: refused, not silently misread
 
 
 def test_bench_worker_loads_only_the_runtime(converted):

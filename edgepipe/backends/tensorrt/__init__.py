@@ -30,40 +30,63 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from edgepipe._fs import atomic_path, write_text_atomic
 from edgepipe._hashing import sha256_file
 from edgepipe.backends import register
-from edgepipe.backends.base import Availability, Backend, Capabilities
+from edgepipe.backends.base import Availability, Backend, Capabilities, calibration_feeds, signature_of
 from edgepipe.backends.tensorrt import modelopt as modelopt
 from edgepipe.backends.tensorrt import preflight as preflight
-from edgepipe.backends.tensorrt.engine import EnginePlan, TrtRunner, build_engine, runtime_problem
+from edgepipe.backends.tensorrt.engine import (
+    EnginePlan,
+    InputProfile,
+    TrtRunner,
+    build_engine,
+    runtime_problem,
+)
 from edgepipe.config import Target, load_target
 from edgepipe.config.options import TrtOptions
 from edgepipe.errors import BackendUnavailable, CompileError, ConfigError
-from edgepipe.types import Artifact, CalibrationSet, OnnxModel, StandIn
+from edgepipe.types import Artifact, CalibrationSet, OnnxModel, Signature, StandIn, TensorSpec
 
 BUNDLE_MANIFEST = "tensorrt-bundle.json"
 BUNDLE_SCHEMA = 1
 _METHODS = {"minmax": "max", "entropy": "entropy"}  # edgepipe name -> modelopt name
 
 
-def plan_for(target: Target, opts: TrtOptions, input_name: str, onnx_shape: tuple[Any, ...]) -> EnginePlan:
-    """The engine build plan for ``target``: shapes of the optimization profile, pools, DLA, typing."""
-    chw = tuple(int(d) for d in target.input_shape[1:])
-    batch = onnx_shape[0] if onnx_shape else None
-    dynamic = not (isinstance(batch, int) and batch > 0)
+def plan_for(target: Target, opts: TrtOptions, inputs: str | Sequence[TensorSpec],
+             onnx_shape: tuple[Any, ...] | None = None) -> EnginePlan:
+    """The engine build plan for ``target``: shapes of the optimization profile, pools, DLA, typing.
+
+    Args:
+        inputs: the model's inputs (a profile each, shapes beyond the batch from ``target.shapes``), or a
+            one-input model's input name, with ``onnx_shape`` its ONNX shape (shapes from the target's one
+            ``input_shape``).
+    """
+    if isinstance(inputs, str):
+        specs = [TensorSpec(inputs, tuple(onnx_shape or ()), "float32")]
+        rest = {inputs: tuple(int(d) for d in target.chw)}
+    elif len(inputs) == 1:
+        specs = list(inputs)
+        rest = {specs[0].name: tuple(int(d) for d in target.chw)}
+    else:
+        specs = list(inputs)
+        rest = {n: tuple(int(d) for d in shape[1:]) for n, shape in target.shapes([t.name for t in specs]).items()}
+    batches = {t.shape[0] if t.shape else None for t in specs}
+    dynamic = any(not (isinstance(b, int) and b > 0) for b in batches)
     if dynamic:
         opt = opts.opt_batch or min(max(target.runtime.batch, opts.min_batch), opts.max_batch)
-        shapes = [(opts.min_batch, *chw), (opt, *chw), (opts.max_batch, *chw)]
+        profiles = tuple(InputProfile(t.name, (opts.min_batch, *rest[t.name]), (opt, *rest[t.name]),
+                                      (opts.max_batch, *rest[t.name])) for t in specs)
     else:
-        shapes = [(int(batch), *chw)] * 3  # type: ignore[arg-type]
+        profiles = tuple(InputProfile(t.name, *[(int(t.shape[0]), *rest[t.name])] * 3)  # type: ignore[arg-type]
+                         for t in specs)
     name = f"model.{target.precision}"
     return EnginePlan(onnx=f"{name}.onnx", engine=f"{name}.engine", precision=target.precision,
-                      input_name=input_name, min_shape=shapes[0], opt_shape=shapes[1], max_shape=shapes[2],
-                      dynamic=dynamic, typing=opts.typing, workspace_mb=opts.workspace_mb,
+                      profiles=profiles, dynamic=dynamic, typing=opts.typing, workspace_mb=opts.workspace_mb,
                       dla_core=opts.dla_core, gpu_fallback=opts.gpu_fallback,
                       optimization_level=opts.optimization_level)
 
@@ -132,16 +155,25 @@ class TensorRTBackend(Backend):
             raise ConfigError(f"target {target.name!r}: runtime.batch = {target.runtime.batch} is above "
                               f"options.max_batch = {opts.max_batch}; the engine could not run it")
 
+    def check_signature(self, signature: Signature, target: Target) -> None:
+        """The optimization profile needs every input's shape: with several inputs, the target must give one
+        per input name (``input_shape = { name = [...] }``)."""
+        if len(signature.inputs) > 1:
+            target.shapes(signature.input_names)
+
     def _compile(self, onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path) -> Artifact:
         import onnx as onnx_lib
         import tomli_w
 
         opts: TrtOptions = self.options(target)
-        plan = plan_for(target, opts, onnx.input_name, onnx.input_shape)
+        signature = signature_of(onnx)
+        one = len(signature.inputs) == 1
+        plan = plan_for(target, opts, onnx.input_name, onnx.input_shape) if one else \
+            plan_for(target, opts, signature.inputs)
         preflight.check(onnx_lib.load(str(onnx.path)), f"{onnx.path.name}")
         quantization: dict[str, Any] = {"precision": target.precision}
-        model = self._precision_graph(onnx, target.precision, calibration, target.calibration.method, opts,
-                                      target.calibration.keep_float)
+        model = self._precision_graph(onnx, signature, target.precision, calibration, target.calibration.method,
+                                      opts, target.calibration.keep_float)
         if target.precision == "int8":
             quantization.update({
                 "tool": "nvidia-modelopt ONNX PTQ (modelopt.onnx.quantization), onnxruntime CPU calibration",
@@ -168,6 +200,10 @@ class TensorRTBackend(Backend):
             "precision": target.precision,
             "onnx": {"file": plan.onnx, "sha256": sha256_file(onnx_path), "bytes": onnx_path.stat().st_size},
             "input": {"name": onnx.input_name, "shape": list(onnx.input_shape)},
+            # several inputs or outputs: each, in the ONNX model's order (a one-input, one-output bundle is as
+            # bundles always were)
+            **({"inputs": [t.to_dict() for t in signature.inputs]} if not one else {}),
+            **({"outputs": signature.output_names} if len(signature.outputs) > 1 else {}),
             "plan": plan.to_dict(),
             "quantization": quantization,
             "qdq": preflight.describe(model) if target.precision == "int8" else None,
@@ -187,12 +223,13 @@ class TensorRTBackend(Backend):
             path = workdir / plan.engine
         write_text_atomic(workdir / BUNDLE_MANIFEST, json.dumps(manifest, indent=2) + "\n")
         metadata = {"bundle": BUNDLE_MANIFEST, "onnx": plan.onnx, "plan": plan.to_dict(),
-                    "quantization": quantization, "qdq": manifest["qdq"], "engine": manifest["engine"]}
+                    "quantization": quantization, "qdq": manifest["qdq"], "engine": manifest["engine"],
+                    **({"outputs": signature.output_names} if len(signature.outputs) > 1 else {})}
         return Artifact(self.name, target.precision, path, files, metadata)
 
     @staticmethod
-    def _precision_graph(onnx: OnnxModel, precision: str, calibration: CalibrationSet, method: str,
-                         opts: TrtOptions, keep_float: tuple[str, ...] = ()) -> Any:
+    def _precision_graph(onnx: OnnxModel, signature: Signature, precision: str, calibration: CalibrationSet,
+                         method: str, opts: TrtOptions, keep_float: tuple[str, ...] = ()) -> Any:
         """The graph with the precision in it: Q/DQ int8, AutoCast fp16, or the fp32 export as it is."""
         import onnx as onnx_lib
 
@@ -200,7 +237,7 @@ class TensorRTBackend(Backend):
             return onnx_lib.load(str(onnx.path))
         with tempfile.TemporaryDirectory(prefix="edgepipe-trt-") as tmp:
             out = Path(tmp) / "converted.onnx"
-            modelopt.convert(precision, onnx.path, out, onnx.input_name, calibration.x,
+            modelopt.convert(precision, onnx.path, out, calibration_feeds(signature.inputs, calibration),
                              method=_METHODS[method], high_precision=opts.high_precision, keep_float=keep_float)
             return onnx_lib.load(str(out))
 
@@ -232,14 +269,15 @@ class TensorRTBackend(Backend):
         self.require("run")
         path = Path(artifact.path)
         plan = artifact.metadata.get("plan")
+        outputs = artifact.metadata.get("outputs")
         if path.name.endswith(BUNDLE_MANIFEST):
             root, manifest = read_bundle(path)
-            plan = manifest["plan"]
+            plan, outputs = manifest["plan"], manifest.get("outputs")
             if not manifest.get("engine"):
                 raise BackendUnavailable(f"bundle {str(root)!r} has no engine yet: run `edgepipe engine build "
                                          f"{root}` on this machine first")
             path = root / manifest["engine"]["file"]
-        return TrtRunner(path, plan.get("dla_core") if plan else None)
+        return TrtRunner(path, plan.get("dla_core") if plan else None, outputs)
 
 
 def build_bundle_engine(bundle: Path, out: Path | None = None) -> dict[str, Any]:
@@ -261,7 +299,10 @@ def build_bundle_engine(bundle: Path, out: Path | None = None) -> dict[str, Any]
     backend = TensorRTBackend()
     backend.validate(target)
     opts: TrtOptions = backend.options(target)
-    plan = plan_for(target, opts, manifest["input"]["name"], tuple(manifest["input"]["shape"]))
+    if "inputs" in manifest:
+        plan = plan_for(target, opts, [TensorSpec.from_dict(t) for t in manifest["inputs"]])
+    else:
+        plan = plan_for(target, opts, manifest["input"]["name"], tuple(manifest["input"]["shape"]))
     problem = runtime_problem()
     if problem:
         raise BackendUnavailable(f"cannot build a TensorRT engine here: {problem}; run `edgepipe engine build` "

@@ -26,8 +26,26 @@ from typing import Any
 import numpy as np
 
 from edgepipe._fs import write_bytes_atomic
+from edgepipe.backends.base import check_feeds
 from edgepipe.errors import BackendUnavailable, BenchmarkError, CompileError
 from edgepipe.types import TensorSpec
+
+
+@dataclass(frozen=True)
+class InputProfile:
+    """One input's shapes in the engine's optimization profile (the batch varies; the rest is fixed)."""
+
+    name: str
+    min_shape: tuple[int, ...]
+    opt_shape: tuple[int, ...]
+    max_shape: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputProfile:
+        return cls(str(d["name"]), tuple(d["min_shape"]), tuple(d["opt_shape"]), tuple(d["max_shape"]))
+
+
+_SHAPES = ("input_name", "min_shape", "opt_shape", "max_shape")  # a one-input plan's keys, as bundles record them
 
 
 @dataclass(frozen=True)
@@ -38,11 +56,8 @@ class EnginePlan:
     onnx: str  # file names, relative to the bundle directory
     engine: str
     precision: str
-    input_name: str
-    min_shape: tuple[int, ...]
-    opt_shape: tuple[int, ...]
-    max_shape: tuple[int, ...]
-    dynamic: bool  # False: the ONNX input is static and no optimization profile is needed
+    profiles: tuple[InputProfile, ...]  # one per ONNX input, in the model's order
+    dynamic: bool  # False: the ONNX inputs are static and no optimization profile is needed
     typing: str = "strong"
     workspace_mb: int = 1024
     dla_core: int | None = None
@@ -50,15 +65,46 @@ class EnginePlan:
     optimization_level: int = 3
     timing_cache: str = "timing.cache"
 
+    # the first (a one-input model's only) input's profile, under the names plans have always had
+    @property
+    def input_name(self) -> str:
+        return self.profiles[0].name
+
+    @property
+    def min_shape(self) -> tuple[int, ...]:
+        return self.profiles[0].min_shape
+
+    @property
+    def opt_shape(self) -> tuple[int, ...]:
+        return self.profiles[0].opt_shape
+
+    @property
+    def max_shape(self) -> tuple[int, ...]:
+        return self.profiles[0].max_shape
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As a dict: a one-input plan as plans have always been written (``input_name``, ``min_shape``, ...),
+        so its bundle is byte for byte what it was; several inputs as ``inputs``, a list of profiles."""
+        d = asdict(self)
+        profiles = d.pop("profiles")
+        head = {k: d.pop(k) for k in ("onnx", "engine", "precision")}
+        if len(profiles) == 1:
+            p = profiles[0]
+            shapes: dict[str, Any] = {"input_name": p["name"], "min_shape": p["min_shape"],
+                                      "opt_shape": p["opt_shape"], "max_shape": p["max_shape"]}
+        else:
+            shapes = {"inputs": profiles}
+        return {**head, **shapes, **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EnginePlan:
         d = dict(d)
-        for k in ("min_shape", "opt_shape", "max_shape"):
-            d[k] = tuple(d[k])
-        return cls(**d)
+        if "inputs" in d:
+            profiles = tuple(InputProfile.from_dict(p) for p in d.pop("inputs"))
+        else:
+            name, lo, opt, hi = (d.pop(k) for k in _SHAPES)
+            profiles = (InputProfile(name, tuple(lo), tuple(opt), tuple(hi)),)
+        return cls(profiles=profiles, **d)
 
     def trtexec_argv(self) -> list[str]:
         """The ``trtexec`` command that builds the same engine (run inside the bundle directory)."""
@@ -67,11 +113,12 @@ class EnginePlan:
             argv.append("--stronglyTyped")
         else:
             argv += {"fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}.get(self.precision, [])
-        if self.dynamic:
-            dims = lambda s: "x".join(map(str, s))  # noqa: E731
-            argv += [f"--minShapes={self.input_name}:{dims(self.min_shape)}",
-                     f"--optShapes={self.input_name}:{dims(self.opt_shape)}",
-                     f"--maxShapes={self.input_name}:{dims(self.max_shape)}"]
+        if self.dynamic:  # --minShapes=a:1x3x8x8,b:1x4 (every input, in the model's order)
+            def shapes(which: str) -> str:
+                return ",".join(f"{p.name}:{'x'.join(map(str, getattr(p, which)))}" for p in self.profiles)
+
+            argv += [f"--minShapes={shapes('min_shape')}", f"--optShapes={shapes('opt_shape')}",
+                     f"--maxShapes={shapes('max_shape')}"]
         argv += [f"--memPoolSize=workspace:{self.workspace_mb}M",
                  f"--builderOptimizationLevel={self.optimization_level}",
                  f"--timingCacheFile={self.timing_cache}"]
@@ -199,10 +246,16 @@ def build_engine(onnx_path: Path, plan: EnginePlan, engine_path: Path, timing_ca
             config.set_flag(trt.BuilderFlag.FP16)
         if plan.precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
-    inp = network.get_input(0)
-    if plan.dynamic or any(d < 0 for d in inp.shape):
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    if plan.dynamic or any(d < 0 for inp in inputs for d in inp.shape):
         profile = builder.create_optimization_profile()
-        profile.set_shape(inp.name, plan.min_shape, plan.opt_shape, plan.max_shape)
+        by_name = {p.name: p for p in plan.profiles}
+        for inp in inputs:  # one profile entry per input
+            p = by_name.get(inp.name)
+            if p is None:
+                raise CompileError(f"{onnx_path.name}: TensorRT's network has input {inp.name!r}, which the build "
+                                   f"plan has no shapes for (it has {', '.join(by_name)}); recompile the bundle")
+            profile.set_shape(inp.name, p.min_shape, p.opt_shape, p.max_shape)
         config.add_optimization_profile(profile)
     if plan.dla_core is not None:
         if builder.num_DLA_cores <= plan.dla_core:
@@ -349,15 +402,16 @@ def _cuda() -> _CudaPython | _TorchCuda:
 
 
 class TrtRunner:
-    """A deserialized engine with device buffers sized for its largest profile shape.
+    """A deserialized engine with device buffers sized for its largest profile shapes.
 
-    Each call copies the input to the GPU, enqueues the engine, copies the outputs back and synchronises
+    Each call copies every input to the GPU, enqueues the engine, copies every output back and synchronises
     the stream, so a wall-clock timing of a call is the complete host latency (like trtexec's "Host
     Latency"). Batches above the profile's maximum are run in chunks; a static-batch engine gets its last
-    short chunk padded.
+    short chunk padded. Outputs come back in the ONNX model's order (``output_names``, when the bundle
+    recorded them; else the engine's, which is the order TensorRT's ONNX parser marked them in).
     """
 
-    def __init__(self, engine_path: Path, dla_core: int | None = None) -> None:
+    def __init__(self, engine_path: Path, dla_core: int | None = None, output_names: list[str] | None = None) -> None:
         require_runtime("run a TensorRT engine")
         import tensorrt as trt
 
@@ -378,20 +432,22 @@ class TrtRunner:
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self._inputs = [n for n in names if is_input[n]]
         self._outputs = [n for n in names if not is_input[n]]
-        if len(self._inputs) != 1:
-            raise BenchmarkError(f"{Path(engine_path).name}: edgepipe runs one-input engines; this one has "
-                                 f"{len(self._inputs)}")
+        if output_names and sorted(output_names) == sorted(self._outputs):
+            self._outputs = list(output_names)
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        name = self._inputs[0]
-        shape = tuple(self.engine.get_tensor_shape(name))
-        if shape[0] < 0:
-            lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+        shapes = {n: tuple(self.engine.get_tensor_shape(n)) for n in self._inputs}
+        first = shapes[self._inputs[0]]
+        if first[0] < 0:  # every input shares the batch dimension; the first one's profile bounds it
+            lo, _, hi = self.engine.get_tensor_profile_shape(self._inputs[0], 0)
             self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         else:
-            self.min_batch = self.max_batch = int(shape[0])
-        self.sample_shape = shape[1:]
-        self.inputs = [TensorSpec(name, (None if shape[0] < 0 else shape[0], *shape[1:]), "tensor(float)")]
-        self.context.set_input_shape(name, (self.max_batch, *self.sample_shape))
+            self.min_batch = self.max_batch = int(first[0])
+        self.sample_shapes = {n: shp[1:] for n, shp in shapes.items()}
+        self.sample_shape = self.sample_shapes[self._inputs[0]]
+        self.inputs = [TensorSpec(n, (None if shp[0] < 0 else shp[0], *shp[1:]), self.dtypes[n].name)
+                       for n, shp in shapes.items()]
+        for n in self._inputs:
+            self.context.set_input_shape(n, (self.max_batch, *self.sample_shapes[n]))
         self._buffers: dict[str, Any] = {}
         for n in names:
             nbytes = int(np.prod(tuple(self.context.get_tensor_shape(n)))) * self.dtypes[n].itemsize
@@ -407,10 +463,10 @@ class TrtRunner:
         """
         return self._device_mb
 
-    def _run(self, x: np.ndarray) -> list[np.ndarray]:
-        name = self._inputs[0]
-        self.context.set_input_shape(name, x.shape)
-        self.cuda.htod(self._buffers[name], x)
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        for name, x in feeds.items():
+            self.context.set_input_shape(name, x.shape)
+            self.cuda.htod(self._buffers[name], x)
         if not self.context.execute_async_v3(self.cuda.handle):
             raise BenchmarkError("TensorRT execute_async_v3 failed; its log above says why")
         outs = [np.empty(tuple(self.context.get_tensor_shape(n)), self.dtypes[n]) for n in self._outputs]
@@ -420,17 +476,24 @@ class TrtRunner:
         return outs
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        x = np.ascontiguousarray(feeds[self._inputs[0]], dtype=self.dtypes[self._inputs[0]])
+        check_feeds(self.inputs, feeds)
+        xs = {n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self._inputs}
+        total = len(xs[self._inputs[0]])
         chunks: list[list[np.ndarray]] = []
-        for i in range(0, len(x), self.max_batch):
-            part = x[i : i + self.max_batch]
-            n = len(part)
+        for i in range(0, total, self.max_batch):
+            parts = {k: x[i : i + self.max_batch] for k, x in xs.items()}
+            n = len(parts[self._inputs[0]])
             if n < self.min_batch:
-                part = np.concatenate([part, np.repeat(part[-1:], self.min_batch - n, axis=0)])
-            chunks.append([o[:n] for o in self._run(np.ascontiguousarray(part))])
-        return [np.concatenate([c[k] for c in chunks]).astype(np.float32, copy=False) for k in range(len(chunks[0]))]
+                parts = {k: np.concatenate([p, np.repeat(p[-1:], self.min_batch - n, axis=0)]) for k, p in parts.items()}
+            chunks.append([o[:n] for o in self._run({k: np.ascontiguousarray(p) for k, p in parts.items()})])
+        return [_host_output(np.concatenate([c[k] for c in chunks])) for k in range(len(chunks[0]))]
 
     def __del__(self) -> None:
         for buf in getattr(self, "_buffers", {}).values():
             with contextlib.suppress(Exception):  # at interpreter shutdown the driver frees it anyway
                 self.cuda.free(buf)
+
+
+def _host_output(a: np.ndarray) -> np.ndarray:
+    """An output as the pipeline takes it: float outputs (fp16 too) as float32, integer ones as they are."""
+    return a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a

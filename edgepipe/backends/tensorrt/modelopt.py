@@ -32,23 +32,23 @@ def _drop_unused_initializers(model: Any) -> None:
     model.graph.initializer.extend(keep)
 
 
-def _int8(spec: dict[str, Any], x: np.ndarray) -> Any:
+def _int8(spec: dict[str, Any], feeds: dict[str, np.ndarray]) -> Any:
     import onnx
     from modelopt.onnx.quantization import quantize
 
     out = Path(spec["workdir"]) / "model.qdq.onnx"
-    quantize(onnx_path=spec["src"], quantize_mode="int8", calibration_data={spec["input_name"]: x},
+    quantize(onnx_path=spec["src"], quantize_mode="int8", calibration_data=feeds,
              calibration_method=spec["method"], calibration_eps=["cpu"], output_path=str(out),
              high_precision_dtype=spec["high_precision"], dq_only=True, log_level="ERROR",
              nodes_to_exclude=[f"^{re.escape(n)}$" for n in spec.get("keep_float", [])] or None)
     return onnx.load(str(out))
 
 
-def _fp16(spec: dict[str, Any], x: np.ndarray) -> Any:
+def _fp16(spec: dict[str, Any], feeds: dict[str, np.ndarray]) -> Any:
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
     data = Path(spec["workdir"]) / "calibration.npz"
-    np.savez(data, **{spec["input_name"]: x[:64]})
+    np.savez(data, **{k: v[:64] for k, v in feeds.items()})
     return convert_to_mixed_precision(onnx_path=spec["src"], low_precision_type="fp16", keep_io_types=True,
                                       calibration_data=str(data))
 
@@ -58,24 +58,27 @@ def _child(spec: dict[str, Any]) -> None:
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
-    x = np.load(spec["calibration"])
+    with np.load(spec["calibration"], allow_pickle=False) as data:
+        feeds = {k: data[k] for k in spec["inputs"]}
     with contextlib.redirect_stdout(io.StringIO()):
-        model = _int8(spec, x) if spec["mode"] == "int8" else _fp16(spec, x)
+        model = _int8(spec, feeds) if spec["mode"] == "int8" else _fp16(spec, feeds)
     _drop_unused_initializers(model)
     onnx.save(model, spec["out"])
 
 
-def convert(mode: str, src: Path, out: Path, input_name: str, x: np.ndarray, *, method: str = "max",
+def convert(mode: str, src: Path, out: Path, feeds: dict[str, np.ndarray], *, method: str = "max",
             high_precision: str = "fp16", keep_float: tuple[str, ...] = (), timeout_s: float = 1800) -> None:
-    """Write ``src`` converted by modelopt to ``out``: ``mode`` "int8" (Q/DQ PTQ) or "fp16" (AutoCast)."""
+    """Write ``src`` converted by modelopt to ``out``: ``mode`` "int8" (Q/DQ PTQ) or "fp16" (AutoCast).
+
+    ``feeds``: calibration samples of every input, by name, in its dtype (integer ids as they are)."""
     what = "int8 calibration (nvidia-modelopt ONNX PTQ)" if mode == "int8" else "fp16 conversion (nvidia-modelopt AutoCast)"
     with tempfile.TemporaryDirectory(prefix="edgepipe-modelopt-") as tmp:
         work = Path(tmp)
         model = work / "model.onnx"  # modelopt writes intermediate files beside its input: keep them in tmp
         model.write_bytes(Path(src).read_bytes())
-        np.save(work / "calibration.npy", np.ascontiguousarray(x, dtype=np.float32))
-        spec = {"mode": mode, "src": str(model), "out": str(out), "input_name": input_name,
-                "calibration": str(work / "calibration.npy"), "method": method,
+        np.savez(work / "calibration.npz", **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        spec = {"mode": mode, "src": str(model), "out": str(out), "inputs": list(feeds),
+                "calibration": str(work / "calibration.npz"), "method": method,
                 "high_precision": high_precision, "keep_float": list(keep_float), "workdir": tmp}
         (work / "spec.json").write_text(json.dumps(spec))
         env = dict(os.environ)
