@@ -363,3 +363,17 @@ def test_the_bench_worker_feeds_every_input_at_the_targets_shapes():
     assert feeds["tokens"].shape == (2, 16) and feeds["tokens"].dtype == np.int64 and not feeds["tokens"].any()
     one = feeds_for([TensorSpec("x", ("batch", 1, "t"), "float32")], {"": [1, 1, 16000]}, batch=1, seed=0)
     assert one["x"].shape == (1, 1, 16000)
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_takes_a_sample_count_that_is_no_multiple_of_the_batch(method, example_onnx, splits,
+                                                                                     tmp_path):
+    """onnxruntime's histogram collectors stack every batch: a short last batch (50 = 32 + 18) broke them."""
+    from edgepipe import backends
+    from edgepipe.config import target_from_dict
+    from edgepipe.types import CalibrationSet
+
+    t = target_from_dict({"name": "t", "backend": "onnxruntime", "precision": "int8",
+                          "calibration": {"method": method, "samples": 50}}, "test")
+    art = backends.get("onnxruntime").compile(example_onnx, t, CalibrationSet(splits.calibration.x[:50]), tmp_path)
+    assert art.precision == "int8" and art.metadata["calibration"]["samples"] == 50

@@ -106,6 +106,9 @@ class _FeedsReader:
 
     def __init__(self, feeds: dict[str, np.ndarray], batch: int) -> None:
         n = len(next(iter(feeds.values()))) if feeds else 0
+        # batches of one size: onnxruntime's percentile and entropy collectors stack every batch's tensors and
+        # fail on a short last batch ("inhomogeneous shape"), so take the largest size <= batch that divides n
+        batch = max((d for d in range(1, max(batch, 1) + 1) if n % d == 0), default=1)
         self._it = iter([{k: v[i : i + batch] for k, v in feeds.items()} for i in range(0, n, batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
