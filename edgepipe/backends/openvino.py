@@ -228,7 +228,7 @@ class OpenVinoBackend(Backend):
                         f"target {target.name!r}: options.{key} applies to int8 only, and this target is "
                         f"{target.precision}; remove it or set precision = 'int8'"
                     )
-        if opts.accuracy_control and target.budgets.max_accuracy_drop is None:
+        if opts.accuracy_control and target.budgets.metric_drop is None:
             raise ConfigError(
                 f"target {target.name!r}: options.accuracy_control needs budgets.max_accuracy_drop "
                 "(top-1 points) to know how much accuracy int8 may cost"
@@ -355,8 +355,8 @@ class OpenVinoBackend(Backend):
                 f"target {target.name!r}: options.accuracy_control needs labelled validation data "
                 "(CalibrationSet.validation_x/validation_y); the pipeline passes the validation split"
             )
-        assert target.budgets.max_accuracy_drop is not None  # checked in validate()
-        budget = target.budgets.max_accuracy_drop
+        assert target.budgets.metric_drop is not None  # checked in validate()
+        budget = target.budgets.metric_drop
         fp32, plain = _top1(model, vx, vy), _top1(quantized, vx, vy)
         record: dict[str, Any] = {
             "max_drop_points": budget,
@@ -449,14 +449,18 @@ def _calibration_items(feeds: dict[str, np.ndarray], n: int) -> list[Any]:
 
 
 def _validate(compiled: Any, items: Any) -> tuple[float, list[float]]:
-    """NNCF's validation function: top-1 over (samples, labels) items, and each item's share of hits."""
+    """NNCF's validation function: top-1 (the metric registry's, as a fraction) over (samples, labels) items,
+    and each item's."""
+    from edgepipe import metrics
+
     request = compiled.create_infer_request()
-    hits, per_item = [], []
+    outs, labels, per_item = [], [], []
     for xb, yb in items:
-        h = request.infer({0: xb}, share_inputs=False)[0][: len(yb)].argmax(1) == yb
-        hits.append(h)
-        per_item.append(float(h.mean()))
-    return float(np.concatenate(hits).mean()), per_item
+        logits = np.asarray(request.infer({0: xb}, share_inputs=False)[0][: len(yb)])
+        outs.append(logits)
+        labels.append(yb)
+        per_item.append(metrics.score("top1", [logits], {"y": yb}) / 100)
+    return metrics.score("top1", [np.concatenate(outs)], {"y": np.concatenate(labels)}) / 100, per_item
 
 
 def _labelled(x: np.ndarray, y: np.ndarray, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
