@@ -219,6 +219,11 @@ def release_settings(release: str, argv: list[str]) -> dict[str, Any]:
                          "threads": int(opts["--threads"]) if "--threads" in opts else None,
                          "batch": 1, "warmup": int(opts.get("--warmup", 20)),
                          "iterations": int(opts.get("--iterations", 200)), "duration_s": None, "seed": 0}
+    from edgepipe.types import Manifest
+
+    shape = Manifest.read(Path(release)).target.get("input_shape")  # the shapes it was built for
+    if shape:
+        s["shapes"] = {k: list(v) for k, v in shape.items()} if isinstance(shape, dict) else {"": list(shape)}
     if opts.get("--eval"):
         s["eval"] = {"path": opts["--eval"], "logits": True}
     return s

@@ -30,11 +30,11 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_px: int = 2) -> torch.Tens
     return torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    model.eval()
-    pred = torch.cat([model(torch.from_numpy(x[i:i + 500])) for i in range(0, len(x), 500)]).argmax(1).numpy()
-    return float((pred == y).mean())
+    """Top-1 (0..1) through the metric registry."""
+    from edgepipe.compress._stats import top1
+
+    return top1(model, x, y, batch=500)
 
 
 def train(depth: int = 56, epochs: int = 12, seed: int = 0, out: Path | None = None, batch: int = 64,

@@ -57,11 +57,11 @@ def train(epochs: int = 15, seed: int = 0, out: Path = WEIGHTS) -> float:
     return evaluate(model, splits.evaluation.x, splits.evaluation.y)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    model.eval()
-    pred = model(torch.from_numpy(x)).argmax(1).numpy()
-    return float((pred == y).mean())
+    """Top-1 (0..1) through the metric registry."""
+    from edgepipe.compress._stats import top1
+
+    return top1(model, x, y)
 
 
 def main() -> None:

@@ -95,11 +95,13 @@ def compare(here: np.ndarray, there: np.ndarray, y: np.ndarray, here_name: str, 
     if here.shape != there.shape:
         raise ConfigError(f"cannot compare logits of shape {here.shape} ({here_name}) with {there.shape} "
                           f"({there_name}): not the same samples")
+    from edgepipe import metrics
+
     d = np.abs(here.astype(np.float64) - there.astype(np.float64))
     return Comparison(
-        samples=int(len(y)), here_top1=float((here.argmax(1) == y).mean()),
-        there_top1=float((there.argmax(1) == y).mean()),
-        agreement=float((here.argmax(1) == there.argmax(1)).mean()),
+        samples=int(len(y)), here_top1=metrics.score("top1", [here], {"y": y}) / 100,
+        there_top1=metrics.score("top1", [there], {"y": y}) / 100,
+        agreement=metrics.score("agreement", [there], {metrics.reference_key(0): here}) / 100,
         max_abs_logit_diff=float(d.max()) if d.size else 0.0, mean_abs_logit_diff=float(d.mean()) if d.size else 0.0,
         here=here_name, there=there_name)
 
