@@ -377,3 +377,14 @@ def test_histogram_calibration_takes_a_sample_count_that_is_no_multiple_of_the_b
                           "calibration": {"method": method, "samples": 50}}, "test")
     art = backends.get("onnxruntime").compile(example_onnx, t, CalibrationSet(splits.calibration.x[:50]), tmp_path)
     assert art.precision == "int8" and art.metadata["calibration"]["samples"] == 50
+
+
+def test_the_shipped_int8_targets_take_a_two_input_model(zoo, tmp_path):
+    """Their equalization and bias correction run on every input (it fed only the first before)."""
+    data = _image_vector_data(tmp_path / "iv.npz")
+    res = api.build("anymodels:image_and_vector", ["cpu-int8", "intel-cpu-int8"], out=tmp_path / "dist",
+                    data=str(data), input_shape=SHAPES, bench=False, allow_accuracy_drop=True)
+    for r in res.results:
+        m = r.manifest
+        assert m.artifact.precision == "int8" and "equalization" in m.artifact.metadata
+        assert 15 < min(m.fidelity["sqnr_db"]) < 200

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from edgepipe.types import Samples, feeds_of, sample_count
+
 #: a channel's largest |weight| below this is treated as dead (no rescaling, no division by ~0)
 _TINY = 1e-8
 
@@ -139,7 +141,7 @@ def _pairs(g: _Graph) -> list[tuple[Any, Any, Any, float]]:
     return out
 
 
-def _channel_stats(path: Path, tensors: list[str], x: np.ndarray, batch: int = 16) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _channel_stats(path: Path, tensors: list[str], x: Samples, batch: int = 16) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per channel (axis 1): the largest value and the mean of each tensor over the samples ``x``."""
     import onnx
     import onnxruntime as ort
@@ -155,24 +157,25 @@ def _channel_stats(path: Path, tensors: list[str], x: np.ndarray, batch: int = 1
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as named
     s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
+    feeds = feeds_of(x, [i.name for i in s.get_inputs()])  # every input (a dict by name for several)
     static = s.get_inputs()[0].shape[0]
     step = static if isinstance(static, int) and static > 0 else batch
     mx: dict[str, np.ndarray] = {}
     sm: dict[str, np.ndarray] = {}
     count = 0
-    for i in range(0, len(x), step):
-        outs = s.run(tensors, {name: x[i:i + step]})
+    n = sample_count(feeds)
+    for i in range(0, n, step):
+        outs = s.run(tensors, {k: v[i:i + step] for k, v in feeds.items()})
         for t, v in zip(tensors, outs, strict=True):
             v = v.reshape(v.shape[0], v.shape[1], -1) if v.ndim > 2 else v[:, :, None]
             m = v.max(axis=(0, 2))
             mx[t] = np.maximum(mx[t], m) if t in mx else m
             sm[t] = sm.get(t, 0) + v.mean(axis=2).sum(axis=0)
-        count += len(x[i:i + step])
+        count += min(step, n - i)
     return {t: (mx[t], sm[t] / count) for t in tensors}
 
 
-def equalize(src: Path, out: Path, x: np.ndarray, *, bias_correction: bool = True,
+def equalize(src: Path, out: Path, x: Samples, *, bias_correction: bool = True,
              keep_float: tuple[str, ...] = ()) -> dict[str, Any]:
     """Write ``src`` equalized (and bias-corrected) to ``out``; returns what was done, for the manifest.
 
@@ -221,7 +224,7 @@ def equalize(src: Path, out: Path, x: np.ndarray, *, bias_correction: bool = Tru
     return record
 
 
-def _correct_biases(g: _Graph, model: Any, x: np.ndarray, skip: set[str]) -> int:
+def _correct_biases(g: _Graph, model: Any, x: Samples, skip: set[str]) -> int:
     """Lower each Conv's bias by its int8 weight rounding error times the mean of its input."""
     import tempfile
 

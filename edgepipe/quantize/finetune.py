@@ -223,6 +223,9 @@ def finetune(src: Path, out: Path, x: np.ndarray, reference: Path, *, epochs: in
 
     if epochs < 1:
         raise CompileError(f"calibration.finetune = {epochs}: give the number of epochs (1 or more), or 0 for none")
+    if isinstance(x, dict):
+        raise CompileError(f"calibration.finetune: the int8 fine-tune takes one-input models for now; "
+                           f"{src.name} has inputs {', '.join(x)}: set finetune = 0")
     x = np.ascontiguousarray(x, dtype=np.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -98,6 +98,10 @@ def layer_sensitivity(onnx_model: OnnxModel, x: np.ndarray, method: str = "minma
 
     from edgepipe.backends.onnxruntime import _CALIBRATOR, _FORWARDED, _METHODS, _Reader, calibrate_ranges
 
+    if isinstance(x, dict) or len(onnx_model.inputs) != 1:
+        raise CompileError(f"per-layer sensitivity (calibration.float_layers) takes one-input models for now; "
+                           f"{onnx_model.path.name} has inputs {', '.join(t.name for t in onnx_model.inputs)}: "
+                           "set float_layers = 0, or name the float layers with calibration.keep_float")
     run_x = np.ascontiguousarray(x[:samples], dtype=np.float32)
     calibrator = _CALIBRATOR[method]
     extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
