@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,11 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_trust import _cli, _one_error_line
 
 from edgepipe.config import Board, load_target
 from edgepipe.errors import BenchmarkError, ConfigError
-
-SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
 
 
 def _free_port() -> int:
@@ -31,48 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgepipe", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=300)
-
-
-def _one_error_line(r: subprocess.CompletedProcess[str]) -> str:
-    assert r.returncode == 1, r.stdout + r.stderr
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
-    return errors[0]
-
-
 @pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory):
-    """A real sshd on 127.0.0.1 (key auth) and a :class:`Board` for it whose host key is checked against a
-    known_hosts file (no StrictHostKeyChecking=no, no /dev/null). Skipped where sshd or root is missing."""
-    if SSHD is None or os.geteuid() != 0:
-        pytest.skip("needs openssh-server (sshd) and root to run a loopback sshd")
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    os.chmod(d / "authorized_keys", 0o600)
-    port = _free_port()
-    key_type, key = (d / "host_key.pub").read_text().split()[:2]
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {key_type} {key}\n")
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        f"PidFile {d / 'sshd.pid'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-        "StrictModes no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n")
-    Path("/run/sshd").mkdir(exist_ok=True)
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.DEVNULL)
-    for _ in range(50):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
-    yield Board(host="127.0.0.1", user="root", port=port, python=sys.executable, workdir=str(d / "board"),
-                identity_file=str(d / "client_key"),
-                ssh_options=(f"UserKnownHostsFile={d / 'known_hosts'}", "LogLevel=ERROR"))
-    proc.terminate()
-    proc.wait(timeout=10)
+def sshd(loopback_board: Board) -> Board:
+    """The conftest's real sshd on 127.0.0.1 (key auth), its host key checked against a known_hosts file
+    (no StrictHostKeyChecking=no, no /dev/null)."""
+    return loopback_board
 
 
 def _target_file(targets: Path, name: str, board: Board) -> Path:
