@@ -388,3 +388,31 @@ def test_the_shipped_int8_targets_take_a_two_input_model(zoo, tmp_path):
         m = r.manifest
         assert m.artifact.precision == "int8" and "equalization" in m.artifact.metadata
         assert 15 < min(m.fidelity["sqnr_db"]) < 200
+
+
+def test_a_two_input_model_with_a_dynamic_dimension_is_benched_on_a_board_over_ssh(loopback_board, tmp_path):
+    """The board's worker builds every input from the signature at the shapes it is sent (a dynamic width
+    timed at the given size: a wrong size fails the model's Concat)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgepipe.harness import BenchSettings
+    from edgepipe.harness.remote import measure_remote
+    from edgepipe.types import Artifact
+
+    # image [N, 3, 8, 24] and a mask [N, 1, 8, W] (int64, W dynamic) concatenated on channels: W must be 24
+    nodes = [helper.make_node("Cast", ["mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Concat", ["image", "m"], ["cat"], axis=1),
+             helper.make_node("ReduceMean", ["cat"], ["scores"], keepdims=0, axes=[2, 3])]
+    graph = helper.make_graph(nodes, "two", [
+        helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 24]),
+        helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", 1, 8, "w"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 4])])
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    shapes = {"image": (1, 3, 8, 24), "mask": (1, 1, 8, 24)}
+    m = measure_remote(Artifact("onnxruntime", "fp32", path), loopback_board,
+                       BenchSettings(threads=1, warmup=2, iterations=10, shapes=shapes))
+    assert m.iterations == 10 and m.p50_ms > 0
+    with pytest.raises(EdgepipeError, match="Concat"):  # the model's static sizes alone: the mask is 1 wide
+        measure_remote(Artifact("onnxruntime", "fp32", path), loopback_board, BenchSettings(iterations=2))
