@@ -511,14 +511,22 @@ def resolve_scorer(options: BuildOptions, outputs: list[TensorSpec] | list[tuple
     anything else without a metric is refused in one line (no silent top-1)."""
     from edgepipe import metrics
 
+    shapes = [o.shape if isinstance(o, TensorSpec) else o for o in outputs]
     if options.metric:
         found = Scorer(options.metric, options.postprocess)
         _ = found.metric  # an unknown metric or a user module that does not import: refused now, in one line
-        return found
-    if options.postprocess:
+    elif options.postprocess:
         raise ConfigError("--postprocess needs --metric: name the metric its output is for")
-    shapes = [o.shape if isinstance(o, TensorSpec) else o for o in outputs]
-    return Scorer(metrics.default_for(shapes, splits.validation.all_targets))
+    else:
+        found = Scorer(metrics.default_for(shapes, splits.validation.all_targets))
+    classes = shapes[0][-1] if shapes and len(shapes[0]) == 2 else None
+    if found.spec in ("top1", "top5") and not found.postprocess and isinstance(classes, int) and classes > 0:
+        from edgepipe.data import check_labels
+
+        for part in (splits.validation, splits.test):  # before any work: the labels must name the model's classes
+            if part.y is not None and part.y.ndim == 1:
+                check_labels(part.y, classes, "the data's labels")
+    return found
 
 
 def predict(artifact: Artifact, target: Target, splits: Splits, cache: Cache,
