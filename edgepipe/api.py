@@ -209,7 +209,7 @@ def export(
     shape = Target(name="export", backend="onnxruntime", precision="fp32", input_shape=tuple(input_shape),
                    dynamic_batch=dynamic_batch)
     with tempfile.TemporaryDirectory(prefix="edgepipe-export-") as tmp:
-        onnx, rec = stages.export(stages.original(src), shape, stages.load_splits(data, shape), Path(tmp), Cache(),
+        onnx, rec = stages.export(stages.original(src), shape, stages.load_splits(data, shape, src), Path(tmp), Cache(),
                                   parity_atol)
         with atomic_path(Path(out)) as dest:
             shutil.copyfile(onnx.path, dest)
@@ -248,7 +248,7 @@ def sensitivity(
     t = stages.resolve_targets([target], input_shape)[0]
     if equalize is not None:
         t = dc.replace(t, calibration=dc.replace(t.calibration, equalize=equalize))
-    splits = stages.load_splits(data, t)
+    splits = stages.load_splits(data, t, src)
     calib = stages.calibration_set(splits)
     with tempfile.TemporaryDirectory(prefix="edgepipe-sensitivity-") as tmp:
         onnx, _ = stages.export(stages.original(src), t, splits, Path(tmp), Cache())

@@ -416,3 +416,17 @@ def test_a_two_input_model_with_a_dynamic_dimension_is_benched_on_a_board_over_s
     assert m.iterations == 10 and m.p50_ms > 0
     with pytest.raises(EdgepipeError, match="Concat"):  # the model's static sizes alone: the mask is 1 wide
         measure_remote(Artifact("onnxruntime", "fp32", path), loopback_board, BenchSettings(iterations=2))
+
+
+def test_a_release_of_a_one_input_model_whose_data_names_the_forward_argument(tmp_path):
+    """The driver reads the data again for each candidate it writes: by the model's input name too."""
+    from edgepipe.models.tasks import TASKS
+
+    data = tmp_path / "a.npz"
+    np.savez(data, **TASKS["audio"].data())  # the input under its forward argument's name, "wave"
+    search = tmp_path / "s.toml"
+    search.write_text('recipes = ["none"]\n[onnxruntime]\ncalibration = ["minmax", "percentile"]\n')
+    res = api.release("edgepipe.models.tasks:audio", ["cpu-int8"], out=tmp_path / "rel", search=search,
+                      data=str(data), input_shape=(1, 1, 4000), iterations=5, workers=2)
+    (o,) = res.outcomes
+    assert o.status == "released" and len(o.tried) == 2 and all(t.result is not None for t in o.tried)

@@ -368,7 +368,7 @@ def _plain_name(name: object, who: str, what: str = "file name") -> str:
 
 
 def _unpack(res: CandidateResult, files: dict[str, bytes], dest: Path, options: Any,
-            who: str = "a worker") -> CandidateResult:
+            who: str = "a worker", source: Any = None) -> CandidateResult:
     """Write a worker's ``files`` under ``dest`` and point the result's paths there. Every name (and every
     path of the result) must be a relative path of plain components that stays inside ``dest``: a worker
     does not choose where the driver writes, nor which of the driver's files go into a release. Every
@@ -406,7 +406,7 @@ def _unpack(res: CandidateResult, files: dict[str, bytes], dest: Path, options: 
         res,
         artifact=dataclasses.replace(art, path=dest / art.path, files=[dest / f for f in art.files]),
         onnx=dataclasses.replace(res.onnx, path=dest / res.onnx.path),
-        calibration=stages.calibration_set(stages.load_splits(options.data, res.target)),
+        calibration=stages.calibration_set(stages.load_splits(options.data, res.target, source)),
     )
 
 
@@ -417,7 +417,7 @@ def _job_result(r: dict[str, Any], job: Job, session: Session) -> JobResult:
         return JobResult(error=r["error"], node=r["node"], host=r["host"])
     who = (f"the worker on {r.get('host')!r} (node {r.get('node')!r}) for candidate {job.info.get('id', '?')!r} "
            f"of {job.target.name!r}")
-    res = _unpack(r["result"], r["files"], job.workdir, session.options, who)
+    res = _unpack(r["result"], r["files"], job.workdir, session.options, who, session.source)
     for n in res.notes:
         session.reporter.note(n)
     return JobResult(res, node=r["node"], host=r["host"])
