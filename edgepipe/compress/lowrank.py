@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from edgepipe.compress import CompressContext, register
+from edgepipe.compress._inputs import Inputs, call, select
 from edgepipe.config.techniques import LowRankConfig
 from edgepipe.errors import CompressionError, ConfigError
 
@@ -148,6 +149,28 @@ def _describe(name: str, module: nn.Linear | nn.Conv2d, in_pos: int, out_pos: in
     return _Layer(name, module, spectra, max_ranks, in_pos, out_pos)
 
 
+class FactorisedLinear(nn.Sequential):
+    """``Linear(in, r) -> Linear(r, out)``, which also answers ``weight`` (the product of its factors), ``bias``,
+    ``in_features`` and ``out_features`` like the ``Linear`` it replaced: code that reads a layer's weights
+    instead of calling it (``nn.TransformerEncoderLayer``'s inference fast path) computes the same function."""
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self[1].weight @ self[0].weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self[1].bias
+
+    @property
+    def in_features(self) -> int:
+        return self[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self[1].out_features
+
+
 def _factorise_linear(m: nn.Linear, r: int) -> nn.Sequential:
     w = m.weight.detach().double()
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -159,7 +182,7 @@ def _factorise_linear(m: nn.Linear, r: int) -> nn.Sequential:
         second.weight.copy_((u[:, :r] * root[None, :]).float())
         if m.bias is not None:
             second.bias.copy_(m.bias)
-    return nn.Sequential(first, second)
+    return FactorisedLinear(first, second)
 
 
 def _factorise_conv(m: nn.Conv2d, r_out: int, r_in: int, iterations: int) -> nn.Sequential:
@@ -206,7 +229,7 @@ def _factorise_conv(m: nn.Conv2d, r_out: int, r_in: int, iterations: int) -> nn.
 # the step
 
 
-def _candidates(model: nn.Module, cfg: LowRankConfig, example: torch.Tensor) -> list[_Layer]:
+def _candidates(model: nn.Module, cfg: LowRankConfig, example: Inputs) -> list[_Layer]:
     mods = dict(model.named_modules())
     for name in (*cfg.layers, *cfg.ignored_layers, *cfg.ranks):
         if name not in mods:
@@ -239,7 +262,7 @@ def _candidates(model: nn.Module, cfg: LowRankConfig, example: torch.Tensor) -> 
     handles = [m.register_forward_hook(hook(n)) for n, m in chosen.items()]
     try:
         with torch.no_grad():
-            model.eval()(example[:1])
+            call(model.eval(), select(example, slice(0, 1)))
     finally:
         for h in handles:
             h.remove()
@@ -307,14 +330,17 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
-def factorise(model: nn.Module, cfg: LowRankConfig, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """Factorise ``model``'s layers in place; returns the ranks used per factorised layer."""
+def factorise(model: nn.Module, cfg: LowRankConfig, example: Inputs) -> dict[str, tuple[int, ...]]:
+    """Factorise ``model``'s layers in place; returns the ranks used per factorised layer.
+
+    ``example``: one batch of every input (one tensor, or a tuple in ``forward``'s order). Only layers the
+    forward pass calls are factorised (a layer whose weight its parent reads directly is left alone)."""
     from edgepipe.compress._stats import count_macs
 
     layers = _candidates(model, cfg, example)
     if not layers:
         raise CompressionError("low-rank: no Linear or Conv2d layer to factorise (check layers / ignored_layers)")
-    total_macs = count_macs(model, example[:1])
+    total_macs = count_macs(model, select(example, slice(0, 1)))
     total_params = sum(p.numel() for p in model.parameters())
     plan = _plan(layers, cfg, total_macs, total_params)
     by_name = {ly.name: ly for ly in layers}

@@ -7,7 +7,8 @@ before export, so the exported graph has plain weights with zeros in them and no
 - ``magnitude_prune``: smallest |w|, to a target sparsity (one threshold over all chosen layers, or per
   layer, or a ratio per named layer) or below an absolute threshold.
 - ``taylor_prune``: smallest |w · ∂L/∂w| (first-order Taylor estimate of the loss change), from a few
-  training batches.
+  training batches. ``L`` is cross-entropy on the labels for a one-output classifier with integer labels; for
+  any other model, a random projection of every output, so no labels are needed.
 - ``regularized_prune``: a sparsity-inducing fine-tune (L1 or L2 on the weights, or group lasso on output
   channels) that drives weights toward zero, then threshold or sparsity pruning.
 
@@ -25,7 +26,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from edgepipe.compress import CompressContext, register
-from edgepipe.compress._layers import classifier_layers, pick, prunable
+from edgepipe.compress._layers import called, output_layers, pick, prunable
 from edgepipe.config.techniques import MagnitudePruneConfig, RegularizedPruneConfig, TaylorPruneConfig
 from edgepipe.errors import ConfigError
 
@@ -63,8 +64,10 @@ def _rank_and_mask(layers: dict[str, nn.Module], cfg: MagnitudePruneConfig,
         prune.l1_unstructured(m, "weight", amount=ratio, importance_scores=scores(m))
 
 
-def _layers(model: nn.Module, cfg: MagnitudePruneConfig) -> dict[str, nn.Module]:
-    layers = prunable(model, cfg.module_types, cfg.ignored_layers)
+def _layers(model: nn.Module, cfg: MagnitudePruneConfig, ctx: CompressContext) -> dict[str, nn.Module]:
+    """The chosen layers that the forward pass calls (a mask on a layer whose weight its parent reads directly,
+    such as attention's ``out_proj``, would never be applied)."""
+    layers = called(model, ctx.example, prunable(model, cfg.module_types, cfg.ignored_layers))
     if not layers:
         raise ConfigError(f"no layers to prune: the model has no {'/'.join(cfg.module_types)} layers "
                           "outside ignored_layers")
@@ -82,14 +85,14 @@ def _magnitude(m: nn.Module) -> torch.Tensor:
 @register("magnitude_prune", MagnitudePruneConfig, finalize=make_permanent)
 def magnitude_prune(model: nn.Module, cfg: MagnitudePruneConfig, ctx: CompressContext) -> nn.Module:
     """Unstructured magnitude pruning: zero the smallest |w| (global or per-layer sparsity, or a threshold)."""
-    _rank_and_mask(_layers(model, cfg), cfg, _magnitude)
+    _rank_and_mask(_layers(model, cfg, ctx), cfg, _magnitude)
     return model
 
 
 @register("taylor_prune", TaylorPruneConfig, finalize=make_permanent)
 def taylor_prune(model: nn.Module, cfg: TaylorPruneConfig, ctx: CompressContext) -> nn.Module:
     """Unstructured gradient pruning: zero the smallest |w · dL/dw| (first-order Taylor) from a few batches."""
-    layers = _layers(model, cfg)
+    layers = _layers(model, cfg, ctx)
     scores = taylor_scores(model, layers, ctx, cfg.batches, cfg.batch_size)
     _rank_and_mask(layers, cfg, lambda m: scores[m])
     return model
@@ -97,23 +100,20 @@ def taylor_prune(model: nn.Module, cfg: TaylorPruneConfig, ctx: CompressContext)
 
 def taylor_scores(model: nn.Module, layers: dict[str, nn.Module], ctx: CompressContext, batches: int,
                   batch_size: int) -> dict[nn.Module, torch.Tensor]:
-    """Mean over ``batches`` training batches of |w · dL/dw| (cross-entropy on the labels), per layer.
+    """Mean over ``batches`` training batches of |w · dL/dw|, per layer. ``L``: cross-entropy on the labels for a
+    one-output classifier with integer labels, else a label-free random projection of every output
+    (:func:`edgepipe.compress.finetune.sensitivity_loss`).
 
     The model stays in eval mode (BatchNorm statistics untouched) and its gradients are cleared after.
     """
-    data = ctx.splits.train
     gen = torch.Generator().manual_seed(ctx.finetune_config.seed)
-    perm = torch.randperm(len(data), generator=gen)
     was_training = model.training
     model.eval()
     totals = {m: torch.zeros_like(m.weight) for m in layers.values()}
     n = 0
-    for b in range(batches):
-        idx = perm[b * batch_size : (b + 1) * batch_size].numpy()
-        if len(idx) == 0:
-            break
+    for x, y in ctx.batches(model, batches, batch_size):
         model.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(torch.from_numpy(data.x[idx])), torch.from_numpy(data.y[idx]))
+        loss = ctx.sensitivity_loss(model, x, y, gen)
         loss.backward()
         for m, t in totals.items():
             t += (m.weight.detach() * _grad(m)).abs()
@@ -174,12 +174,10 @@ def _channel_masks(layers: dict[str, nn.Module], cfg: RegularizedPruneConfig) ->
 @register("regularized_prune", RegularizedPruneConfig, finalize=make_permanent)
 def regularized_prune(model: nn.Module, cfg: RegularizedPruneConfig, ctx: CompressContext) -> nn.Module:
     """Sparsity-inducing fine-tune (L1/L2 on weights or group lasso on channels), then threshold pruning."""
-    layers = _layers(model, cfg)
+    layers = _layers(model, cfg, ctx)
     pick(layers, cfg.layers, "layers", "prunable layers")
-    if cfg.penalty == "group_lasso":  # a zeroed output channel of the classifier would silence a class
-        with torch.no_grad():
-            outputs = int(model.eval()(ctx.example).shape[-1])
-        layers = {n: m for n, m in layers.items() if n not in classifier_layers(model, outputs)}
+    if cfg.penalty == "group_lasso":  # a zeroed output channel of an output layer would silence a class or channel
+        layers = {n: m for n, m in layers.items() if n not in output_layers(model, ctx.example)}
     ft = ctx.finetune_config if cfg.epochs is None else dataclasses.replace(ctx.finetune_config, epochs=cfg.epochs)
     model = ctx.finetune(model, ft, regularizer=_penalty(layers, cfg), desc=f"{cfg.penalty}-regularised training")
     if cfg.penalty == "group_lasso":

@@ -95,7 +95,7 @@ def _grouped_gradient(index: torch.Tensor, k: int):  # noqa: ANN202
 
 
 def _bits_for(name: str, module: nn.Module, cfg: ShareConfig) -> int | None:
-    if name in cfg.bits:
+    if name in cfg.bits and name not in _KINDS:  # "conv"/"linear" are kinds, even where a submodule is so named
         return cfg.bits[name]
     for kind, cls in _KINDS.items():
         if isinstance(module, cls) and kind in cfg.bits:

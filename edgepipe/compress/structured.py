@@ -2,8 +2,11 @@
 
 Torch-Pruning traces the model into a dependency graph, so a channel removed from one layer is removed
 everywhere it flows: the BatchNorm after it, the next layer's input, and every branch joined to it by a
-residual add. The classifier's outputs are left alone (the classes stay). The result is an ordinary
-``nn.Module`` with smaller layers: the exported ONNX has smaller tensors and runs faster on every runtime.
+residual add. The layers that produce the model's outputs are left alone (``ignore_classifier``): every
+output keeps its shape, a classifier's classes, a segmenter's K channels, a detector's heads. The graph is
+traced on one validation sample of every input (a tuple in ``forward``'s order; integer inputs as they are).
+The result is an ordinary ``nn.Module`` with smaller layers: the exported ONNX has smaller tensors and runs
+faster on every runtime.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import torch
 from torch import nn
 
 from edgepipe.compress import CompressContext, register
-from edgepipe.compress._layers import classifier_layers, pick, resolve
+from edgepipe.compress._inputs import as_tuple, describe, run
+from edgepipe.compress._layers import output_layers, pick, resolve
 from edgepipe.config.techniques import Importance, StructuredPruneConfig
-from edgepipe.errors import ConfigError
+from edgepipe.errors import CompressionError, ConfigError
 
 
 def _importance(name: Importance) -> Any:
@@ -33,16 +37,13 @@ def _importance(name: Importance) -> Any:
 
 
 def _accumulate_gradients(model: nn.Module, ctx: CompressContext, batches: int, batch_size: int) -> None:
-    """Cross-entropy gradients summed over a few training batches (eval mode: BatchNorm stats untouched)."""
-    data = ctx.splits.train
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(ctx.finetune_config.seed)).numpy()
+    """Gradients summed over a few training batches (eval mode: BatchNorm stats untouched): of cross-entropy for
+    a labelled classifier, else of a label-free random projection of the outputs (``ctx.sensitivity_loss``)."""
+    gen = torch.Generator().manual_seed(ctx.finetune_config.seed)
     model.eval()
     model.zero_grad(set_to_none=True)
-    for b in range(batches):
-        idx = perm[b * batch_size : (b + 1) * batch_size]
-        if len(idx) == 0:
-            break
-        loss = nn.functional.cross_entropy(model(torch.from_numpy(data.x[idx])), torch.from_numpy(data.y[idx]))
+    for x, y in ctx.batches(model, batches, batch_size):
+        loss = ctx.sensitivity_loss(model, x, y, gen)
         loss.backward()
 
 
@@ -54,12 +55,12 @@ def structured_prune(model: nn.Module, cfg: StructuredPruneConfig, ctx: Compress
     except ImportError as e:
         raise ConfigError("structured_prune needs torch-pruning: pip install 'edgepipe[prune]'") from e
 
-    example = ctx.example
+    example = as_tuple(ctx.example)  # Torch-Pruning calls model(*example_inputs)
     ignored = dict(resolve(model, cfg.ignored_layers, "ignored_layers"))
     if cfg.ignore_classifier:
-        with torch.no_grad():
-            out = model.eval()(example)
-        ignored.update(classifier_layers(model, int(out.shape[-1])))
+        ignored.update(output_layers(model, ctx.example))
+    with torch.no_grad():
+        shapes = [tuple(o.shape) for o in run(model.eval(), ctx.example)]
     roots = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)}
     ratio_dict = {m: r for m, r in zip(pick(roots, cfg.layers, "layers", "prunable layers").values(),
                                        cfg.layers.values(), strict=True)}
@@ -72,4 +73,10 @@ def structured_prune(model: nn.Module, cfg: StructuredPruneConfig, ctx: Compress
         _accumulate_gradients(model, ctx, cfg.batches, cfg.batch_size)
     pruner.step()
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        after = [tuple(o.shape) for o in run(model.eval(), ctx.example)]
+    if after != shapes and cfg.ignore_classifier:
+        raise CompressionError(
+            f"structured_prune changed the model's output shapes {shapes} to {after} (traced on inputs "
+            f"{describe(ctx.example)}): name the layers that produce the outputs in ignored_layers")
     return model.eval()
