@@ -462,14 +462,26 @@ def _compression_table(records: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     t = Table(title="compression steps")
-    for col in ("step", "technique", "params", "non-zero", "MACs", "top-1"):
+    top1 = all(r["after"].get("measure", "top1") == "top1" for r in records)
+    for col in ("step", "technique", "params", "non-zero", "MACs", "top-1" if top1 else "measured"):
         t.add_column(col, justify="left" if col in ("step", "technique") else "right")
     for r in records:
         b, a = r["before"], r["after"]
         t.add_row(str(r["step"]), r["technique"], f"{b['params']:,} -> {a['params']:,}",
                   f"{b['nonzero_params']:,} -> {a['nonzero_params']:,}", f"{b['macs']:,} -> {a['macs']:,}",
-                  f"{b['top1']:.2%} -> {a['top1']:.2%}")
+                  _measured(b, a, named=not top1))
     _console().print(t)
+
+
+def _measured(b: dict[str, Any], a: dict[str, Any], named: bool) -> str:
+    """A step's measure before -> after: top-1, the build's metric, or the worst output's SQNR to the original."""
+    m = a.get("measure", "top1")
+    if m == "top1":
+        return ("top-1 " if named else "") + f"{b['top1']:.2%} -> {a['top1']:.2%}"
+    if m == "sqnr_db":
+        return f"SQNR {min(b['sqnr_db']):.1f} -> {min(a['sqnr_db']):.1f} dB"
+    unit = a.get("unit") or ""
+    return f"{m} {b[m]:.4g} -> {a[m]:.4g}{' ' + unit if unit else ''}"
 
 
 @cli.command()
@@ -523,7 +535,7 @@ def quantize(model: str | None, analyze: bool, target: str, weights: Path | None
     for col in ("rank", "layer", "op", "logit NMSE", "top-1 agreement"):
         t.add_column(col, justify="left" if col in ("layer", "op") else "right")
     for i, e in enumerate(report["layers"][:top], 1):
-        t.add_row(str(i), e["name"], e["op"], f"{e['nmse']:.2e}", f"{e['agreement']:.1%}")
+        t.add_row(str(i), e["name"], e["op"], f"{e['nmse']:.2e}", ("-" if e['agreement'] is None else f"{e['agreement']:.1%}"))
     _console().print(t)
     n = len(report["layers"])
     click.echo(f"{n} layers; the {min(top, n)} most sensitive shown. Keep the worst k in float with "
@@ -978,9 +990,13 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # the machine, not the input: a full disk, a permission, a vanished file
         if _STATE["debug"]:
             raise
+        import errno
+
         from rich.markup import escape
 
-        where = f" ({e.filename})" if e.filename else ""
+        # a copy that filled the disk names its source first and the file it was writing second: name that one
+        path = e.filename2 if e.errno == errno.ENOSPC and e.filename2 else e.filename
+        where = f" ({path})" if path else ""
         _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e.strerror or e) + where)}; nothing was "
                                     "released (--debug shows where)", highlight=False, soft_wrap=True)
         sys.exit(1)

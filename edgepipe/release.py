@@ -175,7 +175,8 @@ def _release_file(root: Path, name: Any, manifest: Path) -> Path:
 
 INDEX = "index.json"
 SUMS = "SHA256SUMS"
-INDEX_SCHEMA = 2  # 2: the metric by name and unit, figures in its units, SQNR and flip rate per candidate
+INDEX_SCHEMA = 3  # 2: the metric by name and unit, figures in its units, SQNR and flip rate per candidate;
+#                  3: the finalists re-timed together (``finalists``)
 
 
 def release_index(result: Any) -> dict[str, Any]:
@@ -201,8 +202,14 @@ def release_index(result: Any) -> dict[str, Any]:
         cands = []
         for x in o.tried:
             d = x.to_dict()
+            fin = o.retiming.score() if o.retiming is not None else {}
             if o.chosen is not None and x is o.chosen:
-                d["why"] = "chosen: fastest qualifying (ties within noise: smaller, then more accurate)"
+                d["why"] = ("chosen: fastest of the finalists re-timed together (median of per-round ratios; ties "
+                            "within noise: smaller, then more accurate)" if fin else
+                            "chosen: fastest qualifying (ties within noise: smaller, then more accurate)")
+            elif x.candidate.id in fin:
+                d["why"] = (f"finalist: {fin[x.candidate.id]:.3f}x the fastest per round when re-timed together "
+                            "(or tied within noise and larger or less accurate)")
             elif x.result is None:
                 d["why"] = f"could not be built: {x.error}"
             elif not x.qualifies:
@@ -211,9 +218,21 @@ def release_index(result: Any) -> dict[str, Any]:
                 d["why"] = "qualifies, but slower, larger or less accurate than the chosen one"
             cands.append(d)
         entry["candidates"] = cands
+        entry["finalists"] = _finalists(o, result.space.noise)
         targets[t.name] = entry
     return {"schema": INDEX_SCHEMA, "model": result.model, "search": result.space.to_dict(),
             "search_sha256": result.space.sha256, "targets": targets}
+
+
+def _finalists(o: Any, noise: float) -> dict[str, Any] | None:
+    """The finalists' interleaved re-timing for index.json: ids, per-round p50, the median ratio each,
+    and whether they are within noise of each other (then the choice among them is size or accuracy)."""
+    if o.retiming is None:
+        return {"ids": [], "skipped": o.retime_skipped} if o.retime_skipped else None
+    d = o.retiming.to_dict()
+    ratios = sorted(d["ratio"].values())
+    d["within_noise"] = len(ratios) > 1 and ratios[1] <= ratios[0] * (1 + noise)
+    return d
 
 
 def _svg(fig: Any) -> str:
@@ -293,6 +312,22 @@ def _emu(c: dict[str, Any]) -> str:
     return f" (emulated by {c['emulated']}: function, not speed)" if c.get("emulated") else ""
 
 
+def _finalists_table(f: dict[str, Any] | None) -> str:
+    """The finalists' re-timing: per finalist, each round's p50, the median ratio and its spread."""
+    if not f:
+        return ""
+    if not f.get("ids"):
+        return f"<p>{_h(f.get('skipped') or '')}</p>"
+    head = "".join(f"<th>round {k + 1}</th>" for k in range(f["rounds"]))
+    rows = "".join("<tr>" + _cells(i, *(f"{v:.3f}" for v in f["p50_ms"][i]), f"{f['ratio'][i]:.3f}x",
+                                   f"{f['spread'][i][0]:.3f}–{f['spread'][i][1]:.3f}") + "</tr>" for i in f["ids"])
+    note = " They are within noise of each other." if f.get("within_noise") else ""
+    return (f"<p>Finalists re-timed together on {_h(f['where'])}: {f['rounds']} interleaved rounds of "
+            f"{f['iterations']} calls each, p50 ms per round; the choice compares the median of per-round ratios to "
+            f"the round's fastest.{_h(note)}</p><table><tr><th>finalist</th>{head}<th>median ratio</th>"
+            f"<th>spread</th></tr>{rows}</table>")
+
+
 def render_release_report(index: dict[str, Any]) -> str:
     """The release's report.html: per target, the charts and a table of every candidate (no network assets).
 
@@ -316,7 +351,7 @@ def render_release_report(index: dict[str, Any]) -> str:
         parts.append(f"<h2>{_h(name)} ({_h(e['backend'])}): {_h(e['status'])}</h2>{charts}"
                      f"<table><tr><th>id</th><th>recipe</th><th>settings</th><th>val {_h(metric)}</th>"
                      "<th>SQNR dB / flips</th><th>p50 ms</th>"
-                     f"<th>bytes</th><th>why</th></tr>{rows}</table>")
+                     f"<th>bytes</th><th>why</th></tr>{rows}</table>{_finalists_table(e.get('finalists'))}")
     head = ("<table><tr><th>target</th><th>status</th><th>chosen</th><th>test metric</th><th>p50 ms</th>"
             f"<th>SQNR dB / flips</th><th>bytes</th><th>note</th></tr>{''.join(summary)}</table>")
     title = _h(f"edgepipe release: {index['model']}")

@@ -129,15 +129,31 @@ def test_build_iterations_out_of_range_is_one_line(tmp_path, cli_error):
     assert not (tmp_path / "d").exists()
 
 
-def test_a_full_disk_is_one_line(monkeypatch, cli_error):
-    from edgepipe import api
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB filesystem (tmpfs, mounted for the test; needs root, as CI has)."""
+    import os
+    import subprocess
 
-    def full(*a, **kw):
-        raise OSError(28, "No space left on device", "/cache/stages/x")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(d)], check=True)
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=True)
 
-    monkeypatch.setattr(api, "targets", full)
-    line = cli_error("targets")
-    assert line.startswith("error: No space left on device (/cache/stages/x)")
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_that_looks_finished(small_disk, monkeypatch, cli_error):
+    # the cache and the release both on a disk too small for the example's compiled model
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(small_disk / "cache"))
+    out = small_disk / "dist"
+    line = cli_error("build", "-t", "cpu-fp32", "--out", str(out), "--no-bench")
+    assert line.startswith("error: No space left on device") and str(small_disk) in line, line  # the full disk
+    assert not (out / "manifest.json").exists()
+    left = [p for p in small_disk.rglob("*") if p.is_file() and p.suffix in {".onnx", ".json"}
+            and not p.name.startswith(".") and "tmp" not in p.name]
+    assert not [p for p in left if "cache" not in p.parts], left  # no finished-looking file in the release
 
 
 def test_onnx_with_a_custom_op_is_one_line_and_releases_nothing(tmp_path, cli_error):

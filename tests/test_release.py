@@ -19,6 +19,7 @@ from edgepipe.pipeline.search import Candidate, Tried, choose
 SEARCH = """
 recipes = ["none"]
 noise = 0.05
+finalist_margin = 1.0
 [onnxruntime]
 calibration = ["minmax", "percentile"]
 activation_type = ["uint8", "int8"]
@@ -79,8 +80,16 @@ def test_release_writes_every_target_index_sums_and_report(released):
     ort = index["targets"]["cpu-int8"]
     assert len(ort["candidates"]) == 4 and ort["chosen"] in {c["id"] for c in ort["candidates"]}
     chosen = next(c for c in ort["candidates"] if c["id"] == ort["chosen"])
-    # U8S8 fuses every Conv here; S8S8 does not (FACTS): the search must find that by measurement
-    assert chosen["settings"]["activation_type"] == "uint8"
+    assert chosen["why"].startswith("chosen: fastest of the finalists re-timed together")
+    # the finalists (within 2x of the fastest here) were re-timed together and the choice is theirs: minmax and
+    # percentile give the same graph, so at least those two are in it
+    fin = ort["finalists"]
+    assert 2 <= len(fin["ids"]) <= 3 and ort["chosen"] in fin["ids"] and set(fin["ids"]) <= {c["id"] for c in ort["candidates"]}
+    assert all(len(fin["p50_ms"][i]) == fin["rounds"] == 7 for i in fin["ids"]), fin
+    best = min(fin["ratio"].values())
+    assert best == pytest.approx(1.0, abs=0.5) and fin["ratio"][ort["chosen"]] <= best * 1.05 + 1e-9, fin
+    assert all(fin["spread"][i][0] <= fin["ratio"][i] <= fin["spread"][i][1] for i in fin["ids"])
+    assert isinstance(fin["within_noise"], bool) and "Finalists re-timed together" in (out / "report.html").read_text()
     assert all(c["why"] for c in ort["candidates"])
     failed = index["targets"]["too-fast"]
     assert failed["status"] == "failed" and "closest is" in failed["reason"] and "max_latency_ms by" in failed["reason"]
@@ -206,6 +215,12 @@ def test_choice_prefers_smaller_within_noise_then_accuracy(monkeypatch):
     assert choose(tried, 0.20).candidate.id == "b"  # b and c the smallest: the more accurate
     figures["b"], figures["c"] = (1.01, 602, 0.996), (0.90, 700, 0.97)  # b, 2 bytes over a: a size tie
     assert choose(tried, 0.20).candidate.id == "b"
+    # re-timed together, the finalists' figures decide, and only finalists compete
+    figures["a"], figures["b"], figures["c"] = (1.00, 300, 0.99), (1.03, 300, 0.98), (0.90, 300, 0.97)
+    assert choose(tried, 0.05).candidate.id == "c"
+    assert choose(tried, 0.05, {"a": 1.0, "c": 1.4}).candidate.id == "a"  # c was fast alone, not side by side
+    assert choose(tried, 0.05, {"a": 1.02, "c": 1.0}).candidate.id == "a"  # within noise: the more accurate
+    assert choose(tried, 0.05, {"b": 1.0}).candidate.id == "b"
     monkeypatch.setattr(Tried, "qualifies", property(lambda s: False))
     assert choose(tried, 0.05) is None
 

@@ -6,6 +6,9 @@ max_trials = 40                          # cap on candidates per target (sampled
 noise = 0.05                             # latencies within 5 % of each other tie (then: smaller, more accurate)
 sampler = "tpe"                          # "tpe" or "nsga2", for ranges or spaces over max_trials
 seed = 0
+finalists = 3                            # the fastest qualifying candidates (within finalist_margin of the
+finalist_margin = 0.25                   # fastest) are re-timed together, interleaved over retime_rounds
+retime_rounds = 7                        # rounds, and the choice uses the median of per-round ratios
 
 [onnxruntime]                            # one table per backend; keys: precision, calibration,
 calibration = ["minmax", "percentile"]   # calibration_samples, or any field of the backend's [options]
@@ -34,7 +37,8 @@ from edgepipe.config.target import PRECISIONS
 from edgepipe.errors import ConfigError
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-TOP_KEYS = ("name", "recipes", "max_trials", "noise", "sampler", "seed")
+TOP_KEYS = ("name", "recipes", "max_trials", "noise", "sampler", "seed", "finalists", "finalist_margin",
+            "retime_rounds")
 SEARCH_KEYS = ("precision", "calibration", "calibration_samples", "float_layers", "equalize", "finetune")
 
 
@@ -70,6 +74,12 @@ class SearchSpace:
     sampler: Literal["tpe", "nsga2"] = "tpe"
     seed: int = 0
     name: str = "default"
+    #: how many of the fastest qualifying candidates are re-timed together before the choice (1: none)
+    finalists: int = 3
+    #: a finalist is within this fraction of the fastest candidate's own p50
+    finalist_margin: float = 0.25
+    #: rounds of the interleaved re-timing; the choice uses the median of per-round ratios
+    retime_rounds: int = 7
 
     def __post_init__(self) -> None:
         for where, r in (("recipes", self.recipes), *((f"{b}.recipes", v) for b, v in self.backend_recipes.items())):
@@ -79,6 +89,13 @@ class SearchSpace:
             raise ConfigError(f"max_trials = {self.max_trials}: must be >= 1")
         if not 0 <= self.noise < 1:
             raise ConfigError(f"noise = {self.noise}: a fraction of latency in [0, 1), e.g. 0.05")
+        if isinstance(self.finalists, bool) or not isinstance(self.finalists, int) or not 1 <= self.finalists <= 8:
+            raise ConfigError(f"finalists = {self.finalists!r}: an integer from 1 (no re-timing) to 8")
+        if not 0 <= self.finalist_margin <= 1:
+            raise ConfigError(f"finalist_margin = {self.finalist_margin}: a fraction of latency in [0, 1], e.g. 0.25")
+        if isinstance(self.retime_rounds, bool) or not isinstance(self.retime_rounds, int) \
+                or not 3 <= self.retime_rounds <= 50:
+            raise ConfigError(f"retime_rounds = {self.retime_rounds!r}: an integer from 3 to 50")
 
     def for_backend(self, backend: str) -> dict[str, Values]:
         return self.settings.get(backend, {})
@@ -120,7 +137,8 @@ class SearchSpace:
             return dataclasses.asdict(v) if isinstance(v, Range) else list(v)
 
         return {"name": self.name, "recipes": list(self.recipes), "max_trials": self.max_trials, "noise": self.noise,
-                "sampler": self.sampler, "seed": self.seed,
+                "sampler": self.sampler, "seed": self.seed, "finalists": self.finalists,
+                "finalist_margin": self.finalist_margin, "retime_rounds": self.retime_rounds,
                 **{b: {**{k: enc(v) for k, v in sorted(self.settings.get(b, {}).items())},
                        **({"recipes": list(self.backend_recipes[b])} if b in self.backend_recipes else {})}
                    for b in sorted({*self.settings, *self.backend_recipes})}}
@@ -189,7 +207,10 @@ def search_from_dict(data: dict[str, Any], where: str = "search space") -> Searc
         return SearchSpace(recipes=recipes, settings=settings, backend_recipes=backend_recipes,
                            max_trials=int(top.get("max_trials", 40)),
                            noise=float(top.get("noise", 0.05)), sampler=top.get("sampler", "tpe"),
-                           seed=int(top.get("seed", 0)), name=str(top.get("name", "search")))
+                           seed=int(top.get("seed", 0)), name=str(top.get("name", "search")),
+                           finalists=top.get("finalists", 3),
+                           finalist_margin=float(top.get("finalist_margin", 0.25)),
+                           retime_rounds=top.get("retime_rounds", 7))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 

@@ -16,6 +16,7 @@ import subprocess
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from edgepipe._fs import atomic_path
 from edgepipe._telemetry import NO_TELEMETRY_ENV
@@ -34,7 +35,11 @@ from edgepipe.types import Artifact
 _MAIN = """\
 import json, sys
 try:
-    from edgepipe.harness.worker import main
+    if sys.argv[1:2] == ["--rounds"]:  # the finalists, re-timed together (edgepipe.harness.rounds)
+        del sys.argv[1]
+        from edgepipe.harness.rounds import main
+    else:
+        from edgepipe.harness.worker import main
 except ModuleNotFoundError as e:  # the board's Python lacks numpy: said as data, the host names the pip line
     print(json.dumps({"ok": False, "error": f"ModuleNotFoundError: {e}", "missing": (e.name or "").split(".")[0]}))
     sys.exit(0)
@@ -209,3 +214,47 @@ def measure_remote(artifact: Artifact, board: Board, settings: BenchSettings | N
     result = parse_worker_output(out, f"{artifact.path.name} on {ssh.dest}", board.python, f"board {ssh.dest}")
     return Measurement(**result, size_bytes=artifact.size_bytes, backend=artifact.backend,
                        precision=artifact.precision)
+
+
+def retime_remote(ids: list[str], artifacts: list[Artifact], board: Board, settings: BenchSettings,
+                  rounds: int = 7, iterations: int | None = None) -> Any:
+    """Re-time ``artifacts`` together on ``board``, interleaved round by round in one worker there
+    (see :mod:`edgepipe.harness.rounds`); returns a :class:`~edgepipe.harness.rounds.Retiming`."""
+    import tempfile
+
+    from edgepipe.harness.rounds import Retiming, _reply
+
+    ssh = SSH(board, settings.timeout_s * len(ids))
+    files: list[Path] = []
+    for a in artifacts:
+        for p in a.files:
+            if p.parent != a.path.parent:
+                raise ConfigError(f"artifact file {str(p)!r} is not in {str(a.path.parent)!r}, the artifact's "
+                                  "directory; only the artifact's own files are copied to a board")
+        files += [p for p in a.files if p.is_file()]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+    remote_dir = f"{board.workdir.rstrip('/')}/{digest[:16]}"
+    remote_arts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        wz = worker_zip(Path(tmp))
+        ssh.run(f"mkdir -p {shlex.quote(remote_dir)}", "creating the work directory")
+        subdirs = []
+        for k, a in enumerate(artifacts):  # each artifact in its own directory: two may share file names
+            d = f"{remote_dir}/{k}"
+            subdirs.append(d)
+            remote_arts.append(Artifact(a.backend, a.precision, Path(d) / a.path.name,
+                                        [Path(d) / p.name for p in a.files], a.metadata))
+        ssh.run("mkdir -p " + " ".join(shlex.quote(d) for d in subdirs), "creating the work directories")
+        ssh.copy([wz], remote_dir)
+        for a, d in zip(artifacts, subdirs, strict=True):
+            ssh.copy([p for p in a.files if p.is_file()], d)
+    iters = iterations or max(20, settings.iterations // max(1, rounds))
+    payload = json.dumps({"artifacts": [_settings(a, settings) for a in remote_arts], "rounds": rounds,
+                          "iterations": iters, "warmup": settings.warmup, "threads": settings.threads,
+                          "batch": settings.batch, "seed": settings.seed,
+                          "shapes": {k: list(v) for k, v in (settings.shapes or {}).items()} or None})
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in NO_TELEMETRY_ENV.items())
+    out = ssh.run(f"{env} {shlex.quote(board.python)} {shlex.quote(remote_dir + '/' + wz.name)} --rounds "
+                  f"{shlex.quote(payload)}", "re-timing the finalists")
+    return Retiming(list(ids), _reply(out, f"{', '.join(ids)} on {ssh.dest}", len(ids), rounds), rounds, iters,
+                    f"board {ssh.dest}")

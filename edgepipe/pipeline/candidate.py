@@ -79,7 +79,9 @@ class Session:
         key = (recipe.sha256 if recipe else "", stages.data_sha256(splits))
         if key not in self._compressed:
             with self.reporter.stage(f"compress ({recipe.name if recipe else 'none'})"):
-                self._compressed[key] = stages.compress(self.source, recipe, splits, self.cache, self.reporter)
+                scorer = stages.compress_scorer(self.options, self.source.module, splits) if recipe else None
+                self._compressed[key] = stages.compress(self.source, recipe, splits, self.cache, self.reporter,
+                                                        scorer=scorer)
         return self._compressed[key]
 
     def reference(self, target: Target, splits: Splits) -> Reference:
@@ -154,6 +156,8 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
     compressed_score = None
     if recipe is not None and compressed.fp32_validation_top1 is not None and ev.metric == "top1":
         compressed_score = compressed.fp32_validation_top1 * 100
+    elif recipe is not None and compressed.fp32_validation and compressed.fp32_validation["measure"] == ev.metric:
+        compressed_score = compressed.fp32_validation["value"]
     manifest = Manifest(
         target={**target.to_dict(), "sha256": target.sha256},
         inputs={

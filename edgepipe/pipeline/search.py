@@ -114,6 +114,9 @@ class TargetOutcome:
     chosen: Tried | None = None
     reason: str | None = None
     release_dir: Path | None = None
+    #: the finalists re-timed together before the choice (a Retiming), or why they were not
+    retiming: Any = None
+    retime_skipped: str | None = None
 
 
 #: Called as a candidate moves on: (target name, candidate id, label, status, detail).
@@ -274,16 +277,29 @@ def pareto_front(tried: list[Tried]) -> None:
 SIZE_TIE = 0.01  # sizes within 1 % tie (a few bytes of Q/DQ metadata are not a reason to lose accuracy)
 
 
-def choose(tried: list[Tried], noise: float) -> Tried | None:
+def choose(tried: list[Tried], noise: float, speed: dict[str, float] | None = None) -> Tried | None:
     """The fastest qualifying candidate; within ``noise`` of it: the smaller (within 1 %), then the more
-    accurate on validation, then the lower id."""
+    accurate on validation, then the lower id.
+
+    Args:
+        tried: every candidate of one target.
+        noise: latencies within this fraction of the fastest tie.
+        speed: the finalists' figures from re-timing them together (:meth:`Retiming.score`, lower is faster),
+            by candidate id: then only they compete, on these figures instead of their own p50.
+    """
     ok = [t for t in tried if t.qualifies]
+    if speed:
+        ok = [t for t in ok if t.candidate.id in speed] or ok
     if not ok:
         return None
-    timed = [t.p50_ms for t in ok if t.p50_ms is not None]
+
+    def figure(t: Tried) -> float | None:
+        return speed[t.candidate.id] if speed and t.candidate.id in speed else t.p50_ms
+
+    timed = [f for f in map(figure, ok) if f is not None]
     if timed:
         fastest = min(timed)
-        ok = [t for t in ok if t.p50_ms is not None and t.p50_ms <= fastest * (1 + noise)]
+        ok = [t for t in ok if (f := figure(t)) is not None and f <= fastest * (1 + noise)]
     smallest = min(t.size_bytes or 0 for t in ok)
     ok = [t for t in ok if (t.size_bytes or 0) <= smallest * (1 + SIZE_TIE)]
     return min(ok, key=lambda t: (-t.goodness, t.size_bytes or 0, t.candidate.id))
@@ -334,7 +350,36 @@ def search_target(session: Session, target: Target, space: SearchSpace, workroot
     chosen = choose(tried, space.noise)
     if chosen is None:
         return TargetOutcome(target, "failed", tried, None, f"{target.name}: {closest_miss(tried)}")
-    return TargetOutcome(target, "released", tried, chosen)
+    out = TargetOutcome(target, "released", tried, chosen)
+    group = finalists(tried, space)
+    if len(group) < 2:
+        return out
+    ids = [t.candidate.id for t in group]
+    progress(target.name, "-", "", "running", f"re-timing the finalists together: {', '.join(ids)}")
+    from edgepipe.pipeline import stages
+
+    try:
+        out.retiming, _ = stages.retime(ids, [t.result.artifact for t in group if t.result], target,
+                                        stages.bench_settings(target, session.options.iterations), session.cache,
+                                        space.retime_rounds, on_board=not session.options.local_bench)
+    except EdgepipeError as e:  # the choice stands on the candidates' own figures, and says why
+        out.retime_skipped = f"the finalists could not be re-timed together: {e}"
+        session.reporter.note(f"{target.name}: {out.retime_skipped}")
+        return out
+    out.chosen = choose(tried, space.noise, out.retiming.score()) or chosen
+    return out
+
+
+def finalists(tried: list[Tried], space: SearchSpace) -> list[Tried]:
+    """The qualifying candidates worth re-timing together: timed where they run (not emulated), within
+    ``space.finalist_margin`` of the fastest one's p50, the fastest ``space.finalists`` of them."""
+    ok = [t for t in tried if t.qualifies and t.p50_ms is not None and t.result is not None
+          and not ((t.result.manifest.latency or {}).get("host") or {}).get("emulated")]
+    if space.finalists < 2 or len(ok) < 2:
+        return []
+    fastest = min(t.p50_ms for t in ok if t.p50_ms is not None)
+    near = [t for t in ok if t.p50_ms is not None and t.p50_ms <= fastest * (1 + space.finalist_margin)]
+    return sorted(near, key=lambda t: (t.p50_ms, t.candidate.id))[:space.finalists]
 
 
 @dataclass

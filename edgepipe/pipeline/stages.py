@@ -177,7 +177,9 @@ class Compressed:
     sha256: str
     recipe: Recipe | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
-    fp32_validation_top1: float | None = None
+    fp32_validation_top1: float | None = None  # a classifier's top-1 after the recipe (validation, 0..1)
+    # any other model's: {"measure": metric name or "sqnr_db", "value": ..., "unit": ...}
+    fp32_validation: dict[str, Any] | None = None
     _module: nn.Module | None = None
     _loader: Callable[[], nn.Module] | None = None
 
@@ -202,8 +204,13 @@ def original(src: ModelSource) -> Compressed:
 
 
 def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cache,
-             reporter: Reporter | None = None) -> tuple[Compressed, StageRecord]:
-    """Apply ``recipe`` to the source model (cached by source, recipe and data)."""
+             reporter: Reporter | None = None, scorer: Scorer | None = None) -> tuple[Compressed, StageRecord]:
+    """Apply ``recipe`` to the source model (cached by source, recipe and data), any signature.
+
+    A one-output classifier with integer labels records its validation top-1 (``fp32_validation_top1``); any other
+    model records ``fp32_validation``: ``scorer``'s metric (the build's, see :func:`compress_scorer`) or, without
+    one, the SQNR of each output against the original model. The ``.pt2`` is saved for every input's shape and
+    dtype (token ids stay integers)."""
     rep = reporter or NullReporter()
     timer = _Timer()
     base = original(src)
@@ -214,6 +221,9 @@ def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cac
                                  skipped="model is already ONNX")
     inputs = {"model": base.sha256, "recipe": recipe.sha256, "data": data_sha256(splits),
               "tools": sha256_json(tool_versions())}
+    classifier = _is_classifier(src.module, splits)  # type: ignore[arg-type]
+    if scorer is not None and not classifier:  # its records hold the metric: another metric, another entry
+        inputs["metric"] = scorer.key
     key = sha256_json(inputs)
     hit = cache.get("compress", key)
     entry = hit
@@ -222,29 +232,73 @@ def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cac
         import tempfile
 
         from edgepipe.compress import apply_recipe
-        from edgepipe.compress._stats import top1
-        from edgepipe.models import save_program
 
-        x = splits.validation.x
-        if isinstance(x, dict) or splits.validation.y is None or splits.validation.y.ndim != 1:
-            raise ConfigError(f"recipe {recipe.name!r}: compression recipes fine-tune against integer labels 'y' of a "
-                              "one-input classifier for now; this model has "
-                              + (f"inputs {', '.join(x)}" if isinstance(x, dict) else "no such labels")
-                              + ": release it without a recipe (recipes = [\"none\"])")
         # on a copy: the source module stays the original, which the reference and other recipes need
-        module, steps = apply_recipe(copy.deepcopy(src.module), recipe, splits, rep)  # type: ignore[arg-type]
-        acc = top1(module, splits.validation.x, splits.validation.y)
-        out = Compressed(src, key, recipe, steps, acc, _module=module)
+        module, steps = apply_recipe(copy.deepcopy(src.module), recipe, splits, rep,  # type: ignore[arg-type]
+                                     scorer=None if classifier else scorer)
+        last = steps[-1]["after"] if steps else {}
+        record: dict[str, Any] = {"steps": steps}
+        if classifier:
+            record["fp32_validation_top1"] = last.get("top1")
+        else:
+            measure = last.get("measure", "sqnr_db")
+            record["fp32_validation"] = {"measure": measure, "value": last.get(measure),
+                                         "unit": last.get("unit") if measure != "sqnr_db" else "dB"}
+        out = Compressed(src, key, recipe, steps, record.get("fp32_validation_top1"),
+                         fp32_validation=record.get("fp32_validation"), _module=module)
         with tempfile.TemporaryDirectory(prefix="edgepipe-compress-") as tmp:
-            pt2 = save_program(module, (1, *splits.validation.x.shape[1:]), Path(tmp) / "model.pt2")
-            stored = cache.put("compress", key, [pt2], {"steps": steps, "fp32_validation_top1": acc})
+            pt2 = _save_compressed(module, splits, Path(tmp) / "model.pt2")
+            stored = cache.put("compress", key, [pt2], record)
         if stored is not None and not stored.mine:  # another run stored this key first: everyone uses that one
             entry = stored
     if entry is not None:
         out = Compressed(src, key, recipe, entry.record["steps"], entry.record.get("fp32_validation_top1"),
+                         fp32_validation=entry.record.get("fp32_validation"),
                          _loader=lambda: _load_cached_program(entry))
     return out, StageRecord("compress", inputs, key, timer.seconds, hit is not None,
                             {"recipe": recipe.name, "steps": len(recipe.steps)})
+
+
+def _is_classifier(module: nn.Module, splits: Splits) -> bool:
+    """A one-output ``[N, C]`` model whose data has integer labels ``y``: compressed against its labels."""
+    from edgepipe.compress._inputs import is_classifier, predict
+    from edgepipe.types import take
+
+    return is_classifier(predict(module, take(splits.validation.x, slice(0, 2))), splits.validation.y)
+
+
+def compress_scorer(options: BuildOptions, module: nn.Module | None, splits: Splits) -> Scorer | None:
+    """The build's metric for the compress records of a model that is not a labelled classifier: ``--metric``
+    (with its postprocess), else the default for the module's output shapes; None when there is none (the records
+    then measure the fidelity to the original model)."""
+    if module is None:
+        return None
+    from edgepipe.compress._inputs import predict
+    from edgepipe.types import take
+
+    shapes = [tuple(o.shape) for o in predict(module, take(splits.validation.x, slice(0, 2)))]
+    try:
+        return resolve_scorer(options, shapes, splits)
+    except ConfigError:
+        return None
+
+
+def _save_compressed(module: nn.Module, splits: Splits, path: Path) -> Path:
+    """The compressed module as a ``.pt2`` taking every input at its shape and dtype (batch dynamic)."""
+    from edgepipe.compress._inputs import arrays
+    from edgepipe.models import save_program
+
+    x = splits.validation.x
+    if not isinstance(x, dict):
+        dtypes = None if x.dtype.kind == "f" else {"input": str(x.dtype)}
+        return save_program(module, (1, *x.shape[1:]), path, dtypes=dtypes)
+    feeds = arrays(module, x)
+    if len(feeds) == 1:  # one input, whatever the data calls it: the one-input program
+        (arr,) = feeds.values()
+        return save_program(module, (1, *arr.shape[1:]), path,
+                            dtypes=None if arr.dtype.kind == "f" else {"input": str(arr.dtype)})
+    return save_program(module, {k: (1, *v.shape[1:]) for k, v in feeds.items()}, path,
+                        dtypes={k: str(v.dtype) for k, v in feeds.items()})
 
 
 def _load_cached_program(entry: Any) -> nn.Module:
@@ -415,8 +469,8 @@ def finetuned(onnx: OnnxModel, original: OnnxModel, target: Target, calibration:
         record = dict(hit.record)
     else:
         rep = reporter or NullReporter()
-        steps = cal.finetune * -(-len(calibration.x) // BATCH)
-        with rep.stage(f"fine-tune for int8 ({cal.finetune} epochs, {len(calibration.x)} samples)", steps) as advance:
+        steps = cal.finetune * -(-len(calibration) // BATCH)
+        with rep.stage(f"fine-tune for int8 ({cal.finetune} epochs, {len(calibration)} samples)", steps) as advance:
             record = finetune(onnx.path, path, calibration.x, original.path, epochs=cal.finetune, lr=cal.finetune_lr,
                               seed=cal.seed, keep_float=cal.keep_float, progress=advance)
         stored = cache.put("finetune", key, [path], record)
@@ -682,6 +736,40 @@ def bench(artifact: Artifact, target: Target, settings: BenchSettings, cache: Ca
             m = Measurement(**stored.record["measurement"])
     return m, StageRecord("bench", inputs, sha256_json(m.to_dict()), timer.seconds, hit is not None,
                           {"where": "board " + board.host if board else "here", "p50_ms": m.p50_ms})
+
+
+def retime(ids: list[str], artifacts: list[Artifact], target: Target, settings: BenchSettings, cache: Cache,
+           rounds: int, *, on_board: bool = True) -> tuple[Any, StageRecord]:
+    """Re-time the finalists together, interleaved round by round in one worker (cached per machine).
+
+    Returns a :class:`~edgepipe.harness.rounds.Retiming` and the stage's record. On a target with a board
+    the rounds run on the board, else here."""
+    from dataclasses import asdict
+
+    from edgepipe.harness.rounds import Retiming, retime_here
+
+    board = target.board if on_board else None
+    where = f"{board.user or ''}@{board.host}:{board.port}" if board else f"{platform.node()} {platform.machine()}"
+    inputs = {"artifacts": [artifact_sha256(a) for a in artifacts], "ids": list(ids), "rounds": rounds,
+              "settings": sha256_json(asdict(settings)), "where": where}
+    key = sha256_json(inputs)
+    timer = _Timer()
+    hit = cache.get("retime", key)
+    if hit is not None:
+        r = Retiming.from_dict(hit.record["retiming"])
+    else:
+        with bench_lock:
+            if board is not None:
+                from edgepipe.harness.remote import retime_remote
+
+                r = retime_remote(ids, artifacts, board, settings, rounds)
+            else:
+                r = retime_here(ids, artifacts, settings, rounds)
+        stored = cache.put("retime", key, [], {"retiming": r.to_dict()})
+        if stored is not None:
+            r = Retiming.from_dict(stored.record["retiming"])
+    return r, StageRecord("retime", inputs, sha256_json(r.to_dict()), timer.seconds, hit is not None,
+                          {"where": "board " + board.host if board else "here", "finalists": len(ids)})
 
 
 # ---------------------------------------------------------------------------------------------------------

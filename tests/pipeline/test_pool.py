@@ -14,7 +14,7 @@ import pytest
 
 from edgepipe import api
 from edgepipe.errors import EdgepipeError
-from edgepipe.pipeline.executors import PoolExecutor, cores
+from edgepipe.pipeline.executors import PoolExecutor
 
 pytestmark = pytest.mark.slow
 
@@ -93,9 +93,18 @@ def test_a_worker_that_dies_stops_the_release_in_one_line_and_writes_nothing(tmp
     assert not (tmp_path / "rel").exists()
 
 
-def test_one_worker_runs_in_this_process_and_the_default_is_the_cores():
-    assert PoolExecutor().workers == cores() == len(os.sched_getaffinity(0))
-    assert PoolExecutor(workers=3).batch_size == 3
+def test_the_default_pool_is_the_cores_this_process_may_use_not_the_machines():
+    import subprocess
+    import sys
+
+    # pinned to one core (as a CI job or `taskset -c 0` pins it), the pool is one worker, whatever the machine has
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from edgepipe.pipeline.executors import PoolExecutor; print(PoolExecutor().workers, os.cpu_count())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    workers, machine = map(int, r.stdout.split())
+    assert workers == 1, (workers, machine)
+    assert PoolExecutor().workers == len(os.sched_getaffinity(0)) >= 1
+    assert PoolExecutor(workers=3).batch_size == 3 and PoolExecutor(workers=3, batch_size=5).batch_size == 5
     with pytest.raises(EdgepipeError, match="give 1 or more"):
         PoolExecutor(workers=0)
 
