@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from edgepipe import backends
 from edgepipe._progress import Reporter
 from edgepipe.config import Board, Target, load_target, target_files
 from edgepipe.config.recipe import Recipe
-from edgepipe.errors import BackendUnavailable, BenchmarkError, ConfigError
+from edgepipe.errors import BenchmarkError, ConfigError
 from edgepipe.harness import BenchSettings, Measurement, measure
 from edgepipe.pipeline import BuildOptions, BuildResult
 from edgepipe.pipeline import build as _build
@@ -328,22 +326,29 @@ def resolve_board(spec: str) -> Board:
 
 def bench(artifact: str | Path, *, threads: int | None = None, batch: int = 1, warmup: int = 20,
           iterations: int = 200, duration_s: float | None = None, device: str | Board | None = None,
-          verify: bool = False, data: str | None = None) -> Measurement:
+          verify: bool = False, data: str | None = None, metric: str | None = None,
+          postprocess: str | None = None) -> Measurement:
     """Measure an artifact's latency and memory in a fresh worker process, here or on a board over SSH.
 
     Args:
         artifact: a release directory or an artifact file.
         device: ``None`` for this machine; a board (``[user@]host[:port]``, a target name with a
             ``[board]`` table, or a :class:`Board`) to measure there.
-        verify: also measure top-1 where it runs (the board's own runtime) on the release's test split,
-            and compare its answers with this host's run of the same file: the measurement's ``eval``
-            holds top-1, the release's recorded top-1 and the comparison (needs a release directory).
+        verify: also run the release's test split where it runs (the board's own runtime), score its outputs
+            with the release's metric here, and compare them with this host's run of the same file, output by
+            output: the measurement's ``eval`` holds the metric, the release's value and the comparison (see
+            :func:`edgepipe.ship.verify.verified`; needs a release directory).
         data: the evaluation data, when not the source the release records.
+        metric: with ``verify``, the metric to score with (a user metric is code: the manifest's is computed
+            only when it is passed here).
+        postprocess: with ``verify``, the postprocess to run before the metric (likewise code).
     """
     art = resolve_artifact(artifact)
     settings = BenchSettings(threads=threads, batch=batch, warmup=warmup, iterations=iterations, duration_s=duration_s)
     board = None if device is None else device if isinstance(device, Board) else resolve_board(device)
     if not verify:
+        if metric or postprocess:
+            raise ConfigError("--metric and --postprocess score the outputs of --verify; add --verify")
         if board is None:
             return measure(art, settings)
         from edgepipe.harness.remote import measure_remote
@@ -352,43 +357,20 @@ def bench(artifact: str | Path, *, threads: int | None = None, batch: int = 1, w
     import tempfile
 
     from edgepipe.ship import verify as ver
+    from edgepipe.types import Manifest
 
     release = art.path.parent
+    split = ver.eval_data(release, data)
+    ver.choose_metric(Manifest.read(release), metric, postprocess)  # a bad --metric: one line before any work
     with tempfile.TemporaryDirectory(prefix="edgepipe-verify-") as tmp:
-        x, y, name = ver.eval_split(release, data)
-        npz = ver.save_eval(Path(tmp) / f"eval-{name.replace('/', '_')}.npz", x, y)
+        npz = ver.save_eval(Path(tmp) / f"eval-{split.name.replace('/', '_')}.npz", split.x, split.y, split.targets)
         if board is None:
             m = measure(art, settings, eval_path=npz)
         else:
             from edgepipe.harness.remote import measure_remote
 
             m = measure_remote(art, board, settings, eval_path=npz)
-    return _verified(m, release, x, y)
-
-
-def _verified(m: Measurement, release: Path, x: np.ndarray, y: np.ndarray) -> Measurement:
-    """``m`` with its eval record's logits compared with this host's run of the same release."""
-    import dataclasses
-
-    from edgepipe.harness.worker import decode_logits
-    from edgepipe.release import MANIFEST
-    from edgepipe.ship import verify as ver
-    from edgepipe.types import Manifest
-
-    ev = dict(m.eval or {})
-    if "logits" not in ev:
-        raise BenchmarkError("the worker returned no logits to verify")
-    there = decode_logits(ev)
-    del ev["logits"]
-    acc = Manifest.read(release / MANIFEST).accuracy
-    ev["release_top1"] = acc.value / 100 if acc.metric == "top1" else None
-    try:
-        here, here_name = ver.local_logits(release, x)
-        ev["comparison"] = ver.compare(here, there, y, here_name, m.where).to_dict()
-    except (BackendUnavailable, ImportError) as e:  # this host cannot run the artifact: top-1 only
-        ev["comparison"] = None
-        ev["comparison_skipped"] = f"this host cannot run the artifact to compare: {e}"
-    return dataclasses.replace(m, eval=ev)
+    return ver.verified(m, release, split.x, split.all_targets, metric=metric, postprocess=postprocess)
 
 
 def docker_context(release: str | Path, platform: str, out: str | Path, *, base_image: str | None = None,
@@ -426,37 +408,51 @@ def docker_build(release: str | Path, platform: str, tag: str, *, context: str |
 
 
 def docker_run(tag: str, *, verify: bool = False, iterations: int = 200, warmup: int = 20,
-               threads: int | None = None) -> Measurement:
-    """Run image ``tag``: it benchmarks its release (and with ``verify`` evaluates the release's test split
-    with the image's runtime; the answers are compared with this host's run of the same file, copied
-    out of the image)."""
+               threads: int | None = None, metric: str | None = None, postprocess: str | None = None) -> Measurement:
+    """Run image ``tag``: it benchmarks its release (and with ``verify`` runs the release's test split with the
+    image's runtime; its outputs are scored with the release's metric here and compared with this host's run
+    of the same file, copied out of the image). ``metric`` and ``postprocess`` as for :func:`bench`."""
     import json as _json
     import tempfile
 
-    from edgepipe.harness import parse_worker_output
+    from edgepipe.harness import MAX_REPLY_BYTES, parse_worker_output
     from edgepipe.ship.engine import Docker
 
+    if (metric or postprocess) and not verify:
+        raise ConfigError("--metric and --postprocess score the outputs of --verify; add --verify")
     engine = Docker()
     args = ["--iterations", str(iterations), "--warmup", str(warmup)]
     if threads:
         args += ["--threads", str(threads)]
     if verify:
         args += ["--eval", "/opt/edgepipe/eval.npz"]
-    out = engine.run(tag, args)
-    result = parse_worker_output(out, f"the release in image {tag}", "/opt/venv/bin/python", f"image {tag}")
+    from edgepipe.ship import verify as ver
+    from edgepipe.types import Manifest
+
     with tempfile.TemporaryDirectory(prefix="edgepipe-image-") as tmp:
-        engine.copy_out(tag, {"/release": Path(tmp) / "release", "/opt/edgepipe/eval.npz": Path(tmp) / "eval.npz",
-                              "/opt/edgepipe/context.json": Path(tmp) / "context.json"})
+        copied = False
+
+        def copy_out() -> None:
+            engine.copy_out(tag, {"/release": Path(tmp) / "release", "/opt/edgepipe/eval.npz": Path(tmp) / "eval.npz",
+                                  "/opt/edgepipe/context.json": Path(tmp) / "context.json"})
+
+        if verify and engine.image_arch(tag) is not None:  # (an absent image: `run` says what to do)
+            copy_out()
+            copied = True
+            ver.choose_metric(Manifest.read(Path(tmp) / "release"), metric, postprocess)  # a bad --metric: before the run
+        out = engine.run(tag, args)
+        if not copied:
+            copy_out()
+        if len(out) > MAX_REPLY_BYTES:
+            raise BenchmarkError(f"the reply of image {tag} is larger than {MAX_REPLY_BYTES / 2**20:.0f} MiB, far "
+                                 "more than edgepipe's worker sends; it was refused: build the image again")
+        result = parse_worker_output(out, f"the release in image {tag}", "/opt/venv/bin/python", f"image {tag}")
         art = resolve_artifact(Path(tmp) / "release")
         m = Measurement(**result, size_bytes=art.size_bytes, backend=art.backend, precision=art.precision)
         if not verify:
             return m
-        from edgepipe.data import check_npz
-
-        check_npz(Path(tmp) / "eval.npz")  # the image's data is bounded before it is unpacked
-        with np.load(Path(tmp) / "eval.npz", allow_pickle=False) as d:
-            x, y = d["x"], d["y"]
-        m = _verified(m, Path(tmp) / "release", x, y)
+        x, targets = ver.read_eval(Path(tmp) / "eval.npz", Path(tmp) / "release")  # bounded before it is unpacked
+        m = ver.verified(m, Path(tmp) / "release", x, targets, metric=metric, postprocess=postprocess)
         ctx = _json.loads((Path(tmp) / "context.json").read_text())
     import dataclasses
 

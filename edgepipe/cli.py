@@ -572,6 +572,16 @@ def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: tupl
         _build_table(result)
 
 
+_verify_metric_option = click.option(
+    "--metric", metavar="NAME|pkg.mod:obj",
+    help="With --verify: score the outputs with this metric. Default: the release's, when it is built in; a user "
+         "metric is code, which a manifest cannot choose: name it here to compute it (else fidelity only).")
+_verify_postprocess_option = click.option(
+    "--postprocess", metavar="pkg.mod:fn",
+    help="With --verify: run this on the outputs before the metric (the one the release was built with: code, "
+         "so never taken from the manifest).")
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--threads", type=int, help="Runtime threads (default: the runtime's own).")
@@ -582,12 +592,16 @@ def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: tupl
 @click.option("--device", "device", metavar="BOARD",
               help="Measure on a board over SSH: [user@]host[:port], or a target name with a [board] table.")
 @click.option("--verify", is_flag=True,
-              help="Also measure top-1 where it runs (the board's own runtime) on the release's test split and "
-                   "compare its answers with this machine's run of the same file.")
+              help="Also run the release's test split where it runs (the board's own runtime), score its outputs "
+                   "with the release's metric, and compare them, output by output, with this machine's run of the "
+                   "same file.")
 @click.option("-d", "--data", help="With --verify: the evaluation data, if not the source the release records.")
+@_verify_metric_option
+@_verify_postprocess_option
 @click.option("--json", "as_json", is_flag=True, help="Print the measurement as JSON.")
 def bench(artifact: Path, threads: int | None, batch: int, warmup: int, iterations: int,
-          duration: float | None, device: str | None, verify: bool, data: str | None, as_json: bool) -> None:
+          duration: float | None, device: str | None, verify: bool, data: str | None, metric: str | None,
+          postprocess: str | None, as_json: bool) -> None:
     """Measure ARTIFACT's latency and memory in a fresh worker process.
 
     ARTIFACT is a release directory, or a model file (.onnx, ...). Reports p50/p90/p99/mean latency,
@@ -608,7 +622,8 @@ def bench(artifact: Path, threads: int | None, batch: int, warmup: int, iteratio
 
     try:
         m = api.bench(artifact, threads=threads, batch=batch, warmup=warmup, iterations=iterations,
-                      duration_s=duration, device=device, verify=verify, data=data)
+                      duration_s=duration, device=device, verify=verify, data=data, metric=metric,
+                      postprocess=postprocess)
     except BenchmarkError as e:
         if as_json and getattr(e, "partial", None) is not None:  # a board dropped: keep what it measured
             _emit_json({"ok": False, "error": str(e), "partial": e.partial})  # type: ignore[attr-defined]
@@ -635,20 +650,45 @@ def _measurement_table(m: Any, title: str) -> None:
         t.add_row("measured on", _plain(m.where))
     ev = m.eval
     if ev:
-        t.add_row("top-1 there", f"{ev['top1']:.2%} on {ev['samples']} samples"
-                  + (f" (release: {ev['release_top1']:.2%})" if ev.get("release_top1") is not None else ""))
-        c = ev.get("comparison")
-        if c:
-            t.add_row("top-1 here", f"{c['here_top1']:.2%} ({c['here']})")
-            t.add_row("answers agree", f"{c['agreement']:.2%}")
-            t.add_row("largest logit difference", f"{c['max_abs_logit_diff']:.4g}")
-        elif ev.get("comparison_skipped"):
-            t.add_row("comparison", ev["comparison_skipped"])
+        _verify_rows(t, ev)
     console = _console()
     console.print(t)
     if m.emulated:
         console.print(f"[yellow]note:[/] measured under emulation ({_plain(m.emulated)}): these figures prove the artifact "
                       "runs there, not how fast; they are never a board's latency", highlight=False)
+
+
+def _verify_rows(t: Any, ev: dict[str, Any]) -> None:
+    """The rows of a ``--verify``: the metric there (and the release's), then each output there against here."""
+
+    def fmt(v: float, unit: str | None) -> str:
+        return f"{v:.2f}%" if unit == "%" else f"{v:.4g}{' ' + unit if unit else ''}"
+
+    on = f" on {ev['samples']} samples" + (f" of {ev['of']}" if ev.get("of", ev["samples"]) != ev["samples"] else "")
+    if ev.get("top1") is not None and ev.get("metric") in ("top1", None):
+        t.add_row("top-1 there", f"{ev['top1']:.2%}{on}"
+                  + (f" (release: {ev['release_top1']:.2%})" if ev.get("release_top1") is not None else ""))
+    elif ev.get("value") is not None:
+        rel = f" (release: {fmt(ev['release_value'], ev.get('unit'))})" if ev.get("release_value") is not None else ""
+        t.add_row(f"{_plain(ev['metric'])} there", f"{fmt(ev['value'], ev.get('unit'))}{on}{rel}")
+    if ev.get("metric_skipped"):
+        t.add_row("metric", _plain(ev["metric_skipped"]))
+    if ev.get("note"):
+        t.add_row("note", _plain(ev["note"]))
+    c = ev.get("comparison")
+    if c:
+        if c.get("here_top1") is not None:
+            t.add_row("top-1 here", f"{c['here_top1']:.2%} ({_plain(c['here'])})")
+        for o in c.get("outputs") or []:
+            sqnr = "-" if o.get("sqnr_db") is None else f"{o['sqnr_db']:.1f} dB"
+            agree = f", top-1 agree {o['agreement']:.2%}" if o.get("agreement") is not None else ""
+            t.add_row(f"{_plain(o['name'])}: there vs here",
+                      f"SQNR {sqnr}, max diff {o['max_abs_diff']:.4g}{agree}")
+        if c.get("agreement") is not None:
+            t.add_row("answers agree", f"{c['agreement']:.2%}")
+        t.add_row("largest output difference", f"{c['max_abs_logit_diff']:.4g}")
+    elif ev.get("comparison_skipped"):
+        t.add_row("comparison", _plain(ev["comparison_skipped"]))
 
 
 @cli.command("targets")
@@ -716,7 +756,7 @@ def docker_group() -> None:
     edgepipe docker base  --platform linux/arm64                      # a Debian base, no registry needed
     edgepipe docker build dist/arm64-cpu-int8 --platform linux/arm64 --tag edgepipe/pi5:1.0 \\
                           --base-image local/debian-arm64:bookworm
-    edgepipe docker run   edgepipe/pi5:1.0 --verify                   # bench JSON; top-1 vs this host
+    edgepipe docker run   edgepipe/pi5:1.0 --verify                   # bench JSON; metric vs this host
 
     The context (Dockerfile, release, the platform's wheels pinned by sha256, the bench worker, the
     test split) builds offline; its Dockerfile defaults to the official python:3.11-slim base.
@@ -773,13 +813,17 @@ def _status(quiet: bool, label: str) -> Iterator[None]:
 
 @docker_group.command("run")
 @click.argument("image")
-@click.option("--verify", is_flag=True, help="Also evaluate the release's test split with the image's runtime and "
-              "compare its answers with this machine's run of the same file (copied out of the image).")
+@click.option("--verify", is_flag=True, help="Also run the release's test split with the image's runtime, score its "
+              "outputs with the release's metric, and compare them with this machine's run of the same file "
+              "(copied out of the image).")
 @click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="Runtime threads (default: the runtime's own).")
+@_verify_metric_option
+@_verify_postprocess_option
 @click.option("--json", "as_json", is_flag=True, help="Print the measurement as JSON.")
-def docker_run(image: str, verify: bool, iterations: int, warmup: int, threads: int | None, as_json: bool) -> None:
+def docker_run(image: str, verify: bool, iterations: int, warmup: int, threads: int | None, metric: str | None,
+               postprocess: str | None, as_json: bool) -> None:
     """Run IMAGE (made by `edgepipe docker build`): it benchmarks its release and prints JSON.
 
     The container runs with no network. An arm64 image on an x86 host runs under QEMU emulation: the
@@ -787,7 +831,8 @@ def docker_run(image: str, verify: bool, iterations: int, warmup: int, threads: 
     """
     from edgepipe import api
 
-    m = api.docker_run(image, verify=verify, iterations=iterations, warmup=warmup, threads=threads)
+    m = api.docker_run(image, verify=verify, iterations=iterations, warmup=warmup, threads=threads, metric=metric,
+                       postprocess=postprocess)
     if as_json:
         _emit_json(m.to_dict())
         return

@@ -206,3 +206,56 @@ def test_an_absent_base_or_image_says_what_to_do(docker_engine, releases, tmp_pa
     assert (tmp_path / "c" / "Dockerfile").is_file()  # the context stays for a build elsewhere
     line = cli_error("docker", "run", "edgepipe-test/never-built:1")
     assert "no image edgepipe-test/never-built:1" in line and "edgepipe docker build" in line
+
+
+@pytest.fixture(scope="module")
+def two_input_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image-and-vector model (two inputs) released for onnxruntime int8, with random labels (its top-1 is
+    far from 100, so an image that scored other outputs or other samples would not reproduce it)."""
+    from edgepipe import api
+    from edgepipe.models.tasks import TASKS
+
+    root = tmp_path_factory.mktemp("two-input")
+    task = TASKS["image_vector"]
+    np.savez(root / "iv.npz", **task.inputs(), y=np.random.default_rng(1).integers(0, 10, task.samples))
+    (root / "iv-int8.toml").write_text('backend = "onnxruntime"\nprecision = "int8"\n[runtime]\nthreads = 1\n'
+                                       '[calibration]\nsamples = 64\n')
+    res = api.build("edgepipe.models.tasks:image_vector", [str(root / "iv-int8.toml")], out=root / "dist",
+                    data=str(root / "iv.npz"), input_shape=task.shapes, bench=False, allow_accuracy_drop=True)
+    return res.results[0].release_dir
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("platform", ["linux/amd64", "linux/arm64"])
+def test_a_two_input_models_image_is_verified_by_its_metric_output_by_output(docker_engine, bases, two_input_release,
+                                                                              tmp_path, capsys, platform):
+    from edgepipe.cli import main
+
+    rel = two_input_release
+    acc = json.loads((rel / "manifest.json").read_text())["accuracy"]
+    arch = platform.split("/")[1]
+    tag = f"edgepipe-test/two-input:{arch}"
+    with pytest.raises(SystemExit) as e:
+        main(["docker", "build", str(rel), "--platform", platform, "--tag", tag, "--base-image", bases[platform],
+              "--context", str(tmp_path / "ctx"), "--json"])
+    assert e.value.code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    with np.load(tmp_path / "ctx" / "eval.npz") as z:  # every input under its name, and the labels
+        assert sorted(z.files) == ["feats", "image", "y"] and z["image"].shape == (48, 3, 16, 16)
+    with pytest.raises(SystemExit) as e:
+        main(["docker", "run", tag, "--verify", "--iterations", "5", "--warmup", "1", "--json"])
+    assert e.value.code == 0, capsys.readouterr().err
+    m = json.loads(capsys.readouterr().out)
+    ev = m["eval"]
+    assert m["host"]["machine"] == {"amd64": "x86_64", "arm64": "aarch64"}[arch] and ev["platform"] == platform
+    assert ev["metric"] == "top1" and ev["samples"] == ev["of"] == acc["samples"] == 48
+    assert ev["release_value"] == acc["value"] and 0 < acc["value"] < 60
+    (out,) = ev["comparison"]["outputs"]
+    assert out["name"] == "logits" and out["shape"] == [48, 10]
+    if arch == "amd64":  # the same file, the same onnxruntime, the same machine: the same answers
+        assert ev["value"] == pytest.approx(acc["value"]) and out["sqnr_db"] >= 100 and out["agreement"] == 1.0
+    else:  # onnxruntime's aarch64 int8 kernels under QEMU against this host's x86-64 ones
+        assert abs(ev["value"] - acc["value"]) <= 100 / 48 + 1e-9, ev
+        assert out["sqnr_db"] > 30 and out["agreement"] >= 0.97, out
+    print(f"two-input image {platform}: {ev['metric']} {ev['value']:.2f} (release {acc['value']:.2f}), "
+          f"SQNR {out['sqnr_db']:.1f} dB, agreement {out['agreement']:.2%}", file=sys.stderr)

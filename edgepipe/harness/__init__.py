@@ -77,7 +77,8 @@ class Measurement:
     backend: str = ""
     precision: str = ""
     host: dict[str, Any] = field(default_factory=dict)
-    #: with ``verify``: top-1 measured by the runtime where it ran, and its logits (see ``worker.evaluate``)
+    #: with ``verify``: every output of the release's test split where it ran (see ``worker.evaluate``); after
+    #: :func:`edgepipe.ship.verify.verified`, the metric scored from them and the comparison with this host's run
     eval: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,7 +118,7 @@ def _settings(artifact: Artifact, s: BenchSettings, eval_path: Path | str | None
     if s.shapes:
         out["shapes"] = {k: list(v) for k, v in s.shapes.items()}
     if eval_path is not None:
-        out["eval"] = {"path": str(eval_path), "logits": True}
+        out["eval"] = {"path": str(eval_path), "max_bytes": EVAL_REPLY_BYTES}
     return out
 
 
@@ -162,6 +163,11 @@ def pip_line(module: str, python: str = "python3") -> str:
 
 #: the most a board's reply may be (bytes of the worker's stdout); more is refused unread
 MAX_REPLY_BYTES = 16 << 20
+#: what the outputs of ``--verify`` may take of a reply (the rest: the figures, and the partial lines while timing)
+EVAL_REPLY_BYTES = MAX_REPLY_BYTES - (1 << 20)
+#: the most outputs, and dimensions per output, a reply may hold
+MAX_OUTPUTS = 256
+MAX_RANK = 8
 _MAX_TEXT = 256  # a host field or dataset name
 _MAX_ERROR = 1000  # the worker's error message, as echoed
 #: a PEP 508 project name: what a `missing` module may be before it is echoed into a pip line
@@ -204,8 +210,9 @@ def _keys(d: Any, allowed: dict[str, Callable[[Any], Any]], required: tuple[str,
     for k, v in d.items():
         try:
             out[k] = allowed[k](v)
-        except ValueError as e:
-            raise ValueError(f"{k} = {repr(v)[:60]}: {e}") from None
+        except ValueError as e:  # a container is not echoed: its own check names the part that is wrong
+            shown = "{...}" if isinstance(v, dict) else "[...]" if isinstance(v, list) else repr(v)[:60]
+            raise ValueError(f"{k} = {shown}: {e}") from None
     return out
 
 
@@ -221,20 +228,60 @@ def _host(v: Any) -> dict[str, Any]:
                      for k in _HOST_KEYS})
 
 
-def _logits(v: Any) -> dict[str, Any]:
+def _b64_size(data: Any) -> int:
+    """How many bytes base64 text ``data`` decodes to; -1 if it is not base64."""
     import base64
     import binascii
 
+    if not isinstance(data, str):
+        return -1
+    try:
+        return len(base64.b64decode(data, validate=True))
+    except (binascii.Error, ValueError):
+        return -1
+
+
+def _shape(v: Any) -> list[int]:
+    if not (isinstance(v, list) and 1 <= len(v) <= MAX_RANK
+            and all(not isinstance(n, bool) and isinstance(n, int) and 0 <= n <= 1 << 31 for n in v)):
+        raise ValueError(f"expected a list of 1 to {MAX_RANK} sizes, samples first")
+    return v
+
+
+def _output(v: Any) -> dict[str, Any]:
+    """One output as ``worker.evaluate`` sends it: its bytes must be exactly what its shape and dtype say."""
+    import numpy as np
+
+    from edgepipe.harness.worker import OUTPUT_DTYPES
+
+    d = _keys(v, {"name": _text, "shape": _shape, "dtype": lambda t: _choice(t, OUTPUT_DTYPES), "b64": lambda s: s},
+              ("name", "shape", "dtype", "b64"))
+    count = math.prod(d["shape"])
+    if _b64_size(d["b64"]) != count * np.dtype(d["dtype"]).itemsize:
+        raise ValueError(f"b64: expected base64 of {' x '.join(map(str, d['shape']))} {d['dtype']} values")
+    return d
+
+
+def _outputs(v: Any) -> list[dict[str, Any]]:
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_OUTPUTS:
+        raise ValueError(f"expected a list of 1 to {MAX_OUTPUTS} outputs")
+    out = []
+    for i, o in enumerate(v):
+        try:
+            out.append(_output(o))
+        except ValueError as e:
+            raise ValueError(f"output {i}: {e}") from None
+    return out
+
+
+def _logits(v: Any) -> dict[str, Any]:
+    """An image built before edgepipe returned every output: its one ``[samples, classes]`` float32 output."""
     d = _keys(v, {"shape": lambda s: s, "float32_b64": lambda s: s}, ("shape", "float32_b64"))
     shape, data = d["shape"], d["float32_b64"]
     if not (isinstance(shape, list) and len(shape) == 2 and all(not isinstance(n, bool) and isinstance(n, int)
                                                                 and 0 <= n <= 1 << 31 for n in shape)):
         raise ValueError("shape: expected [samples, classes]")
-    try:
-        size = len(base64.b64decode(data, validate=True)) if isinstance(data, str) else -1
-    except (binascii.Error, ValueError):
-        size = -1
-    if size != shape[0] * shape[1] * 4:
+    if _b64_size(data) != shape[0] * shape[1] * 4:
         raise ValueError(f"float32_b64: expected base64 of {shape[0]} x {shape[1]} float32 values")
     return d
 
@@ -263,7 +310,23 @@ def _one_line(text: str) -> str:
     return out + (" ..." if len(text) > _MAX_ERROR else "")
 
 
-_EVAL = {"top1": _top1, "samples": _count, "dataset": _text, "logits": _logits}
+_EVAL = {"samples": _count, "of": _count, "dataset": _text, "outputs": _outputs,
+         "top1": _top1, "logits": _logits}  # the last two: what images built before every output was returned send
+
+
+def _eval(v: Any) -> dict[str, Any]:
+    """The outputs of ``--verify``: every output holds ``samples`` samples, of the ``of`` the file held."""
+    d = _keys(v, _EVAL, ("samples",))
+    if "outputs" not in d and "logits" not in d:
+        raise ValueError("no 'outputs'")
+    n = d["samples"]
+    if "of" in d and d["of"] < n:
+        raise ValueError(f"of = {d['of']}: fewer than the {n} samples returned")
+    for i, o in enumerate(d.get("outputs") or [d["logits"]]):
+        if o["shape"][0] != n:
+            raise ValueError(f"output {i} holds {o['shape'][0]} samples, not the {n} the reply says")
+    return d
+
 #: what a worker's result holds, each field with its check (see ``worker.measure``)
 _RESULT: dict[str, Callable[[Any], Any]] = {
     **{k: _finite for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms",
@@ -271,7 +334,7 @@ _RESULT: dict[str, Callable[[Any], Any]] = {
                             "peak_rss_above_baseline_mb")},
     "iterations": _count, "warmup": _count, "batch": _count, "threads": _optional(_count),
     "device_memory_mb": _optional(_finite), "host": _host,
-    "eval": lambda v: _keys(v, _EVAL, ("top1", "samples")),
+    "eval": _eval,
 }
 _REQUIRED = tuple(k for k in _RESULT if k not in ("device_memory_mb", "host", "eval"))
 _FAILURE: dict[str, Callable[[Any], Any]] = {"error": _error,

@@ -5,8 +5,10 @@ library and the artifact's own runtime (through its backend), so the same worker
 the entrypoint of a runtime image (``--release DIR [--eval FILE.npz]``: the artifact a release's
 manifest names).
 
-With ``"eval": {"path": "x.npz"}`` in the settings it also runs every sample of the file (``x``, ``y``)
-and reports top-1 and the logits, so accuracy is measured by the board's own runtime. While it times it
+With ``"eval": {"path": "eval.npz"}`` in the settings it also runs every sample of the file (each input under its
+name) and returns every output (name, shape, dtype, base64 bytes; as many samples as fit the reply limit): the
+driver scores them with the release's metric and compares them with its own run, so accuracy is measured by the
+board's own runtime. While it times it
 prints ``{"partial": ...}`` lines, so a board that drops mid-run still leaves the figures so far. It
 reports the machine, and whether this process runs under qemu-user emulation (then its latency proves
 function only, never speed).
@@ -120,22 +122,106 @@ def _stats(ms: Any) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(ms, 50)), "mean_ms": float(ms.mean()), "iterations": int(len(ms))}
 
 
-def evaluate(runner: Any, path: str, with_logits: bool = True) -> dict[str, Any]:
-    """Top-1 of ``runner`` on the samples of ``path`` (an .npz with ``x`` and ``y``), and the logits."""
-    from edgepipe.evaluate import predict
+#: the dtypes an output may come back as (what the reply schema accepts)
+OUTPUT_DTYPES = ("float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
+                 "uint64", "bool")
+#: what one output's record adds to the reply besides its base64 (name, shape, dtype, JSON punctuation)
+_RECORD_OVERHEAD = 512
+
+
+def _numpy_dtype(dtype: str) -> np.dtype | None:
+    kind = str(dtype).replace("tensor(", "").rstrip(")")
+    kind = {"float": "float32", "double": "float64"}.get(kind, kind)
+    try:
+        return np.dtype(kind) if kind else None
+    except TypeError:
+        return None
+
+
+def eval_feeds(inputs: list[Any], arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """Every input of a runner (``inputs``: its TensorSpecs) from an evaluation file's arrays, by input name (a
+    one-input model's may be ``x`` or ``input``, as files written before edgepipe named them), in the dtype the
+    model takes (a float array for a float input, integers for an integer one)."""
+    feeds = {}
+    for spec in inputs:
+        aliases = [spec.name] + (["x", "input"] if len(inputs) == 1 else [])
+        key = next((a for a in aliases if a in arrays), None)
+        if key is None:
+            raise ValueError(f"{where} holds no array for the model's input {spec.name!r} (it holds "
+                             f"{', '.join(sorted(arrays)) or 'nothing'})")
+        a = arrays[key]
+        want = _numpy_dtype(spec.dtype)
+        if want is not None and a.dtype != want:
+            if (a.dtype.kind == "f") != (want.kind == "f"):
+                raise ValueError(f"{where}: input {spec.name!r} is {a.dtype} there but the model takes {want}")
+            a = a.astype(want)
+        feeds[spec.name] = a
+    return feeds
+
+
+def _fitting(outs: list[np.ndarray], budget: int) -> int:
+    """How many samples' outputs fit in ``budget`` bytes of reply as base64 (the first ones)."""
+    n = len(outs[0])
+    row = sum(o[:1].nbytes for o in outs)
+
+    def size(k: int) -> int:
+        return sum(4 * -(-(o[:1].nbytes * k) // 3) + _RECORD_OVERHEAD for o in outs)
+
+    k = min(n, max(0, (budget - _RECORD_OVERHEAD * len(outs)) * 3 // 4 // max(row, 1)))
+    while k > 0 and size(k) > budget:
+        k -= 1
+    while k < n and size(k + 1) <= budget:
+        k += 1
+    return k
+
+
+def evaluate(runner: Any, path: str, max_bytes: int | None = None, names: list[str] | None = None) -> dict[str, Any]:
+    """Every output of ``runner`` on every sample of ``path`` (an .npz holding each input under its name, and the
+    targets, which stay here: the driver scores), as base64 of the raw bytes with name, shape and dtype.
+
+    The outputs of as many samples as fit ``max_bytes`` of reply (the first ones) are returned: ``samples`` says
+    how many, ``of`` how many the file holds. Not even one sample's fitting is a ``ValueError`` naming both.
+    """
+    from edgepipe.evaluate import outputs
+    from edgepipe.harness import EVAL_REPLY_BYTES
 
     with np.load(path, allow_pickle=False) as d:
-        x, y = np.asarray(d["x"], np.float32), np.asarray(d["y"])
-    logits = np.asarray(predict(runner, x), np.float32)
-    out: dict[str, Any] = {"top1": float((logits.argmax(1) == y).mean()), "samples": int(len(y)),
-                           "dataset": Path(path).name}
-    if with_logits:
-        out["logits"] = {"shape": list(logits.shape), "float32_b64": base64.b64encode(logits.tobytes()).decode()}
-    return out
+        arrays = {k: d[k] for k in d.files}
+    feeds = eval_feeds(list(runner.inputs), arrays, Path(path).name)
+    outs = [np.ascontiguousarray(o) for o in outputs(runner, feeds)]
+    if not outs:
+        raise ValueError(f"the model returned no outputs on {Path(path).name}")
+    for i, o in enumerate(outs):
+        if o.dtype.name not in OUTPUT_DTYPES:
+            raise ValueError(f"output {i} is {o.dtype}; the worker returns only {', '.join(OUTPUT_DTYPES)}")
+    total = len(outs[0])
+    budget = max_bytes or EVAL_REPLY_BYTES
+    k = _fitting(outs, budget)
+    if k == 0:
+        one = sum(4 * -(-o[:1].nbytes // 3) for o in outs)
+        raise ValueError(f"the outputs of one sample take {one} bytes as base64, more than the {budget} bytes "
+                         f"({budget / 2**20:.1f} MiB) of outputs a reply may hold: none of the {total} samples can "
+                         "be verified there (the model's outputs are too large for a reply)")
+    if not names or len(names) != len(outs):
+        names = [f"output_{i}" for i in range(len(outs))]
+    return {"samples": k, "of": total, "dataset": Path(path).name,
+            "outputs": [{"name": "".join(c for c in str(name) if c.isprintable())[:256], "shape": list(o[:k].shape), "dtype": o.dtype.name,
+                         "b64": base64.b64encode(o[:k].tobytes()).decode()} for name, o in zip(names, outs, strict=True)]}
+
+
+def decode_outputs(record: dict[str, Any]) -> list[np.ndarray]:
+    """The outputs of an ``evaluate`` record, in order (a reply from an image built before edgepipe returned every
+    output holds only ``logits``: that one output)."""
+    if "outputs" not in record:
+        return [decode_logits(record)]
+    return [np.frombuffer(base64.b64decode(o["b64"]), np.dtype(o["dtype"])).reshape(o["shape"])
+            for o in record["outputs"]]
 
 
 def decode_logits(record: dict[str, Any]) -> Any:
-    """The logits array of an ``evaluate`` record."""
+    """The first output of an ``evaluate`` record (its ``logits`` if it is an old image's reply)."""
+    if "outputs" in record:
+        return decode_outputs(record)[0]
     raw = base64.b64decode(record["logits"]["float32_b64"])
     return np.frombuffer(raw, np.float32).reshape(record["logits"]["shape"])
 
@@ -201,14 +287,15 @@ def measure(settings: dict[str, Any]) -> dict[str, Any]:
     ev = settings.get("eval")
     if ev:
         _partial("timed", **{k: result[k] for k in ("p50_ms", "mean_ms", "iterations", "load_ms")})
-        result["eval"] = evaluate(runner, ev["path"], ev.get("logits", True))
+        result["eval"] = evaluate(runner, ev["path"], ev.get("max_bytes"), ev.get("outputs"))
     return result
 
 
 def release_settings(release: str, argv: list[str]) -> dict[str, Any]:
     """Settings for the artifact a release directory's manifest names (the runtime images' entrypoint):
     ``--release DIR [--eval FILE.npz] [--iterations N] [--warmup N] [--threads N]``."""
-    from edgepipe.release import artifact_from_release
+    from edgepipe.harness._release import artifact_from_release
+    from edgepipe.types import Manifest
 
     art = artifact_from_release(Path(release))
     if art is None:
@@ -219,13 +306,13 @@ def release_settings(release: str, argv: list[str]) -> dict[str, Any]:
                          "threads": int(opts["--threads"]) if "--threads" in opts else None,
                          "batch": 1, "warmup": int(opts.get("--warmup", 20)),
                          "iterations": int(opts.get("--iterations", 200)), "duration_s": None, "seed": 0}
-    from edgepipe.types import Manifest
-
-    shape = Manifest.read(Path(release)).target.get("input_shape")  # the shapes it was built for
+    m = Manifest.read(Path(release))
+    shape = m.target.get("input_shape")  # the shapes it was built for
     if shape:
         s["shapes"] = {k: list(v) for k, v in shape.items()} if isinstance(shape, dict) else {"": list(shape)}
     if opts.get("--eval"):
-        s["eval"] = {"path": opts["--eval"], "logits": True}
+        outs = (m.signature or {}).get("outputs") or []
+        s["eval"] = {"path": opts["--eval"], "outputs": [str(o.get("name", "")) for o in outs] or None}
     return s
 
 

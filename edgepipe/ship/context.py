@@ -2,8 +2,8 @@
 
 ``CONTEXT/``: ``Dockerfile``, ``release/`` (a copy of the release), ``wheels/`` + ``requirements.lock`` +
 ``wheels.lock.json`` (the platform's wheels, pinned by version and sha256), ``edgepipe-worker.pyz`` (the
-bench worker: edgepipe's pure-Python modules in one zip), ``eval.npz`` (the release's test split, for
-``--verify``) and ``context.json`` (what it was made from and for). Written atomically: a context
+bench worker: edgepipe's pure-Python modules in one zip), ``eval.npz`` (the release's test split: every input
+under its name and every target, for ``--verify``) and ``context.json`` (what it was made from and for). Written atomically: a context
 directory is complete or absent.
 
 Trust. The release is data, not instructions for the image: it is copied without following anything
@@ -177,7 +177,7 @@ def write_context(release: Path, out: Path, platform: str, *, base_image: str | 
     runtime = (m.target.get("options") or {}).get("runtime")
     base = base_image or DEFAULT_BASES[family][platform]
     python = python or (TRT_BASE[platform]["python"] if family == "tensorrt" else DEFAULT_PYTHON)
-    eval_x, eval_y, _ = verify.eval_split(release, data)  # bound by hash to the manifest's record
+    split = verify.eval_data(release, data)  # bound by hash to the manifest's record
     house = wheels.wheelhouse(requirements(m, backend, runtime, platform), platform, python)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def write_context(release: Path, out: Path, platform: str, *, base_image: str | 
         shutil.copy2(worker_zip(tmp), tmp / "edgepipe-worker.pyz")
         for z in tmp.glob("edgepipe-worker-*.pyz"):
             z.unlink()
-        verify.save_eval(tmp / verify.EVAL_FILE, eval_x, eval_y)
+        verify.save_eval(tmp / verify.EVAL_FILE, split.x, split.y, split.targets)
         if family == "tensorrt":
             pkg = Path(__file__).resolve().parents[1]
             shutil.copytree(pkg, tmp / "src" / "edgepipe", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
