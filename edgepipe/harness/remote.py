@@ -185,8 +185,8 @@ def measure_remote(artifact: Artifact, board: Board, settings: BenchSettings | N
                    scratch: Path | None = None, eval_path: Path | None = None) -> Measurement:
     """Copy the artifact and the worker to ``board``, measure there, and return the board's figures.
 
-    With ``eval_path`` (an .npz of ``x`` and ``y``) the board's runtime also runs every sample, and the
-    measurement's ``eval`` holds its top-1 and logits. A board that drops part-way raises a
+    With ``eval_path`` (an .npz of every input by name, and the targets) the board's runtime also runs every
+    sample, and the measurement's ``eval`` holds every output (see ``worker.evaluate``; the driver scores them). A board that drops part-way raises a
     ``BenchmarkError`` that says where it stopped and keeps the figures so far in ``.partial``.
     """
     import tempfile
