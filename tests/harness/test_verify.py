@@ -145,7 +145,7 @@ def test_a_segmenter_scored_by_miou_is_verified_on_a_board(built, loopback_board
     assert "miou there" in table and "(release: " in table and "there vs here" in table
 
 
-def test_a_user_metric_named_by_the_manifest_is_not_run_unless_the_caller_names_it(built):
+def test_a_user_metric_named_by_the_manifest_is_not_run_unless_the_caller_names_it(built, cli_error, capsys):
     rel = built("user_metric")
     acc = _manifest(rel)["accuracy"]
     assert acc["metric"] == "verifymetrics:mean_score"
@@ -161,6 +161,15 @@ def test_a_user_metric_named_by_the_manifest_is_not_run_unless_the_caller_names_
         api.bench(rel, verify=True, metric="nope")
     with pytest.raises(ConfigError, match="add --verify"):
         api.bench(rel, metric="top1")
+    # the command line: --metric computes it; a bad one is one line
+    from edgepipe.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(rel), "--verify", "--metric", "verifymetrics:mean_score", "--iterations", "2", "--json"])
+    assert e.value.code == 0
+    assert json.loads(capsys.readouterr().out)["eval"]["value"] == pytest.approx(acc["value"])
+    assert "unknown metric 'nope'" in cli_error("bench", str(rel), "--verify", "--metric", "nope")
+    assert "add --verify" in cli_error("bench", str(rel), "--metric", "top1")
 
 
 def test_a_release_scored_after_a_postprocess_needs_it_named(built):
