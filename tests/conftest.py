@@ -11,8 +11,25 @@ import numpy as np
 import pytest
 
 
+SHARED_SERVERS = ("docker", "cluster")  # each is one server per session: its tests share one xdist worker
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` need TensorRT and an NVIDIA GPU: skip them elsewhere, saying what is missing."""
+    """Sort the suite into its profiles and skip what this machine cannot run.
+
+    - ``fast``: every test not marked ``slow``, ``timing``, ``docker``, ``cluster`` or ``gpu`` (the edit loop:
+      ``pytest -m fast``).
+    - Under pytest-xdist (``-n 2 --dist loadgroup``) the tests of one shared server (the private dockerd and
+      its images, the Ray cluster) run on one worker, so each server starts once.
+    - Tests marked ``gpu`` need TensorRT and an NVIDIA GPU: skipped elsewhere, saying what is missing.
+    """
+    for item in items:
+        if not any(m in item.keywords for m in ("slow", "timing", "gpu", *SHARED_SERVERS)):
+            item.add_marker(pytest.mark.fast)
+        server = next((s for s in SHARED_SERVERS if s in item.keywords), None)
+        if server is not None:
+            item.add_marker(pytest.mark.xdist_group(server))
     gpu = [item for item in items if "gpu" in item.keywords]
     if not gpu:
         return

@@ -56,11 +56,13 @@ def _check(r: Retiming) -> None:
     assert Retiming.from_dict(d) == Retiming(r.ids, [[round(v, 6) for v in row] for row in r.p50_ms], 5, 20, r.where)
 
 
+@pytest.mark.timing
 def test_finalists_are_timed_together_here_round_by_round(pair):
     r = retime_here(["fast", "slow"], list(pair), SETTINGS, rounds=5)
     _check(r)
 
 
+@pytest.mark.timing
 def test_finalists_are_timed_together_on_a_board(pair, loopback_board):
     from edgepipe.harness.remote import retime_remote
 
