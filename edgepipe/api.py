@@ -152,20 +152,13 @@ def release(
     space = load_search(search)
     if max_trials is not None:
         space = dc.replace(space, max_trials=max_trials)
-    from edgepipe.pipeline.executors import PoolExecutor, RayExecutor
+    from edgepipe.pipeline.executors import executor
 
-    if cluster is None:
-        pool = PoolExecutor(workers)
-        try:
-            with _writing(opts.out, opts.trust_code):
-                return _release(model, list(targets), space, Path(out), opts, reporter, progress, executor=pool)
-        finally:
-            pool.close()
-    if not isinstance(cluster, str):
+    if cluster is not None and not isinstance(cluster, str):  # an executor object: used as given, left open
         with _writing(opts.out, opts.trust_code):
             return _release(model, list(targets), space, Path(out), opts, reporter, progress, executor=cluster)
-    # connects and checks the nodes first: a bad address, or an untrusted one, starts nothing
-    ex = RayExecutor(cluster, insecure=insecure_cluster)
+    # a cluster is connected and its nodes checked first: a bad address, or an untrusted one, starts nothing
+    ex = executor(cluster, workers, insecure_cluster)
     try:
         with _writing(opts.out, opts.trust_code):
             return _release(model, list(targets), space, Path(out), opts, reporter, progress, executor=ex)

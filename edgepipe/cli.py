@@ -348,21 +348,19 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
                                "give one of them")
     if insecure_cluster and cluster is None:
         raise click.UsageError("--insecure-cluster only applies with --cluster")
-    executor = None
-    if cluster is not None:  # connect (and check the nodes) before the live display: a failure is one line
-        from edgepipe.pipeline.executors import RayExecutor
+    from edgepipe.pipeline.executors import executor as choose_executor
 
-        executor = RayExecutor(cluster, insecure=insecure_cluster)
+    # a cluster is connected (and its nodes checked) before the live display: a failure is one line
+    executor = choose_executor(cluster, workers, insecure_cluster)
     try:
         with ReleaseLive(quiet=as_json) as live:
             result = api.release(model, specs, out=out, search=search, max_trials=max_trials, reporter=live,
                                  progress=live.progress, weights=weights, data=data,
                                  input_shape=_shape(input_shape), iterations=iterations, cache=not no_cache,
                                  local_bench=local_bench, trust_code=trust_code, cluster=executor,
-                                 workers=workers, metric=metric, postprocess=postprocess)
+                                 metric=metric, postprocess=postprocess)
     finally:
-        if executor is not None:
-            executor.close()
+        executor.close()
     index = json.loads((out / "index.json").read_text())
     run = {"wall_seconds": round(result.wall_seconds, 1), "stages": result.stages_total,
            "stages_cached": result.stages_cached}

@@ -84,11 +84,6 @@ class Splits:
     validation: Dataset
     test: Dataset
 
-    @property
-    def evaluation(self) -> Dataset:
-        """The held-out split figures are reported on (``test``)."""
-        return self.test
-
     def counts(self) -> dict[str, int]:
         return {"train": len(self.train), "calibration": len(self.calibration),
                 "validation": len(self.validation), "test": len(self.test)}

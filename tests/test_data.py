@@ -18,17 +18,17 @@ def test_digits_fitted_to_model_input():
 def test_calibration_never_sees_evaluation_and_split_is_deterministic():
     d = digits((1, 8, 8))
     a, b = split(d, 300), split(d, 300)
-    assert np.array_equal(a.evaluation.x, b.evaluation.x) and np.array_equal(a.calibration.x, b.calibration.x)
+    assert np.array_equal(a.test.x, b.test.x) and np.array_equal(a.calibration.x, b.calibration.x)
     keys = lambda x: {row.tobytes() for row in x}  # noqa: E731
     # digits has a few duplicate images; compare by index through a tagged copy instead
     tagged = Dataset("t", np.arange(len(d), dtype=np.float32).reshape(-1, 1, 1, 1), d.y)
     s = split(tagged, 300, calibration_seed=7)
-    ev, cal, tr = (set(keys(p.x)) for p in (s.evaluation, s.calibration, s.train))
+    ev, cal, tr = (set(keys(p.x)) for p in (s.test, s.calibration, s.train))
     assert not ev & cal and not ev & tr and cal <= tr
-    assert len(s.calibration) == 300 and len(s.evaluation) == round(len(d) * 0.2)
+    assert len(s.calibration) == 300 and len(s.test) == round(len(d) * 0.2)
     # another calibration seed draws other calibration samples but keeps the evaluation split
     s2 = split(tagged, 300, calibration_seed=8)
-    assert np.array_equal(s2.evaluation.x, s.evaluation.x) and not np.array_equal(s2.calibration.x, s.calibration.x)
+    assert np.array_equal(s2.test.x, s.test.x) and not np.array_equal(s2.calibration.x, s.calibration.x)
 
 
 def test_empty_calibration_set_is_refused():

@@ -9,8 +9,8 @@ from edgepipe.export import Parity, check_parity, export, parity
 
 def test_export_matches_torch(example_model, example_onnx, splits):
     assert example_onnx.input_shape[0] == "batch" and example_onnx.input_shape[1:] == (1, 32, 32)
-    p = parity(example_model, example_onnx, splits.evaluation.x)
-    assert p.samples == len(splits.evaluation) and p.max_abs_error < 1e-4 and p.top1_agreement == 1.0
+    p = parity(example_model, example_onnx, splits.test.x)
+    assert p.samples == len(splits.test) and p.max_abs_error < 1e-4 and p.top1_agreement == 1.0
     check_parity(p)
 
 
@@ -32,7 +32,7 @@ def test_export_carries_no_local_paths(example_onnx):
 def test_static_batch(example_model, tmp_path, splits):
     m = export(example_model, (1, 1, 32, 32), tmp_path / "static.onnx", dynamic_batch=False)
     assert m.input_shape == (1, 1, 32, 32)
-    assert parity(example_model, m, splits.evaluation.x[:5]).samples == 5
+    assert parity(example_model, m, splits.test.x[:5]).samples == 5
 
 
 def test_input_shape_that_does_not_fit_the_model(example_model, tmp_path):
@@ -52,4 +52,4 @@ def test_train_mode_model_fails_parity(tmp_path, splits):
     onnx = export(model.eval(), (1, 1, 32, 32), tmp_path / "m.onnx")
     model.train()
     with pytest.raises(ExportError, match="differs from torch"):
-        check_parity(parity(model, onnx, splits.evaluation.x[:64]))
+        check_parity(parity(model, onnx, splits.test.x[:64]))

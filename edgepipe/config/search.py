@@ -39,7 +39,17 @@ from edgepipe.errors import ConfigError
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TOP_KEYS = ("name", "recipes", "max_trials", "noise", "sampler", "seed", "finalists", "finalist_margin",
             "retime_rounds")
-SEARCH_KEYS = ("precision", "calibration", "calibration_samples", "float_layers", "equalize", "finetune")
+# The searchable settings that are not backend options: key -> (type, where it goes, field there). A key
+# not in this table is one of the backend's ``[options]``. The schema (``_allowed``) and the candidate
+# builder (``pipeline.search.candidate_target``) both read it: a new searchable setting is one row here.
+TARGET_KEYS: dict[str, tuple[Any, str, str]] = {
+    "precision": (Literal[PRECISIONS], "target", "precision"),
+    "calibration": (Literal[CALIBRATION_METHODS], "calibration", "method"),
+    "calibration_samples": (int, "calibration", "samples"),
+    "float_layers": (int, "calibration", "float_layers"),
+    "equalize": (bool, "calibration", "equalize"),
+    "finetune": (int, "calibration", "finetune"),
+}
 
 
 @dataclass(frozen=True)
@@ -152,8 +162,7 @@ def _allowed(backend: str) -> dict[str, Any]:
     """key -> type hint for every searchable key of ``backend``."""
     cls = options_class(backend)
     hints = typing.get_type_hints(cls)
-    out: dict[str, Any] = {"precision": Literal[PRECISIONS], "calibration": Literal[CALIBRATION_METHODS],
-                           "calibration_samples": int, "float_layers": int, "equalize": bool, "finetune": int}
+    out: dict[str, Any] = {k: tp for k, (tp, _, _) in TARGET_KEYS.items()}
     for f in dataclasses.fields(cls):
         out[f.name] = hints[f.name]
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgepipe.models.example import BasicBlock
+from edgepipe.models._blocks import BasicBlock
 
 INPUT_SHAPE = (1, 1, 32, 32)
 NUM_CLASSES = 10

@@ -11,29 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgepipe.models._blocks import BasicBlock
 from edgepipe.types import DEFAULT_INPUT_SHAPE
 
 WEIGHTS = Path(__file__).with_name("digits_resnet.safetensors")
 INPUT_SHAPE = DEFAULT_INPUT_SHAPE
 NUM_CLASSES = 10
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU()
-        self.downsample: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.downsample(x))
 
 
 class DigitsResNet(nn.Module):

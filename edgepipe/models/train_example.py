@@ -50,11 +50,11 @@ def train(epochs: int = 15, seed: int = 0, out: Path = WEIGHTS) -> float:
             loss.backward()
             opt.step()
             sched.step()
-        acc = evaluate(model, splits.evaluation.x, splits.evaluation.y)
+        acc = evaluate(model, splits.test.x, splits.test.y)
         print(f"epoch {epoch + 1:2d}/{epochs}  loss {loss.item():.4f}  eval top-1 {acc:.2%}  {time.perf_counter() - t0:.0f}s")
     model.eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
-    return evaluate(model, splits.evaluation.x, splits.evaluation.y)
+    return evaluate(model, splits.test.x, splits.test.y)
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepipe.models.example import BasicBlock
+from edgepipe.models._blocks import BasicBlock
 
 
 class ResNet18(nn.Module):

@@ -187,6 +187,3 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
     )
     return CandidateResult(target, manifest, artifact, onnx, calib, m, notes)
 
-
-def backend_can_run(target: Target) -> bool:
-    return backends.get(target.backend).check().run

@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgepipe.config import Target
-from edgepipe.errors import ClusterError, EdgepipeError
+from edgepipe.errors import ClusterError, ConfigError, EdgepipeError
 from edgepipe.pipeline import candidate as cand
 from edgepipe.pipeline.candidate import CandidateResult, Session
 from edgepipe.versions import tool_versions
@@ -727,6 +727,27 @@ class RayExecutor:
 
 
 def executor(cluster: str | None = None, workers: int | None = None, insecure: bool = False) -> Executor:
-    """``None``: the local process pool (``workers``, default: the cores); else a :class:`RayExecutor`
-    connected to ``cluster`` (``insecure``: see :func:`check_cluster_trust`)."""
-    return PoolExecutor(workers) if cluster is None else RayExecutor(cluster, insecure=insecure)
+    """Where a release's candidates run: the one place that chooses (the CLI and :func:`edgepipe.api.release`
+    both call it).
+
+    Args:
+        cluster: ``None``: the local process pool; ``"auto"`` or ``HOST:PORT``: a :class:`RayExecutor`
+            connected to that cluster, its nodes checked before any work.
+        workers: the pool's processes (default: the cores; 1: in this process). Only without ``cluster``.
+        insecure: allow a non-loopback cluster without token authentication (see
+            :func:`check_cluster_trust`). Only with ``cluster``.
+
+    Returns:
+        An open executor: the caller closes it.
+
+    Raises:
+        ConfigError: ``workers`` with a cluster, or ``insecure`` without one.
+        ClusterError: the cluster is unreachable, untrusted or its nodes do not match.
+    """
+    if cluster is None:
+        if insecure:
+            raise ConfigError("insecure cluster: only applies with a cluster address")
+        return PoolExecutor(workers)
+    if workers is not None:
+        raise ConfigError("workers sizes the local pool; with a cluster the cluster's CPUs decide: give one of them")
+    return RayExecutor(cluster, insecure=insecure)

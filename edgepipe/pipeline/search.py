@@ -25,7 +25,7 @@ from typing import Any
 from edgepipe import backends
 from edgepipe.config import Target
 from edgepipe.config.recipe import Recipe, load_recipe
-from edgepipe.config.search import Range, SearchSpace
+from edgepipe.config.search import TARGET_KEYS, Range, SearchSpace
 from edgepipe.errors import ConfigError, EdgepipeError
 from edgepipe.pipeline.candidate import CandidateResult, Session
 from edgepipe.pipeline.executors import Executor, Job, LocalExecutor
@@ -129,20 +129,12 @@ def candidate_target(target: Target, settings: dict[str, Any]) -> Target:
     calib: dict[str, Any] = {}
     opts: dict[str, Any] = {}
     for k, v in settings.items():
-        if k == "precision":
-            kw["precision"] = v
-        elif k == "calibration":
-            calib["method"] = v
-        elif k == "calibration_samples":
-            calib["samples"] = int(v)
-        elif k == "float_layers":
-            calib["float_layers"] = int(v)
-        elif k == "equalize":
-            calib["equalize"] = bool(v)
-        elif k == "finetune":
-            calib["finetune"] = int(v)
-        else:
+        if k not in TARGET_KEYS:
             opts[k] = tuple(v) if isinstance(v, list) else v
+            continue
+        tp, where, name = TARGET_KEYS[k]
+        value = tp(v) if tp in (int, bool) else v
+        (kw if where == "target" else calib)[name] = value
     if calib:
         kw["calibration"] = dataclasses.replace(target.calibration, **calib)
     if opts:

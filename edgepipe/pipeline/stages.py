@@ -794,10 +794,6 @@ def budgets(target: Target, drop: float, m: Measurement | None, size_bytes: int)
     return out
 
 
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
-
-
 def source(model: str | None, weights: Path | None) -> ModelSource:
     """Load the model source (``None``: the bundled example)."""
     return load_model(model, weights)

@@ -44,7 +44,7 @@ def test_float_irs_match_onnxruntime(precision, atol, example_onnx, calibration,
     assert [p.name for p in art.files] == ["model.xml", "model.bin"] and all(p.is_file() for p in art.files)
     runner = be.load(art)
     assert runner.config["INFERENCE_PRECISION_HINT"] == ("bf16" if precision == "bf16" else "f32")
-    x = splits.evaluation.x[:64]
+    x = splits.test.x[:64]
     ov_logits = predict(runner, x)
     ort_logits = predict(backends.get("onnxruntime").load(Artifact("onnxruntime", "fp32", example_onnx.path)), x)
     assert np.abs(ov_logits - ort_logits).max() < atol
@@ -57,8 +57,8 @@ def test_float_irs_match_onnxruntime(precision, atol, example_onnx, calibration,
 def test_int8_keeps_top1_within_one_point(int8, example_onnx, splits):
     be = backends.get("openvino")
     fp32 = top1(backends.get("onnxruntime").load(Artifact("onnxruntime", "fp32", example_onnx.path)),
-                splits.evaluation.x, splits.evaluation.y)
-    acc = top1(be.load(int8), splits.evaluation.x, splits.evaluation.y)
+                splits.test.x, splits.test.y)
+    acc = top1(be.load(int8), splits.test.x, splits.test.y)
     assert acc >= 0.95 and fp32 - acc <= 0.01
     q = int8.metadata["quantization"]
     assert len(q["quantized_layers"]) == 16  # 15 convolutions and the linear head
@@ -76,7 +76,7 @@ def test_runner_never_changes_its_inputs_or_earlier_outputs(int8, splits):
     """A shared input array stays bound to the compiled model, and a later copying inference writes into it."""
     runner = backends.get("openvino").load(int8)
     name = runner.inputs[0].name
-    big = splits.evaluation.x[:40]
+    big = splits.test.x[:40]
     feeds = [big[:8], big[8:9], np.asfortranarray(big[9:13]), big[13:21].astype(np.float64), big[::5],
              big[:8].copy()]
     originals = [f.copy() for f in feeds]

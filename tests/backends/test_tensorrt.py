@@ -45,13 +45,13 @@ def int8(example_onnx, calib, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp32_top1(example_onnx, splits) -> float:
     ort = backends.get("onnxruntime")
-    return top1(ort.load(Artifact("onnxruntime", "fp32", example_onnx.path)), splits.evaluation.x, splits.evaluation.y)
+    return top1(ort.load(Artifact("onnxruntime", "fp32", example_onnx.path)), splits.test.x, splits.test.y)
 
 
 def _stand_in_top1(art: Artifact, splits) -> float:
     s = TRT.stand_in(art)
     assert s is not None and s.artifact.backend == "onnxruntime"
-    return top1(backends.get("onnxruntime").load(s.artifact), splits.evaluation.x, splits.evaluation.y)
+    return top1(backends.get("onnxruntime").load(s.artifact), splits.test.x, splits.test.y)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,13 +138,13 @@ def test_a_near_dead_channel_does_not_break_the_evaluation_of_the_fp16_qdq_graph
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain = ort.InferenceSession(str(qdq), so, providers=["CPUExecutionProvider"])
-    x = splits.evaluation.x
+    x = splits.test.x
     truth = plain.run(None, {plain.get_inputs()[0].name: x})[0].astype(np.float32)
     ours = predict(backends.get("onnxruntime").load(stand_in.artifact), x).astype(np.float32)
     assert np.mean(ours.argmax(1) == truth.argmax(1)) >= 0.99
     assert np.abs(ours - truth).max() < 0.5
     dead_fp32 = top1(backends.get("onnxruntime").load(Artifact("onnxruntime", "fp32", src.path)), x,
-                     splits.evaluation.y)
+                     splits.test.y)
     assert _stand_in_top1(art, splits) >= dead_fp32 - 0.02
 
 
@@ -390,10 +390,10 @@ def test_engine_matches_its_qdq_onnx(int8, splits, fp32_top1, tmp_path):
     stand_in = TRT.stand_in(art)
     assert stand_in is not None
     onnx_runner = backends.get("onnxruntime").load(stand_in.artifact)
-    x = splits.evaluation.x
+    x = splits.test.x
     got, want = predict(engine, x, batch=64), predict(onnx_runner, x)  # 64 > max_batch: chunked
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
-    assert fp32_top1 - float((got.argmax(1) == splits.evaluation.y).mean()) <= 0.01
+    assert fp32_top1 - float((got.argmax(1) == splits.test.y).mean()) <= 0.01
 
 
 @pytest.mark.gpu

@@ -91,13 +91,13 @@ def converted(toolchain, example_onnx, splits, tmp_path_factory) -> dict[str, Ar
 @pytest.fixture(scope="session")
 def reference(example_onnx, splits) -> np.ndarray:
     ort = backends.get("onnxruntime").load(Artifact("onnxruntime", "fp32", example_onnx.path))
-    return predict(ort, splits.evaluation.x)
+    return predict(ort, splits.test.x)
 
 
 def test_fp32_matches_onnxruntime(converted, reference, splits):
     art = converted["fp32"]
     assert art.path.name == "model.tflite" and art.metadata["variant"] == "float32"
-    logits = predict(backends.get("tflite").load(art, threads=1), splits.evaluation.x)
+    logits = predict(backends.get("tflite").load(art, threads=1), splits.test.x)
     assert np.abs(logits - reference).max() < 1e-4
     assert (logits.argmax(1) == reference.argmax(1)).all()
 
@@ -108,8 +108,8 @@ def test_int8_is_full_integer_and_keeps_top1_within_one_point(converted, referen
     (inp,), (out,) = runner.interpreter.get_input_details(), runner.interpreter.get_output_details()
     assert inp["dtype"] == np.int8 and out["dtype"] == np.int8  # int8 in and out
     assert inp["quantization"][0] > 0 and out["quantization"][0] > 0
-    int8 = (predict(runner, splits.evaluation.x).argmax(1) == splits.evaluation.y).mean()
-    fp32 = (reference.argmax(1) == splits.evaluation.y).mean()
+    int8 = (predict(runner, splits.test.x).argmax(1) == splits.test.y).mean()
+    fp32 = (reference.argmax(1) == splits.test.y).mean()
     assert fp32 - int8 <= 0.01 and int8 >= 0.95
     assert art.size_bytes < converted["fp32"].size_bytes / 3  # int8 weights
     q = art.metadata["quantization"]
@@ -123,7 +123,7 @@ def test_nchw_batches_give_the_same_predictions_as_onnxruntime(precision, conver
     runner = backends.get("tflite").load(converted[precision])
     assert runner.inputs[0].shape == (None, 1, 32, 32)  # the model itself is NHWC (-1, 32, 32, 1)
     assert converted[precision].metadata["tensors"]["inputs"][0]["shape"] == [-1, 32, 32, 1]
-    x = splits.evaluation.x[:64]
+    x = splits.test.x[:64]
     whole = runner({runner.inputs[0].name: x})[0]
     pieces = np.concatenate([runner({runner.inputs[0].name: x[i : i + n]})[0] for i, n in ((0, 1), (1, 7), (8, 56))])
     np.testing.assert_allclose(whole, pieces, atol=1e-5)

@@ -74,7 +74,7 @@ def test_hard_loss_uses_teacher_argmax_as_targets():
 
 def _pruned_student(splits) -> nn.Module:
     tech = technique("structured_prune")
-    ctx = CompressContext(splits, FinetuneConfig(), torch.from_numpy(splits.evaluation.x[:1]))
+    ctx = CompressContext(splits, FinetuneConfig(), torch.from_numpy(splits.test.x[:1]))
     return tech.apply(_fresh(), tech.parse({"ratio": 0.5, "round_to": 8}), ctx)
 
 
@@ -82,7 +82,7 @@ def test_intermediate_adapters_where_channels_differ_and_they_train(splits):
     teacher, student = _fresh().eval(), _pruned_student(splits)
     cfg = DistillConfig(kind="intermediate", layers=(("layer3", "layer3"), ("stem.0", "stem.0")))
     ctx = CompressContext(splits, FinetuneConfig(epochs=1, max_batches=3, lr=1e-2),
-                          torch.from_numpy(splits.evaluation.x[:1]), cfg, teacher)
+                          torch.from_numpy(splits.test.x[:1]), cfg, teacher)
     obj = ctx.objective(student)
     assert isinstance(obj, HintDistill)
     deep, stem = obj.adapters
@@ -98,12 +98,12 @@ def test_intermediate_adapters_where_channels_differ_and_they_train(splits):
 def test_intermediate_hint_loss_is_zero_for_an_identical_student(splits):
     teacher = _fresh()
     student = copy.deepcopy(teacher)
-    x = torch.from_numpy(splits.evaluation.x[:8])
+    x = torch.from_numpy(splits.test.x[:8])
     cfg = DistillConfig(kind="intermediate", alpha=1.0, temperature=2.0, layers=(("layer2", "layer2"),),
                         hint_weight=5.0)
     obj = make_objective(cfg, student.eval(), teacher, x[:1])
     assert obj.adapters == [None]  # same channels: no adapter
-    loss = obj(student, x, torch.from_numpy(splits.evaluation.y[:8]))
+    loss = obj(student, x, torch.from_numpy(splits.test.y[:8]))
     assert loss.item() == pytest.approx(0.0, abs=1e-6)  # same logits (KL 0) and same features (hint 0)
     obj.close()
 
@@ -112,16 +112,16 @@ def test_intermediate_bad_layer_names_list_the_ones_that_exist(splits):
     cfg = DistillConfig(kind="intermediate", layers=(("layer3", "layer3"), ("blocks.2", "layer2")))
     with pytest.raises(ConfigError, match=r"distill.layers \(student\): no layer named 'blocks.2'.*layers that "
                                           r"exist.*stem, stem.0"):
-        make_objective(cfg, _fresh(), _fresh(), torch.from_numpy(splits.evaluation.x[:1]))
+        make_objective(cfg, _fresh(), _fresh(), torch.from_numpy(splits.test.x[:1]))
     cfg = DistillConfig(kind="intermediate", layers=(("layer3", "layer3.9"),))
     with pytest.raises(ConfigError, match=r"distill.layers \(teacher\): no layer named 'layer3.9'"):
-        make_objective(cfg, _fresh(), _fresh(), torch.from_numpy(splits.evaluation.x[:1]))
+        make_objective(cfg, _fresh(), _fresh(), torch.from_numpy(splits.test.x[:1]))
 
 
 def test_intermediate_pairs_at_different_resolutions_are_refused(splits):
     cfg = DistillConfig(kind="intermediate", layers=(("layer1", "layer3"),))
     with pytest.raises(ConfigError, match=r"differ in more than channels"):
-        make_objective(cfg, _fresh(), _fresh(), torch.from_numpy(splits.evaluation.x[:1]))
+        make_objective(cfg, _fresh(), _fresh(), torch.from_numpy(splits.test.x[:1]))
 
 
 def test_intermediate_needs_pairs():
@@ -140,7 +140,7 @@ def test_distilled_recipe_records_the_objective_and_learns_from_the_teacher(spli
     })
     model, [rec] = apply_recipe(_fresh(), recipe, splits)
     assert rec["distill"] == "hard" and rec["before"]["top1"] > 0.95
-    x = torch.from_numpy(splits.evaluation.x)
+    x = torch.from_numpy(splits.test.x)
     with torch.no_grad():
         agree = float((model(x).argmax(1) == _fresh()(x).argmax(1)).float().mean())
     assert agree > 0.8

@@ -43,7 +43,7 @@ def test_hashed_layers_keep_the_ratio_and_expand_to_identical_dense_weights(spli
     virtual = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, HashedLinear | HashedConv2d)}
     real = sum(p.numel() for n, p in model.named_parameters() if n.endswith("buckets"))
     assert real == sum(s.buckets for s in specs.values())
-    x = torch.from_numpy(splits.evaluation.x[:16])
+    x = torch.from_numpy(splits.test.x[:16])
     with torch.no_grad():
         out = model(x)
     finalize(model)
@@ -81,7 +81,7 @@ def test_hashed_model_fine_tunes_and_exports(tmp_path, splits):
     finalize(model)
     assert model.fc.edgepipe_hash.buckets == 160
     onnx = export(model, (1, 1, 32, 32), tmp_path / "hashed.onnx")
-    p = parity(model, onnx, splits.evaluation.x[:64])
+    p = parity(model, onnx, splits.test.x[:64])
     assert p.max_abs_error < 1e-3 and p.top1_agreement == 1.0
 
 

@@ -21,7 +21,7 @@ def _fresh():
 
 @pytest.fixture
 def example_input(splits):
-    return torch.from_numpy(splits.evaluation.x[:1])
+    return torch.from_numpy(splits.test.x[:1])
 
 
 def test_linear_is_the_truncated_svd(example_input):
@@ -68,7 +68,7 @@ def test_factorised_model_exports_and_runs_on_onnxruntime(tmp_path, splits, exam
     model = _fresh()
     factorise(model, LowRankConfig(energy=0.9), example_input)
     onnx = export(model, (1, 1, 32, 32), tmp_path / "lowrank.onnx")
-    p = parity(model, onnx, splits.evaluation.x[:64])
+    p = parity(model, onnx, splits.test.x[:64])
     assert p.max_abs_error < 1e-3 and p.top1_agreement == 1.0
 
 

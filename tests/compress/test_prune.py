@@ -29,7 +29,7 @@ def _fresh() -> nn.Module:
 
 def _ctx(splits, **ft) -> CompressContext:
     cfg = FinetuneConfig(**{"epochs": 1, "max_batches": 4, **ft})
-    return CompressContext(splits, cfg, torch.from_numpy(splits.evaluation.x[:1]))
+    return CompressContext(splits, cfg, torch.from_numpy(splits.test.x[:1]))
 
 
 def _apply(name: str, params: dict, splits, model: nn.Module | None = None, **ft) -> nn.Module:
@@ -182,7 +182,7 @@ def test_structured_shrinks_every_layer_to_multiples_of_round_to(splits, importa
     after = _channels(model)
     assert all(after[n] == before[n] // 2 and after[n] % 8 == 0 for n in before), after
     assert model.fc.out_features == 10 and model.fc.in_features == 32
-    y = model(torch.from_numpy(splits.evaluation.x[:4]))  # residual adds still line up
+    y = model(torch.from_numpy(splits.test.x[:4]))  # residual adds still line up
     assert y.shape == (4, 10)
 
 
@@ -212,7 +212,7 @@ def test_structured_graph_exports_smaller_and_matches_torch(splits, tmp_path, ex
     assert small.path.stat().st_size < 0.4 * big.path.stat().st_size
     conv_out = sorted({i.dims[0] for i in onnx.load(str(small.path)).graph.initializer if len(i.dims) == 4})
     assert max(conv_out) == 32 and all(c % 8 == 0 for c in conv_out)
-    check_parity(parity(model, small, splits.evaluation.x[:64]))
+    check_parity(parity(model, small, splits.test.x[:64]))
 
 
 @pytest.mark.slow

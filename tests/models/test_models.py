@@ -13,8 +13,8 @@ from edgepipe.models.example import WEIGHTS, DigitsResNet
 
 def test_bundled_example_reaches_97_percent_on_held_out_digits(example_model, splits):
     with torch.no_grad():
-        pred = example_model(torch.from_numpy(splits.evaluation.x)).argmax(1).numpy()
-    assert (pred == splits.evaluation.y).mean() >= 0.97
+        pred = example_model(torch.from_numpy(splits.test.x)).argmax(1).numpy()
+    assert (pred == splits.test.y).mean() >= 0.97
 
 
 def test_bundled_weights_are_small_safetensors():
@@ -73,7 +73,7 @@ def test_weights_that_do_not_fit(tmp_path):
 
 
 def test_pt2_exported_program(tmp_path, example_model, splits):
-    x = torch.from_numpy(splits.evaluation.x[:4])
+    x = torch.from_numpy(splits.test.x[:4])
     ep = torch.export.export(example_model, (x,))
     torch.export.save(ep, str(tmp_path / "m.pt2"))
     src = load_model(str(tmp_path / "m.pt2"), trust_code=True)
