@@ -337,7 +337,7 @@ def _crafted_result(release_src: Path, art_files: list[str], onnx: str = "source
                                  "./model.onnx", "a\\..\\..\\escaped.txt", "nul\x00byte", "dir/"])
 def test_unpack_refuses_a_worker_file_name_that_is_not_plain(release_src, tmp_path, bad):
     from edgepipe.pipeline.executors import _unpack
-    from edgepipe.pipeline.stages import BuildOptions
+    from edgepipe.pipeline.options import BuildOptions
 
     work = tmp_path / "a" / "b" / "work"
     escaped = tmp_path / "a" / "escaped.txt"
@@ -358,7 +358,7 @@ def test_unpack_refuses_result_paths_that_point_outside_what_was_sent(release_sr
     """The result's artifact paths decide what the driver copies into the release: a worker naming the
     driver's key there (by an absolute path, or by climbing out) is refused."""
     from edgepipe.pipeline.executors import _unpack
-    from edgepipe.pipeline.stages import BuildOptions
+    from edgepipe.pipeline.options import BuildOptions
 
     work = tmp_path / "work"
     files = {"model.onnx": b"fine", "source.onnx": b"fine"}
@@ -373,7 +373,7 @@ def test_unpack_refuses_result_paths_that_point_outside_what_was_sent(release_sr
 
 def test_unpack_writes_plain_names_inside_the_work_directory(release_src, tmp_path):
     from edgepipe.pipeline.executors import _unpack
-    from edgepipe.pipeline.stages import BuildOptions
+    from edgepipe.pipeline.options import BuildOptions
 
     work = tmp_path / "work"
     files = {"model.onnx": b"m", "source.onnx": b"s", "ov/model.xml": b"x", "ov/model.bin": b"b"}

@@ -2,6 +2,6 @@
 ``candidate`` (one candidate on one target), ``build`` (N targets) and ``search`` (release)."""
 
 from edgepipe.pipeline.build import BuildResult, TargetResult, build
-from edgepipe.pipeline.stages import BuildOptions
+from edgepipe.pipeline.options import BuildOptions
 
 __all__ = ["BuildOptions", "BuildResult", "TargetResult", "build"]

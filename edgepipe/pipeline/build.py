@@ -11,7 +11,7 @@ from edgepipe.config.recipe import Recipe, load_recipe
 from edgepipe.errors import BudgetError
 from edgepipe.pipeline import candidate, stages
 from edgepipe.pipeline.cache import Cache
-from edgepipe.pipeline.stages import BuildOptions
+from edgepipe.pipeline.options import BuildOptions
 from edgepipe.types import Manifest
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from edgepipe.harness import Measurement
 from edgepipe.models import ModelSource
 from edgepipe.pipeline import stages
 from edgepipe.pipeline.cache import Cache
-from edgepipe.pipeline.stages import BuildOptions, Compressed
+from edgepipe.pipeline.options import BuildOptions
+from edgepipe.pipeline.stages import Compressed
 from edgepipe.types import Accuracy, Artifact, CalibrationSet, Manifest, OnnxModel, StageRecord
 from edgepipe.versions import tool_versions
 
@@ -59,6 +61,11 @@ class Session:
     cache: Cache
     scratch: Path
     reporter: Reporter = field(default_factory=NullReporter)
+    #: held around every measurement: a process pool's workers share one lock, so a machine times one thing
+    #: at a time while the other workers compress and compile (default: no lock)
+    bench_lock: contextlib.AbstractContextManager[Any] = field(default_factory=contextlib.nullcontext)
+    #: the wall-clock (start, end) of each measurement this session made, when noted (a pool worker's)
+    bench_spans: list[tuple[float, float]] | None = None
     _compressed: dict[tuple[str, str], tuple[Compressed, StageRecord]] = field(default_factory=dict)
     _references: dict[tuple[Any, ...], Reference] = field(default_factory=dict)
     _scorers: dict[str, stages.Scorer] = field(default_factory=dict)
@@ -107,7 +114,8 @@ class Session:
                     try:
                         m, _ = stages.bench(art, dataclasses.replace(ref_target, board=board),
                                             stages.bench_settings(target, self.options.iterations), self.cache,
-                                            on_board=board is not None)
+                                            on_board=board is not None, lock=self.bench_lock,
+                                            spans=self.bench_spans)
                     except BenchmarkError as e:
                         if board is None:
                             raise
@@ -144,7 +152,7 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
         on_board = target.board is not None and not opts.local_bench
         with rep.stage(f"{target.name}: bench ({'board ' + target.board.host if on_board and target.board else 'here'})"):
             m, bench_rec = stages.bench(artifact, target, stages.bench_settings(target, opts.iterations), cache,
-                                        on_board=on_board)
+                                        on_board=on_board, lock=session.bench_lock, spans=session.bench_spans)
         records.append(bench_rec)
     if m is not None and m.emulated:
         notes.append(f"{target.name}: measured on {m.where}: emulation proves function, not speed"

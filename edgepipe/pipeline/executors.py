@@ -171,11 +171,10 @@ def _exit_with_parent(every: float = 1.0) -> None:
 def _pool_init(lock: Any, threads: int) -> None:
     """A pool worker: its benches take the lock the pool's workers share; torch and onnxruntime get
     ``threads`` threads each, so the workers do not oversubscribe the cores."""
-    from edgepipe.pipeline import stages
+    global _POOL_LOCK
 
     _exit_with_parent()
-    stages.bench_lock = lock
-    stages.bench_spans = []
+    _POOL_LOCK = lock
     import torch
 
     torch.set_num_threads(threads)
@@ -183,11 +182,14 @@ def _pool_init(lock: Any, threads: int) -> None:
 
 def _pool_work(model: str | None, options: Any, cache_root: str, cwd: str, target: Target, recipe: Any,
                info: dict[str, Any], tag: str) -> dict[str, Any]:
-    from edgepipe.pipeline import stages
-
     r = _run_job(model, options, cache_root, cwd, target, recipe, info, tag, f"pid {os.getpid()}",
                  platform.node())
-    r["bench_spans"], stages.bench_spans = stages.bench_spans, []
+    spans: list[tuple[float, float]] = []
+    for s in _SESSIONS.values():  # the job's session noted its measurements: hand them to the driver
+        if s.bench_spans:
+            spans += s.bench_spans
+            s.bench_spans.clear()
+    r["bench_spans"] = spans
     return r
 
 
@@ -276,6 +278,8 @@ def load_source(model: str | None, options: Any) -> Any:
     return source(model, options.weights)
 
 
+#: a pool worker's lock (set by ``_pool_init``), shared by the pool's workers: ``None`` outside a pool
+_POOL_LOCK: Any = None
 _SESSIONS: dict[str, Session] = {}
 #: this worker's scratch directories (removed at exit, or by the watch of :func:`_exit_with_parent`)
 _SCRATCH: list[Path] = []
@@ -325,8 +329,10 @@ def _worker_session(model: str | None, options: Any, cache_root: str) -> Session
         _SCRATCH.append(scratch)
         with _trusting(options):
             src = load_source(model, options)
-        _SESSIONS[k] = Session(src, options, Cache(Path(cache_root), enabled=options.cache),
-                               scratch)
+        # a pool worker's measurements take the lock its pool shares, and note when they held it
+        lock = _POOL_LOCK if _POOL_LOCK is not None else contextlib.nullcontext()
+        _SESSIONS[k] = Session(src, options, Cache(Path(cache_root), enabled=options.cache), scratch,
+                               bench_lock=lock, bench_spans=[] if _POOL_LOCK is not None else None)
     return _SESSIONS[k]
 
 

@@ -353,7 +353,8 @@ def search_target(session: Session, target: Target, space: SearchSpace, workroot
     try:
         out.retiming, _ = stages.retime(ids, [t.result.artifact for t in group if t.result], target,
                                         stages.bench_settings(target, session.options.iterations), session.cache,
-                                        space.retime_rounds, on_board=not session.options.local_bench)
+                                        space.retime_rounds, on_board=not session.options.local_bench,
+                                        lock=session.bench_lock)
     except EdgepipeError as e:  # the choice stands on the candidates' own figures, and says why
         out.retime_skipped = f"the finalists could not be re-timed together: {e}"
         session.reporter.note(f"{target.name}: {out.retime_skipped}")

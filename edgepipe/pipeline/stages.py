@@ -31,6 +31,7 @@ from edgepipe.errors import BackendUnavailable, ConfigError, EdgepipeError
 from edgepipe.harness import BenchSettings, Measurement
 from edgepipe.models import ModelSource, load_model
 from edgepipe.pipeline.cache import Cache
+from edgepipe.pipeline.options import BuildOptions
 from edgepipe.types import Artifact, Budget, CalibrationSet, OnnxModel, StageRecord, StandIn, TensorSpec
 from edgepipe.versions import tool_versions
 
@@ -38,26 +39,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from edgepipe.metrics import Metric
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """How a build runs, beyond the model and the targets."""
-
-    out: Path = Path("dist")
-    data: str = "digits"
-    input_shape: tuple[int, ...] | None = None
-    recipe: str | Recipe | None = None
-    weights: Path | None = None
-    bench: bool = True
-    iterations: int | None = None
-    allow_accuracy_drop: bool = False
-    cache: bool = True
-    parity_atol: float = 1e-3
-    local_bench: bool = False  # measure here even when the target names a [board]
-    trust_code: bool = False  # load .pt2 / TorchScript models and .pt2 weights, which can run code
-    metric: str | None = None  # a registered metric or pkg.mod:obj; None: top1 for a classifier, else refused
-    postprocess: str | None = None  # pkg.mod:fn run on the outputs before the metric (a detector's decode + NMS)
 
 
 class _Timer:
@@ -697,17 +678,22 @@ def bench_settings(target: Target, iterations: int | None = None) -> BenchSettin
                          shapes=shapes)
 
 
-#: held around every measurement; the process pool sets it to a lock its workers share, so a machine
-#: times one thing at a time while the other workers compress and compile
-bench_lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-#: where a pool worker notes when it held the lock (wall-clock start and end of each measurement), so the
-#: driver can show that no two measurements overlapped; ``None``: not noted
-bench_spans: list[tuple[float, float]] | None = None
-
-
 def bench(artifact: Artifact, target: Target, settings: BenchSettings, cache: Cache, *,
-          on_board: bool = True) -> tuple[Measurement, StageRecord]:
-    """Latency and memory in a fresh worker, here or on the target's board (cached per machine)."""
+          on_board: bool = True, lock: contextlib.AbstractContextManager[Any] | None = None,
+          spans: list[tuple[float, float]] | None = None) -> tuple[Measurement, StageRecord]:
+    """Latency and memory in a fresh worker, here or on the target's board (cached per machine).
+
+    Args:
+        artifact, target, settings: what to time and how.
+        cache: the stage cache (a hit is this machine's earlier figure for the same bytes and settings).
+        on_board: time on the target's ``[board]`` when it names one.
+        lock: held around the measurement (a process pool's workers share one, so this machine times one
+            thing at a time while the others compress and compile); ``None``: none.
+        spans: where to note the wall-clock start and end of the measurement; ``None``: not noted.
+
+    Returns:
+        The measurement and the stage's record.
+    """
     from dataclasses import asdict
 
     from edgepipe.harness import measure
@@ -721,7 +707,7 @@ def bench(artifact: Artifact, target: Target, settings: BenchSettings, cache: Ca
     if hit is not None:
         m = Measurement(**hit.record["measurement"])
     else:
-        with bench_lock:
+        with lock or contextlib.nullcontext():
             t0 = time.time()
             if board is not None:
                 from edgepipe.harness.remote import measure_remote
@@ -729,8 +715,8 @@ def bench(artifact: Artifact, target: Target, settings: BenchSettings, cache: Ca
                 m = measure_remote(artifact, board, settings)
             else:
                 m = measure(artifact, settings)
-            if bench_spans is not None:
-                bench_spans.append((t0, time.time()))
+            if spans is not None:
+                spans.append((t0, time.time()))
         stored = cache.put("bench", key, [], {"measurement": m.to_dict()})
         if stored is not None:  # another worker measured the same key first: everyone uses that figure
             m = Measurement(**stored.record["measurement"])
@@ -739,11 +725,12 @@ def bench(artifact: Artifact, target: Target, settings: BenchSettings, cache: Ca
 
 
 def retime(ids: list[str], artifacts: list[Artifact], target: Target, settings: BenchSettings, cache: Cache,
-           rounds: int, *, on_board: bool = True) -> tuple[Any, StageRecord]:
+           rounds: int, *, on_board: bool = True,
+           lock: contextlib.AbstractContextManager[Any] | None = None) -> tuple[Any, StageRecord]:
     """Re-time the finalists together, interleaved round by round in one worker (cached per machine).
 
     Returns a :class:`~edgepipe.harness.rounds.Retiming` and the stage's record. On a target with a board
-    the rounds run on the board, else here."""
+    the rounds run on the board, else here; ``lock`` as for :func:`bench`."""
     from dataclasses import asdict
 
     from edgepipe.harness.rounds import Retiming, retime_here
@@ -758,7 +745,7 @@ def retime(ids: list[str], artifacts: list[Artifact], target: Target, settings: 
     if hit is not None:
         r = Retiming.from_dict(hit.record["retiming"])
     else:
-        with bench_lock:
+        with lock or contextlib.nullcontext():
             if board is not None:
                 from edgepipe.harness.remote import retime_remote
 

@@ -237,7 +237,7 @@ def test_tensorrt_candidates_run_only_on_the_node_declaring_backend_tensorrt(clu
 def test_task_resources_ask_for_tensorrt_then_a_gpu_then_nothing():
     from edgepipe.config import load_target
     from edgepipe.pipeline.executors import task_resources
-    from edgepipe.pipeline.stages import BuildOptions
+    from edgepipe.pipeline.options import BuildOptions
 
     opts = BuildOptions()
     trt, cpu = load_target("jetson-orin-nano-int8"), load_target("cpu-int8")
