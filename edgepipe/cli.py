@@ -204,8 +204,8 @@ def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | 
     _build_table(result)
 
 
-def _ms(d: dict[str, Any] | None, key: str) -> str:
-    return f"{d[key]:.3f}" if d else "-"
+def _ms(m: Any, key: str) -> str:
+    return f"{getattr(m, key):.3f}" if m is not None else "-"
 
 
 def _build_table(result: Any) -> None:
@@ -225,16 +225,16 @@ def _build_table(result: Any) -> None:
         ref_key = f"{acc.reference}{ref_lat}"
         if ref_key not in shown_ref:
             shown_ref.add(ref_key)
-            mem = f"{ref_lat['peak_rss_above_baseline_mb']:.1f}" if ref_lat else "-"
+            mem = f"{ref_lat.peak_rss_above_baseline_mb:.1f}" if ref_lat else "-"
             t.add_row("fp32 original", "onnxruntime", "fp32", acc.format(acc.reference), "-", "-",
                       _ms(ref_lat, "p50_ms"), _ms(ref_lat, "p99_ms"), "1.00x" if ref_lat else "-", mem,
                       f"{src.bytes / 1024:.0f}" if src and not m.compression else "-", style="dim")
         lat = m.latency
         ratio = speedup(ref_lat, lat)
         speed = f"{ratio:.2f}x" if ratio is not None else "-"
-        if lat and (lat.get("host") or {}).get("emulated"):
+        if lat is not None and lat.emulated:
             speed += " (emulated)"
-        mem = f"{lat['peak_rss_above_baseline_mb']:.1f}" if lat else "-"
+        mem = f"{lat.peak_rss_above_baseline_mb:.1f}" if lat else "-"
         sqnr = (m.fidelity or {}).get("sqnr_db")
         t.add_row(m.name, art.backend, art.precision, acc.format(acc.value), f"{acc.drop:+.2f}",
                   f"{min(sqnr):.1f}" if sqnr else "-", _ms(lat, "p50_ms"), _ms(lat, "p99_ms"), speed, mem, f"{art.size_bytes / 1024:.0f}")

@@ -40,7 +40,7 @@ def write_release(dest: Path, artifact: Artifact, onnx: OnnxModel, calibration: 
             else:
                 shutil.copy2(f, target)
         shutil.copy2(onnx.path, tmp / "source.onnx")
-        calib = {**calibration.record(), "method": manifest.target.get("calibration", {}).get("method")}
+        calib = {**calibration.record(), "method": manifest.target.calibration.method}
         (tmp / "calibration.json").write_text(json.dumps(calib, indent=2) + "\n")
         files = [_file_record(tmp / f.relative_to(art_root), tmp) for f in artifact.files if f.is_file()]
         manifest = dataclasses.replace(
@@ -85,7 +85,7 @@ def render_report(m: Manifest) -> str:
     t, acc, lat, ref, a = m.target, m.accuracy, m.latency, m.reference_latency, m.artifact
     assert a is not None
     summary = [
-        ("target", f"{t['name']}: {t.get('description', '')}"),
+        ("target", f"{t.name}: {t.description}"),
         ("backend / precision", f"{a.backend} / {a.precision}"),
         (f"{acc.metric} (artifact)", f"{acc.format(acc.value)} on {acc.samples} held-out test samples"),
         (f"{acc.metric} (original model, fp32)", f"{acc.format(acc.reference)} (drop {acc.drop:+.4g})"),
@@ -107,9 +107,9 @@ def render_report(m: Manifest) -> str:
         from edgepipe.harness import speedup, where
 
         summary += [("latency measured on", where(lat)),
-                    ("latency p50 / p90 / p99", f"{lat['p50_ms']:.3f} / {lat['p90_ms']:.3f} / {lat['p99_ms']:.3f} ms"),
-                    ("throughput", f"{lat['throughput_per_s']:.1f} / s at batch {lat['batch']}"),
-                    ("peak memory above baseline", f"{lat['peak_rss_above_baseline_mb']:.1f} MB")]
+                    ("latency p50 / p90 / p99", f"{lat.p50_ms:.3f} / {lat.p90_ms:.3f} / {lat.p99_ms:.3f} ms"),
+                    ("throughput", f"{lat.throughput_per_s:.1f} / s at batch {lat.batch}"),
+                    ("peak memory above baseline", f"{lat.peak_rss_above_baseline_mb:.1f} MB")]
         ratio = speedup(ref, lat)
         if ratio is not None:
             summary.append(("speed-up vs fp32 reference", f"{ratio:.2f}x (both timed on {where(lat)})"))
@@ -121,7 +121,7 @@ def render_report(m: Manifest) -> str:
     tools = list(m.tools.items())
     sections = [("Summary", summary), ("Budgets", budgets), ("Files", files), ("Stages", stages), ("Tools", tools)]
     body = "".join(f"<h2>{name}</h2><table>{_rows(rows)}</table>" for name, rows in sections if rows)
-    title = _h(f"edgepipe release: {t['name']}")
+    title = _h(f"edgepipe release: {t.name}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
             "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;width:100%}"
             "th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}"
@@ -197,8 +197,8 @@ def release_index(result: Any) -> dict[str, Any]:
             acc, ref_lat = first.manifest.accuracy, first.manifest.reference_latency
             entry["metric"] = {"name": acc.metric, "unit": acc.unit, "higher_is_better": acc.higher_is_better}
             entry["reference"] = {"validation": acc.validation_reference, "test": acc.reference,
-                                  "p50_ms": ref_lat["p50_ms"] if ref_lat else None,
-                                  "emulated": (ref_lat.get("host") or {}).get("emulated") if ref_lat else None}
+                                  "p50_ms": ref_lat.p50_ms if ref_lat else None,
+                                  "emulated": ref_lat.emulated if ref_lat else None}
         cands = []
         for x in o.tried:
             d = x.to_dict()

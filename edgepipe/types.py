@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from edgepipe._hashing import sha256_arrays
+
+if TYPE_CHECKING:
+    from edgepipe.config.target import Target
 
 #: The bundled example's input (N, C, H, W): the one place it is written.
 DEFAULT_INPUT_SHAPE: tuple[int, int, int, int] = (1, 1, 32, 32)
@@ -319,18 +322,75 @@ class ArtifactRecord:
 MAX_MANIFEST_BYTES = 16 << 20
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """What the bench worker measured for one artifact: latency (ms), throughput, memory, and where.
+
+    ``host`` is the machine it ran on (node, machine, ``emulated`` under qemu-user); ``eval`` holds, with
+    ``verify``, the outputs of the release's test split where it ran."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    throughput_per_s: float
+    load_ms: float
+    baseline_rss_mb: float
+    peak_rss_mb: float
+    peak_rss_above_baseline_mb: float
+    iterations: int
+    warmup: int
+    batch: int
+    threads: int | None
+    size_bytes: int = 0
+    device_memory_mb: float | None = None  # GPU memory the runner took (GPU backends only)
+    backend: str = ""
+    precision: str = ""
+    host: dict[str, Any] = field(default_factory=dict)
+    #: with ``verify``: every output of the release's test split where it ran (see ``worker.evaluate``); after
+    #: :func:`edgepipe.ship.verify.verified`, the metric scored from them and the comparison with this host's run
+    eval: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["eval"] is None:
+            del d["eval"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Measurement:
+        """The measurement :meth:`to_dict` wrote (a manifest's ``latency``, a cached bench, a worker's reply)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def emulated(self) -> str | None:
+        """``"qemu-user"`` when the worker ran under emulation: its latency proves function, never speed."""
+        return self.host.get("emulated")
+
+    @property
+    def where(self) -> str:
+        """Where it was measured, in words: ``node (machine)``, with ``, emulated by qemu-user`` if so."""
+        h = self.host
+        return f"{h.get('node', '?')} ({h.get('machine', '?')}" + (f", emulated by {h['emulated']})"
+                                                                  if h.get("emulated") else ")")
+
+
 @dataclass
 class Manifest:
     """Everything a release directory's ``manifest.json`` says: read it with :meth:`read`, not by key."""
 
-    target: dict[str, Any]
+    target: Target
     inputs: dict[str, Any]
     tools: dict[str, str]
     stages: list[StageRecord]
     accuracy: Accuracy
     budgets: dict[str, Budget]
-    latency: dict[str, Any] | None = None
-    reference_latency: dict[str, Any] | None = None
+    latency: Measurement | None = None
+    reference_latency: Measurement | None = None
     bench_skipped: str | None = None
     compression: list[dict[str, Any]] | None = None
     candidate: dict[str, Any] | None = None  # which search candidate this is (release only)
@@ -345,7 +405,7 @@ class Manifest:
 
     @property
     def name(self) -> str:
-        return str(self.target["name"])
+        return self.target.name
 
     @property
     def budgets_ok(self) -> bool:
@@ -353,6 +413,9 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["target"] = {**self.target.to_dict(), "sha256": self.target.sha256}
+        d["latency"] = self.latency.to_dict() if self.latency is not None else None
+        d["reference_latency"] = self.reference_latency.to_dict() if self.reference_latency is not None else None
         d["stages"] = [s.to_dict(run=False) for s in self.stages]
         d["accuracy"] = asdict(self.accuracy)
         d["budgets"] = {k: asdict(b) for k, b in self.budgets.items()}
@@ -371,11 +434,12 @@ class Manifest:
             art = ArtifactRecord(**{**a, "files": [FileRecord(**f) for f in a["files"]]})
         acc = d["accuracy"]
         return cls(
-            target=d["target"], inputs=d["inputs"], tools=d.get("tools", {}),
+            target=_target(d["target"]), inputs=d["inputs"], tools=d.get("tools", {}),
             stages=[StageRecord.from_dict(s) for s in d.get("stages", [])],
             accuracy=Accuracy.from_dict(acc),
             budgets={k: Budget(**b) for k, b in (d.get("budgets") or {}).items()},
-            latency=d.get("latency"), reference_latency=d.get("reference_latency"),
+            latency=Measurement.from_dict(d["latency"]) if d.get("latency") else None,
+            reference_latency=Measurement.from_dict(d["reference_latency"]) if d.get("reference_latency") else None,
             bench_skipped=d.get("bench_skipped"), compression=d.get("compression"), candidate=d.get("candidate"),
             artifact=art, source_onnx=FileRecord(**d["source_onnx"]) if d.get("source_onnx") else None,
             signature=d.get("signature"), fidelity=d.get("fidelity"),
@@ -394,6 +458,23 @@ class Manifest:
         data = read_bounded(p, MAX_MANIFEST_BYTES, "manifest")
         try:
             return cls.from_dict(json.loads(data))
+        except ConfigError as e:
+            raise ConfigError(f"manifest {str(p)!r}: {e}") from None
         except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"manifest {str(p)!r} is not a manifest edgepipe wrote ({type(e).__name__}: "
                               f"{str(e)[:200]}); rebuild the release") from None
+
+
+def _target(d: dict[str, Any]) -> Target:
+    """A manifest's target: the :class:`~edgepipe.config.Target` it was built for, checked against the
+    ``sha256`` written beside it (a target edited after the build is refused)."""
+    from edgepipe.config.target import target_from_dict
+    from edgepipe.errors import ConfigError
+
+    if not isinstance(d, dict):
+        raise ConfigError(f"target is {type(d).__name__}, not a table")
+    t = target_from_dict({k: v for k, v in d.items() if k != "sha256"}, "target")
+    if "sha256" in d and d["sha256"] != t.sha256:
+        raise ConfigError(f"target {t.name!r}: its sha256 {str(d['sha256'])[:12]}... is not that of its settings "
+                          f"({t.sha256[:12]}...): the target was edited after the build")
+    return t

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 SHARED_SERVERS = ("docker", "cluster")  # each is one server per session: its tests share one xdist worker
 
 

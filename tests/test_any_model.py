@@ -192,7 +192,7 @@ def test_a_target_file_can_give_a_table_of_input_shapes(zoo, tmp_path):
     t.write_text('backend = "onnxruntime"\nprecision = "fp32"\n'
                  'input_shape = { image = [1, 3, 8, 8], feats = [1, 5] }\n')
     m = _build("anymodels:image_and_vector", t, tmp_path, data=str(data))
-    assert m.target["input_shape"] == {"image": [1, 3, 8, 8], "feats": [1, 5]}
+    assert m.target.input_shape == {"image": (1, 3, 8, 8), "feats": (1, 5)}
 
 
 def test_segmenter_is_scored_by_miou_and_needs_a_metric(zoo, tmp_path):
@@ -340,7 +340,7 @@ def test_onnx_with_dynamic_height_and_width_is_built_and_benched_at_the_given_sh
     res = api.build(str(model), ["cpu-fp32"], out=tmp_path / "dist", data=str(data), input_shape=(1, 3, 20, 24),
                     iterations=5)
     m = res.results[0].manifest
-    assert m.signature["inputs"][0]["shape"] == ["batch", 3, "h", "w"] and m.latency["iterations"] == 5
+    assert m.signature["inputs"][0]["shape"] == ["batch", 3, "h", "w"] and m.latency.iterations == 5
     assert m.accuracy.metric == "top1"
 
 
@@ -349,7 +349,7 @@ def test_a_two_input_model_is_benched_with_every_input(zoo, tmp_path):
     res = api.build("anymodels:image_and_vector", ["cpu-fp32"], out=tmp_path / "dist", data=str(data),
                     input_shape=SHAPES, iterations=5)
     m = res.results[0].manifest
-    assert m.latency["iterations"] == 5 and m.latency["p50_ms"] > 0 and m.reference_latency["p50_ms"] > 0
+    assert m.latency.iterations == 5 and m.latency.p50_ms > 0 and m.reference_latency.p50_ms > 0
 
 
 def test_the_bench_worker_feeds_every_input_at_the_targets_shapes():

@@ -67,11 +67,11 @@ def test_calibration_is_recorded_with_its_method(built):
     """calibration.json says which samples calibrated (count and hash) and how; the manifest agrees."""
     out, result = built
     for r in result.results:
-        t = r.manifest.target["calibration"]
+        t = r.manifest.target.calibration
         calib = json.loads((r.release_dir / "calibration.json").read_text())
-        assert calib["samples"] == t["samples"] == 256
-        assert calib["sha256"] == _calibration_split_sha256(t["samples"], t["seed"])
-        assert calib["method"] == t["method"] == r.manifest.inputs["calibration_method"]
+        assert calib["samples"] == t.samples == 256
+        assert calib["sha256"] == _calibration_split_sha256(t.samples, t.seed)
+        assert calib["method"] == t.method == r.manifest.inputs["calibration_method"]
     int8 = next(r for r in result.results if r.manifest.name == "cpu-int8")
     recorded = int8.manifest.artifact.metadata["calibration"]  # what the backend calibrated with
     assert {k: recorded[k] for k in ("samples", "sha256", "method")} == {

@@ -37,7 +37,7 @@ def test_build_makes_no_network_call_and_writes_nothing_under_home(tmp_path):
     env.update(HOME=str(home), EDGEPIPE_TEST_NET_LOG=str(log), XDG_CACHE_HOME="", XDG_CONFIG_HOME="",
                PYTHONPATH=os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     code = (f"from edgepipe import api; import sys; r = api.build(None, ['cpu-int8'], out={str(tmp_path / 'dist')!r}, "
-            "iterations=5); print(r.results[0].manifest.latency['iterations'], 'sitecustomize' in sys.modules)")
+            "iterations=5); print(r.results[0].manifest.latency.iterations, 'sitecustomize' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["5", "True"]  # benched (the worker ran) with the hook installed

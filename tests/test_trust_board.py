@@ -284,7 +284,7 @@ def test_target_report_escapes_what_a_board_said():
 
     lat = {**GOOD, "host": {**GOOD["host"], "emulated": XSS, "node": '"><script>alert(1)</script>'}}
     m = Manifest.from_dict({
-        "target": {"name": "t", "description": XSS}, "inputs": {}, "tools": {"x": XSS}, "stages": [],
+        "target": {"name": "t", "description": XSS, "backend": "onnxruntime", "precision": "fp32"}, "inputs": {}, "tools": {"x": XSS}, "stages": [],
         "accuracy": {"top1": 0.9, "reference_top1": 0.9, "drop_points": 0.0, "dataset": "d", "samples": 1},
         "budgets": {}, "latency": lat,
         "artifact": {"backend": "onnxruntime", "precision": "fp32", "file": "m.onnx", "size_bytes": 1,
@@ -304,7 +304,7 @@ def _release(root: Path, names: list[str]) -> Path:
     (root / "model.onnx").write_bytes(b"an onnx model, as far as the manifest says")
     files = [{"name": n, "sha256": "0" * 64, "bytes": 1} for n in ["model.onnx", *names]]
     (root / "manifest.json").write_text(json.dumps({
-        "schema": 1, "target": {"name": "cpu-fp32"}, "inputs": {}, "tools": {}, "stages": [], "budgets": {},
+        "schema": 1, "target": {"name": "cpu-fp32", "backend": "onnxruntime", "precision": "fp32"}, "inputs": {}, "tools": {}, "stages": [], "budgets": {},
         "accuracy": {"top1": 0.9, "reference_top1": 0.9, "drop_points": 0.0, "dataset": "d", "samples": 1},
         "artifact": {"backend": "onnxruntime", "precision": "fp32", "file": "model.onnx", "files": files,
                      "size_bytes": 1}}))

@@ -9,13 +9,13 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgepipe._telemetry import NO_TELEMETRY_ENV
 from edgepipe.errors import BenchmarkError, ConfigError
-from edgepipe.types import Artifact
+from edgepipe.types import Artifact, Measurement
 
 
 @dataclass(frozen=True)
@@ -52,54 +52,6 @@ class BenchSettings:
             raise bad("timeout", self.timeout_s, "must be a number of seconds > 0")
 
 
-@dataclass(frozen=True)
-class Measurement:
-    """What the worker measured for one artifact."""
-
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    std_ms: float
-    min_ms: float
-    max_ms: float
-    throughput_per_s: float
-    load_ms: float
-    baseline_rss_mb: float
-    peak_rss_mb: float
-    peak_rss_above_baseline_mb: float
-    iterations: int
-    warmup: int
-    batch: int
-    threads: int | None
-    size_bytes: int = 0
-    device_memory_mb: float | None = None  # GPU memory the runner took (GPU backends only)
-    backend: str = ""
-    precision: str = ""
-    host: dict[str, Any] = field(default_factory=dict)
-    #: with ``verify``: every output of the release's test split where it ran (see ``worker.evaluate``); after
-    #: :func:`edgepipe.ship.verify.verified`, the metric scored from them and the comparison with this host's run
-    eval: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["eval"] is None:
-            del d["eval"]
-        return d
-
-    @property
-    def emulated(self) -> str | None:
-        """``"qemu-user"`` when the worker ran under emulation: its latency proves function, never speed."""
-        return self.host.get("emulated")
-
-    @property
-    def where(self) -> str:
-        """Where it was measured, in words: ``node (machine)``, with ``, emulated by qemu-user`` if so."""
-        h = self.host
-        return f"{h.get('node', '?')} ({h.get('machine', '?')}" + (f", emulated by {h['emulated']})"
-                                                                  if h.get("emulated") else ")")
-
-
 def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
@@ -122,29 +74,27 @@ def _settings(artifact: Artifact, s: BenchSettings, eval_path: Path | str | None
     return out
 
 
-def same_machine(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    """Whether two measurements (``Measurement.to_dict()``) were taken on the same machine, the same way
-    (emulated or not): only then is a ratio of their latencies a speed-up."""
-    if not a or not b:
+def same_machine(a: Measurement | None, b: Measurement | None) -> bool:
+    """Whether two measurements were taken on the same machine, the same way (emulated or not): only then
+    is a ratio of their latencies a speed-up."""
+    if a is None or b is None:
         return False
-    ha, hb = a.get("host") or {}, b.get("host") or {}
-    return all(ha.get(k) == hb.get(k) for k in ("node", "machine", "emulated"))
+    return all(a.host.get(k) == b.host.get(k) for k in ("node", "machine", "emulated"))
 
 
-def speedup(reference: dict[str, Any] | None, measured: dict[str, Any] | None) -> float | None:
+def speedup(reference: Measurement | None, measured: Measurement | None) -> float | None:
     """Reference p50 / measured p50, or ``None`` unless both were timed on the same machine the same way
     (an fp32 reference timed on this host says nothing about an int8 artifact timed on a board)."""
-    if not same_machine(reference, measured) or not measured or not measured.get("p50_ms"):
+    if reference is None or measured is None or not measured.p50_ms or not same_machine(reference, measured):
         return None
-    assert reference is not None
-    return float(reference["p50_ms"]) / float(measured["p50_ms"])
+    return float(reference.p50_ms) / float(measured.p50_ms)
 
 
-def where(measured: dict[str, Any] | None) -> str:
-    """Where a measurement was taken, in words, with emulation said."""
-    h = (measured or {}).get("host") or {}
-    out = f"{h.get('node', '?')} ({h.get('machine', '?')})"
-    return out + (f", emulated by {h['emulated']}: proves function, not speed" if h.get("emulated") else "")
+def where(measured: Measurement | None) -> str:
+    """Where a measurement was taken, in words, with emulation said (``"?"`` when nothing was measured)."""
+    if measured is None:
+        return "? (?)"
+    return measured.where + (": proves function, not speed" if measured.emulated else "")
 
 
 #: the distribution to pip-install for a module the worker could not import

@@ -307,7 +307,7 @@ def release_settings(release: str, argv: list[str]) -> dict[str, Any]:
                          "batch": 1, "warmup": int(opts.get("--warmup", 20)),
                          "iterations": int(opts.get("--iterations", 200)), "duration_s": None, "seed": 0}
     m = Manifest.read(Path(release))
-    shape = m.target.get("input_shape")  # the shapes it was built for
+    shape = m.target.input_shape  # the shapes it was built for
     if shape:
         s["shapes"] = {k: list(v) for k, v in shape.items()} if isinstance(shape, dict) else {"": list(shape)}
     if opts.get("--eval"):

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepipe import backends
 from edgepipe._progress import NullReporter, Reporter
 from edgepipe.config import Target
 from edgepipe.data import Splits
@@ -167,7 +166,7 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
     elif recipe is not None and compressed.fp32_validation and compressed.fp32_validation["measure"] == ev.metric:
         compressed_score = compressed.fp32_validation["value"]
     manifest = Manifest(
-        target={**target.to_dict(), "sha256": target.sha256},
+        target=target,
         inputs={
             "model": {"spec": session.source.spec, "kind": session.source.kind,
                       "sha256": session.source.weights_sha256},
@@ -185,8 +184,8 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
             validation_drop=val_drop, validation_samples=ev.validation_samples, evaluated_on=ev.evaluated_on,
         ),
         budgets=budgets,
-        latency=m.to_dict() if m else None,
-        reference_latency=ref.latency.to_dict() if ref.latency else None,
+        latency=m,
+        reference_latency=ref.latency,
         bench_skipped=ev.bench_skipped if opts.bench else None,
         compression=compressed.records if compressed.recipe is not None else None,
         candidate=candidate,

@@ -65,7 +65,7 @@ class Tried:
     @property
     def p50_ms(self) -> float | None:
         lat = self.result.manifest.latency if self.result else None
-        return lat["p50_ms"] if lat else None
+        return lat.p50_ms if lat is not None else None
 
     @property
     def size_bytes(self) -> int | None:
@@ -97,7 +97,7 @@ class Tried:
         fid = self.result.manifest.fidelity or {}
         return {**d, "validation": acc.validation_value, "validation_drop": acc.validation_drop,
                 "test": acc.value, "test_drop": acc.drop, "sqnr_db": fid.get("sqnr_db"),
-                "flip_rate": fid.get("flip_rate"), "p50_ms": lat["p50_ms"] if lat else None,
+                "flip_rate": fid.get("flip_rate"), "p50_ms": lat.p50_ms if lat else None,
                 "peak_memory_mb": lat["peak_rss_above_baseline_mb"] if lat else None, "size_bytes": self.size_bytes,
                 # "qemu-user": timed under emulation, which proves function only (never a board's latency)
                 "emulated": (lat.get("host") or {}).get("emulated") if lat else None,
@@ -367,7 +367,7 @@ def finalists(tried: list[Tried], space: SearchSpace) -> list[Tried]:
     """The qualifying candidates worth re-timing together: timed where they run (not emulated), within
     ``space.finalist_margin`` of the fastest one's p50, the fastest ``space.finalists`` of them."""
     ok = [t for t in tried if t.qualifies and t.p50_ms is not None and t.result is not None
-          and not ((t.result.manifest.latency or {}).get("host") or {}).get("emulated")]
+          and not (t.result.manifest.latency is not None and t.result.manifest.latency.emulated)]
     if space.finalists < 2 or len(ok) < 2:
         return []
     fastest = min(t.p50_ms for t in ok if t.p50_ms is not None)

@@ -9,7 +9,6 @@ and the cluster executors all compose these; none of them re-implements one.
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 import shutil
 import time
@@ -705,7 +704,7 @@ def bench(artifact: Artifact, target: Target, settings: BenchSettings, cache: Ca
     timer = _Timer()
     hit = cache.get("bench", key)
     if hit is not None:
-        m = Measurement(**hit.record["measurement"])
+        m = Measurement.from_dict(hit.record["measurement"])
     else:
         with lock or contextlib.nullcontext():
             t0 = time.time()
@@ -719,7 +718,7 @@ def bench(artifact: Artifact, target: Target, settings: BenchSettings, cache: Ca
                 spans.append((t0, time.time()))
         stored = cache.put("bench", key, [], {"measurement": m.to_dict()})
         if stored is not None:  # another worker measured the same key first: everyone uses that figure
-            m = Measurement(**stored.record["measurement"])
+            m = Measurement.from_dict(stored.record["measurement"])
     return m, StageRecord("bench", inputs, sha256_json(m.to_dict()), timer.seconds, hit is not None,
                           {"where": "board " + board.host if board else "here", "p50_ms": m.p50_ms})
 

@@ -174,7 +174,7 @@ def write_context(release: Path, out: Path, platform: str, *, base_image: str | 
     m = Manifest.read(release / MANIFEST)
     backend = m.artifact.backend
     family = "tensorrt" if backend == "tensorrt" else "runtime"
-    runtime = (m.target.get("options") or {}).get("runtime")
+    runtime = getattr(m.target.options, "runtime", None)
     base = base_image or DEFAULT_BASES[family][platform]
     python = python or (TRT_BASE[platform]["python"] if family == "tensorrt" else DEFAULT_PYTHON)
     split = verify.eval_data(release, data)  # bound by hash to the manifest's record
@@ -195,7 +195,7 @@ def write_context(release: Path, out: Path, platform: str, *, base_image: str | 
         if family == "tensorrt":
             pkg = Path(__file__).resolve().parents[1]
             shutil.copytree(pkg, tmp / "src" / "edgepipe", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        ctx = Context(out, m.target.get("name", release.name), backend, m.artifact.precision, platform, python,
+        ctx = Context(out, m.target.name, backend, m.artifact.precision, platform, python,
                       base, f"{family}.Dockerfile", len(house.wheels),
                       sum((tmp / "wheels" / w.file).stat().st_size for w in house.wheels))
         (tmp / "context.json").write_text(json.dumps({**ctx.to_dict(), "directory": None,

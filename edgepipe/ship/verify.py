@@ -72,7 +72,6 @@ def eval_data(release: Path, data: str | None = None) -> Dataset:
     machine (any dataset, folder or file here) would be read and bundled. ``data`` overrides the source (e.g.
     the release was built from a file that is elsewhere now): the caller's choice, not checked.
     """
-    from edgepipe.config.target import target_from_dict
     from edgepipe.pipeline import stages
 
     m, mf = _manifest(release)
@@ -85,7 +84,7 @@ def eval_data(release: Path, data: str | None = None) -> Dataset:
         raise ConfigError(f"{mf} names the data {source!r} but records no sha256 of it, so nothing ties that name "
                           "to the samples the release was evaluated on (here it could read any data on this "
                           "machine); pass the evaluation data explicitly (--data)")
-    target = target_from_dict({k: v for k, v in m.target.items() if k != "sha256"}, str(mf))
+    target = m.target
     splits = stages.data_splits(source, _input_specs(m, target), target.calibration.samples, target.calibration.seed)
     if data is None and stages.data_sha256(splits) != want:
         raise ConfigError(f"the data {source!r} here is not the data {release} was evaluated on (its sha256 "
