@@ -243,7 +243,10 @@ def sensitivity(
     calib = stages.calibration_set(splits)
     with tempfile.TemporaryDirectory(prefix="edgepipe-sensitivity-") as tmp:
         onnx, _ = stages.export(stages.original(src), t, splits, Path(tmp), Cache())
-        onnx, _ = stages.equalized(onnx, dc.replace(t, precision="int8"), calib, Path(tmp))
+        # the model int8 would quantize, equalized when asked; no float layers or fine-tune: every layer is measured
+        plain = dc.replace(t, precision="int8", calibration=dc.replace(t.calibration, float_layers=0, keep_float=(),
+                                                                       finetune=0))
+        onnx, _, _ = stages.prepare_int8(onnx, plain, calib, Path(tmp), Cache())
         errors = layer_sensitivity(onnx, calib.x, t.calibration.method, samples=samples, progress=progress)
     return {"model": src.spec, "target": t.name, "method": t.calibration.method, "equalized": t.calibration.equalize,
             "samples": min(samples, len(calib.x)), "layers": [e.to_dict() for e in errors]}

@@ -377,18 +377,9 @@ def compile(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdi
     if hit is not None:
         artifact = _cached_artifact(backend.name, hit, out)
     else:
-        quantized_from, eq = equalized(onnx, target, calibration, workdir)
-        target, plan = mixed_precision(quantized_from, target, calibration)
-        if eq and target.calibration.keep_float:  # the float layers' biases must not be corrected
-            quantized_from, eq = equalized(onnx, target, calibration, workdir)
-        quantized_from, ft = finetuned(quantized_from, onnx, target, calibration, workdir, cache, reporter)
+        quantized_from, target, prepared = prepare_int8(onnx, target, calibration, workdir, cache, reporter)
         artifact = backend.compile(quantized_from, target, calibration, out)
-        if eq:
-            artifact.metadata["equalization"] = eq
-        if ft:
-            artifact.metadata["finetune"] = ft
-        if plan:
-            artifact.metadata["mixed_precision"] = plan
+        artifact.metadata.update(prepared)
         rec = {"precision": artifact.precision, "path": artifact.path.name,
                "files": [p.name for p in artifact.files], "metadata": artifact.metadata}
         stored = cache.put(kind, key, artifact.files, rec)
@@ -405,22 +396,46 @@ def _cached_artifact(backend: str, entry: Any, out: Path) -> Artifact:
     return Artifact(backend, rec["precision"], out / rec["path"], [out / n for n in rec["files"]], rec["metadata"])
 
 
-def equalized(onnx: OnnxModel, target: Target, calibration: CalibrationSet,
-              workdir: Path) -> tuple[OnnxModel, dict[str, Any]]:
-    """The model the backend quantizes: ``onnx`` equalized and bias-corrected when the int8 target asks
-    (``calibration.equalize``), else ``onnx`` itself; and the record of what was done."""
+def prepare_int8(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path, cache: Cache,
+                 reporter: Reporter | None = None) -> tuple[OnnxModel, Target, dict[str, Any]]:
+    """What an int8 target's backend quantizes, and the target it quantizes for: the preparation stage.
+
+    In order, each when the target's ``[calibration]`` asks: cross-layer equalization with bias correction
+    (``equalize``; once, see :class:`~edgepipe.quantize.equalize.Equalizer`), float layers chosen by
+    sensitivity on the equalized model (``float_layers``; their biases are then left uncorrected), and a
+    quantization-aware fine-tune (``finetune`` epochs).
+
+    Returns:
+        The model to quantize (``onnx`` itself when nothing is asked or the target is not int8), the target
+        with its float layers filled in, and the record of each step (``equalization``, ``mixed_precision``,
+        ``finetune``: the artifact's metadata).
+    """
     import dataclasses
 
-    if target.precision != "int8" or not target.calibration.equalize:
-        return onnx, {}
-    from edgepipe.quantize.equalize import equalize
+    if target.precision != "int8":
+        return onnx, target, {}
+    record: dict[str, Any] = {}
+    model, eq, written = onnx, None, target.calibration.keep_float
+    if target.calibration.equalize:
+        from edgepipe.quantize.equalize import Equalizer
 
-    path = workdir / "equalized" / onnx.path.name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = equalize(onnx.path, path, calibration.x, keep_float=target.calibration.keep_float)
-    record["method"] = ("cross-layer equalization (ReLU6 kept exact on the calibration samples) and bias correction "
-                        "of int8 weight rounding, Nagel et al. 2019")
-    return dataclasses.replace(onnx, path=path, sha256=sha256_file(path)), record
+        path = workdir / "equalized" / onnx.path.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        eq = Equalizer(onnx.path, calibration.x)
+        record["equalization"] = {**eq.write(path, written), "method": (
+            "cross-layer equalization (ReLU6 kept exact on the calibration samples) and bias correction of int8 "
+            "weight rounding, Nagel et al. 2019")}
+        model = dataclasses.replace(onnx, path=path, sha256=sha256_file(path))
+    target, plan = mixed_precision(model, target, calibration)
+    if plan:
+        record["mixed_precision"] = plan
+    if eq is not None and target.calibration.keep_float != written:  # the float layers: biases uncorrected
+        record["equalization"] = {**record["equalization"], **eq.write(path, target.calibration.keep_float)}
+        model = dataclasses.replace(onnx, path=path, sha256=sha256_file(path))
+    model, ft = finetuned(model, onnx, target, calibration, workdir, cache, reporter)
+    if ft:
+        record["finetune"] = ft
+    return model, target, record
 
 
 def finetuned(onnx: OnnxModel, original: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path,

@@ -175,6 +175,84 @@ def _channel_stats(path: Path, tensors: list[str], x: Samples, batch: int = 16) 
     return {t: (mx[t], sm[t] / count) for t in tensors}
 
 
+class Equalizer:
+    """``src`` equalized once, written with bias correction for any set of float layers.
+
+    Mixed precision chooses its float layers on the equalized model, and those layers must then not be
+    bias-corrected (they are not rounded): equalizing again for that would repeat the same work. The
+    equalization and every Conv's correction are computed here once; :meth:`write` applies the
+    corrections of the layers that are quantized.
+
+    Args:
+        src: the fp32 ONNX model.
+        x: calibration samples, for the pre-activation maxima and the layer input means.
+        bias_correction: compute the corrections (else :meth:`write` writes the equalized model only).
+    """
+
+    def __init__(self, src: Path, x: Samples, *, bias_correction: bool = True) -> None:
+        import onnx
+
+        self.model = onnx.load(str(src))
+        g = _Graph(self.model)
+        pairs = _pairs(g)
+        stats = _channel_stats(src, sorted({a.output[0] for a, _, _, bound in pairs if np.isfinite(bound)}), x)
+        scaled, kept = 0, 0
+        for a, _, b, bound in pairs:
+            wa, wb = g.arrays[a.input[1]], g.arrays[b.input[1]]
+            r1 = np.abs(wa.reshape(wa.shape[0], -1)).max(axis=1)
+            r2 = (np.abs(wb.reshape(wb.shape[0], -1)).max(axis=1) if g.attr(b, "group", 1) != 1
+                  else np.abs(wb.transpose(1, 0, 2, 3).reshape(wb.shape[1], -1)).max(axis=1))
+            live = (r1 > _TINY) & (r2 > _TINY)
+            s = np.ones_like(r1)
+            s[live] = np.sqrt(r1[live] / r2[live])
+            if np.isfinite(bound):  # ReLU6: only channels that never saturated, and never below max z / bound
+                zmax = stats[a.output[0]][0]
+                ok = live & (zmax <= bound)
+                s = np.where(ok, np.maximum(s, zmax / bound), 1.0)
+            s = s.astype(wa.dtype)
+            if np.all(s == 1.0):
+                continue
+            scaled += int(np.sum(s != 1.0))
+            kept += int(np.sum(s == 1.0))
+            g.set(a.input[1], wa / s.reshape(-1, 1, 1, 1))
+            ba = g.bias(a)
+            g.set(a.input[2], ba / s)
+            if g.attr(b, "group", 1) != 1:
+                g.set(b.input[1], wb * s.reshape(-1, 1, 1, 1))
+            else:
+                g.set(b.input[1], wb * s.reshape(1, -1, 1, 1))
+        self.record: dict[str, Any] = {"equalized_pairs": len(pairs), "channels_rescaled": scaled,
+                                       "channels_kept (saturating ReLU6 or dead)": kept}
+        #: node index -> (node name, bias shift) for every Conv whose int8 rounding is corrected
+        self.corrections = _bias_corrections(g, self.model, x) if bias_correction else None
+
+    def write(self, out: Path, keep_float: tuple[str, ...] | set[str] = ()) -> dict[str, Any]:
+        """Write the equalized model to ``out`` (atomically), every Conv's bias corrected except the
+        ``keep_float`` layers' (they stay in float: no rounding to correct for). Returns the record."""
+        import onnx
+
+        from edgepipe._fs import atomic_path
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        record = dict(self.record)
+        if self.corrections is not None:
+            g = _Graph(model)
+            skip = set(keep_float)
+            done = 0
+            for i, (name, shift) in self.corrections.items():
+                if name in skip:
+                    continue
+                n = g.nodes[i]
+                b = g.bias(n)
+                g.set(n.input[2], (b - shift).astype(b.dtype))
+                done += 1
+            record["bias_corrected_layers"] = done
+        with atomic_path(out) as tmp:
+            onnx.save(model, str(tmp))
+        return record
+
+
 def equalize(src: Path, out: Path, x: Samples, *, bias_correction: bool = True,
              keep_float: tuple[str, ...] = ()) -> dict[str, Any]:
     """Write ``src`` equalized (and bias-corrected) to ``out``; returns what was done, for the manifest.
@@ -182,61 +260,22 @@ def equalize(src: Path, out: Path, x: Samples, *, bias_correction: bool = True,
     ``x``: calibration samples (NCHW float32), for the pre-activation maxima and the layer input means.
     ``keep_float``: layers that stay in float (mixed precision): their biases are not corrected (there is
     no int8 rounding to correct for, and a correction would be an error of its own)."""
-    import onnx
-
-    from edgepipe._fs import atomic_path
-
-    model = onnx.load(str(src))
-    g = _Graph(model)
-    pairs = _pairs(g)
-    stats = _channel_stats(src, sorted({a.output[0] for a, _, _, bound in pairs if np.isfinite(bound)}), x)
-    scaled, kept = 0, 0
-    for a, _, b, bound in pairs:
-        wa, wb = g.arrays[a.input[1]], g.arrays[b.input[1]]
-        r1 = np.abs(wa.reshape(wa.shape[0], -1)).max(axis=1)
-        r2 = (np.abs(wb.reshape(wb.shape[0], -1)).max(axis=1) if g.attr(b, "group", 1) != 1
-              else np.abs(wb.transpose(1, 0, 2, 3).reshape(wb.shape[1], -1)).max(axis=1))
-        live = (r1 > _TINY) & (r2 > _TINY)
-        s = np.ones_like(r1)
-        s[live] = np.sqrt(r1[live] / r2[live])
-        if np.isfinite(bound):  # ReLU6: only channels that never saturated, and never below max z / bound
-            zmax = stats[a.output[0]][0]
-            ok = live & (zmax <= bound)
-            s = np.where(ok, np.maximum(s, zmax / bound), 1.0)
-        s = s.astype(wa.dtype)
-        if np.all(s == 1.0):
-            continue
-        scaled += int(np.sum(s != 1.0))
-        kept += int(np.sum(s == 1.0))
-        g.set(a.input[1], wa / s.reshape(-1, 1, 1, 1))
-        ba = g.bias(a)
-        g.set(a.input[2], ba / s)
-        if g.attr(b, "group", 1) != 1:
-            g.set(b.input[1], wb * s.reshape(-1, 1, 1, 1))
-        else:
-            g.set(b.input[1], wb * s.reshape(1, -1, 1, 1))
-    record: dict[str, Any] = {"equalized_pairs": len(pairs), "channels_rescaled": scaled,
-                              "channels_kept (saturating ReLU6 or dead)": kept}
-    if bias_correction:
-        record["bias_corrected_layers"] = _correct_biases(g, model, x, set(keep_float))
-    with atomic_path(out) as tmp:
-        onnx.save(model, str(tmp))
-    return record
+    return Equalizer(src, x, bias_correction=bias_correction).write(out, keep_float)
 
 
-def _correct_biases(g: _Graph, model: Any, x: Samples, skip: set[str]) -> int:
-    """Lower each Conv's bias by its int8 weight rounding error times the mean of its input."""
+def _bias_corrections(g: _Graph, model: Any, x: Samples) -> dict[int, tuple[str, np.ndarray]]:
+    """Each Conv's bias shift: its int8 weight rounding error times the mean of its input (by node index)."""
     import tempfile
 
     import onnx
 
-    convs = [n for n in g.nodes if g.conv_weight(n) is not None and g.conv_weight(n).ndim == 4 and n.name not in skip]
+    convs = [(i, n) for i, n in enumerate(g.nodes) if g.conv_weight(n) is not None and g.conv_weight(n).ndim == 4]
     with tempfile.TemporaryDirectory(prefix="edgepipe-equalize-") as tmp:
         p = Path(tmp) / "eq.onnx"
         onnx.save(model, str(p))
-        means = _channel_stats(p, sorted({n.input[0] for n in convs}), x)
-    done = 0
-    for n in convs:
+        means = _channel_stats(p, sorted({n.input[0] for _, n in convs}), x)
+    out: dict[int, tuple[str, np.ndarray]] = {}
+    for i, n in convs:
         w = g.arrays[n.input[1]]
         dw = fake_int8(w) - w
         mean = means[n.input[0]][1].astype(w.dtype)
@@ -246,7 +285,5 @@ def _correct_biases(g: _Graph, model: Any, x: Samples, skip: set[str]) -> int:
             shift = dw.sum(axis=(1, 2, 3)) * mean
         else:
             continue  # grouped convolutions other than depthwise: left as they are
-        b = g.bias(n)
-        g.set(n.input[2], (b - shift).astype(b.dtype))
-        done += 1
-    return done
+        out[i] = (n.name, shift)
+    return out
