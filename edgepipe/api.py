@@ -267,30 +267,49 @@ def compress(
     out: str | Path = "model.pt2",
     weights: Path | None = None,
     data: str = "digits",
-    input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE,
+    input_shape: tuple[int, ...] | dict[str, tuple[int, ...]] = DEFAULT_INPUT_SHAPE,
     reporter: Reporter | None = None,
     trust_code: bool = False,
+    metric: str | None = None,
+    postprocess: str | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Apply a compression recipe to a torch model and save it as a ``.pt2`` ExportedProgram.
 
-    ``trust_code``: load a ``.pt2``/TorchScript model, ``.pt2`` weights or teacher (they can run code).
+    Args:
+        model: a model spec (``pkg.mod:factory``, a file); ``None`` for the bundled example.
+        recipe: a recipe name, path or object.
+        out: the ``.pt2`` to write (atomically: nothing is left there on a failure).
+        weights: weights to load into the model first.
+        data: the samples (any model: an ``.npz`` with one array per input, by name, and its targets).
+        input_shape: one input's shape (batch first, any rank), or a shape per input by name.
+        reporter: stage progress.
+        trust_code: load a ``.pt2``/TorchScript model, ``.pt2`` weights or teacher (they can run code).
+        metric, postprocess: how a step's fine-tune is judged (as for :func:`build`; default: top-1 for a
+            classifier, else the SQNR against the original model).
 
     Returns:
-        The written path and one record per step (params, non-zero params, MACs, top-1 before and after).
+        The written path (a program taking every input at its dtype, the batch dynamic) and one record per
+        step (params, non-zero params, MACs, the measure before and after).
     """
+    from edgepipe.config import Target
     from edgepipe.config.recipe import load_recipe
-    from edgepipe.models import load_model, save_program, trusting
+    from edgepipe.models import load_model, trusting
     from edgepipe.pipeline import stages
     from edgepipe.pipeline.cache import Cache
 
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     _check_file_out(out)
+    shape = {k: tuple(v) for k, v in input_shape.items()} if isinstance(input_shape, dict) else tuple(input_shape)
     with trusting(trust_code):
         src = load_model(model, weights)
         if src.module is None:
             raise ConfigError(f"model {src.spec!r} is ONNX; compression needs the torch model")
-        compressed, _ = stages.compress(src, rec, stages.data_splits(data, tuple(input_shape)), Cache(), reporter)
-        out = save_program(compressed.module, tuple(input_shape), Path(out))
+        # the data read as a build reads it: by the model's input names, at these shapes
+        splits = stages.load_splits(data, Target("compress", "onnxruntime", "fp32", input_shape=shape), src)
+        opts = BuildOptions(data=data, metric=metric, postprocess=postprocess)
+        scorer = stages.compress_scorer(opts, src.module, splits)
+        compressed, _ = stages.compress(src, rec, splits, Cache(), reporter, scorer=scorer)
+        out = stages.save_compressed(compressed.module, splits, Path(out))
     return out, compressed.records
 
 

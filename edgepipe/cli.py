@@ -420,19 +420,36 @@ def export(model: str | None, out: Path, weights: Path | None, input_shape: str,
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("model.pt2"), show_default=True,
               help="Where the compressed model goes (a torch.export .pt2 program).")
 @click.option("-w", "--weights", type=click.Path(path_type=Path), help="Weights for a module:factory model.")
-@click.option("-d", "--data", default="digits", show_default=True, help="Fine-tuning/evaluation data.")
-@click.option("--input-shape", default=_DEFAULT_SHAPE, show_default=True, help="N,C,H,W of one input batch.")
+@click.option("-d", "--data", default="digits", show_default=True,
+              help="Fine-tuning/evaluation data: 'digits', an .npz with one array per input (by name) and its "
+                   "targets, an image folder, pkg.mod:fn.")
+@click.option("--input-shape", multiple=True, metavar="[NAME=]D0,D1,...", default=(_DEFAULT_SHAPE,),
+              show_default=True,
+              help="One input's shape, batch first (any rank), or NAME=D0,D1,... once per input of a model with "
+                   "several.")
+@click.option("--metric", metavar="NAME|pkg.mod:obj",
+              help="How a fine-tuned step is judged (as for build). Default: top1 for a classifier, else the SQNR "
+                   "against the original model.")
+@click.option("--postprocess", metavar="pkg.mod:fn", help="Runs on the outputs before --metric.")
 @click.option("--list", "list_", is_flag=True, help="List the compression techniques and exit.")
 @_trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the step records as JSON.")
-def compress(model: str | None, recipe: str | None, out: Path, weights: Path | None, data: str, input_shape: str,
-             list_: bool, trust_code: bool, as_json: bool) -> None:
+def compress(model: str | None, recipe: str | None, out: Path, weights: Path | None, data: str,
+             input_shape: tuple[str, ...], metric: str | None, postprocess: str | None, list_: bool,
+             trust_code: bool, as_json: bool) -> None:
     """Apply a compression recipe to MODEL and save the result as a .pt2 program.
 
     A recipe is a TOML file of ordered [[steps]] (technique = "...", its parameters, finetune = true),
     sharing one [finetune] loop and an optional [distill] objective. Each step reports parameters,
-    non-zero parameters, MACs and top-1 before and after. `edgepipe build --recipe R` runs the same
-    recipe before export.
+    non-zero parameters, MACs and its measure before and after (top-1 for a classifier, the --metric, or
+    the SQNR against the original model). Any model: every input is fed at its shape and dtype, and the
+    .pt2 takes them all. `edgepipe build --recipe R` runs the same recipe before export.
+
+    \b
+    Examples:
+      edgepipe compress --recipe structured-50 --out small.pt2
+      edgepipe compress mypkg.nets:fusion --recipe structured-50 --data fusion.npz \\
+        --input-shape image=1,3,64,64 --input-shape feats=1,16
     """
     from edgepipe import api
 
@@ -448,7 +465,7 @@ def compress(model: str | None, recipe: str | None, out: Path, weights: Path | N
     assert shape is not None
     with RichReporter(quiet=as_json) as rep:
         path, records = api.compress(model, recipe, out=out, weights=weights, data=data, input_shape=shape,
-                                     reporter=rep, trust_code=trust_code)
+                                     reporter=rep, trust_code=trust_code, metric=metric, postprocess=postprocess)
     if as_json:
         _emit_json({"path": str(path), "steps": records})
         return

@@ -196,6 +196,11 @@ def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cac
     base = original(src)
     if recipe is None:
         return base, StageRecord("compress", {"model": src.weights_sha256}, base.sha256, skipped="no recipe")
+    if not src.is_onnx and Path(src.spec).suffix in (".pt2", ".pt", ".ts"):
+        raise ConfigError(f"model {src.spec!r} is a saved program (torch.export or TorchScript): its layers are one "
+                          "flattened graph, which no compression technique can take apart; compress the model it came "
+                          f"from (pkg.mod:factory --weights {Path(src.spec).name}"
+                          + (" --trust-code" if Path(src.spec).suffix == ".pt2" else "") + "), or build it without a recipe")
     if src.is_onnx:
         return base, StageRecord("compress", {"model": src.weights_sha256}, base.sha256,
                                  skipped="model is already ONNX")
@@ -227,7 +232,7 @@ def compress(src: ModelSource, recipe: Recipe | None, splits: Splits, cache: Cac
         out = Compressed(src, key, recipe, steps, record.get("fp32_validation_top1"),
                          fp32_validation=record.get("fp32_validation"), _module=module)
         with tempfile.TemporaryDirectory(prefix="edgepipe-compress-") as tmp:
-            pt2 = _save_compressed(module, splits, Path(tmp) / "model.pt2")
+            pt2 = save_compressed(module, splits, Path(tmp) / "model.pt2")
             stored = cache.put("compress", key, [pt2], record)
         if stored is not None and not stored.mine:  # another run stored this key first: everyone uses that one
             entry = stored
@@ -263,7 +268,7 @@ def compress_scorer(options: BuildOptions, module: nn.Module | None, splits: Spl
         return None
 
 
-def _save_compressed(module: nn.Module, splits: Splits, path: Path) -> Path:
+def save_compressed(module: nn.Module, splits: Splits, path: Path) -> Path:
     """The compressed module as a ``.pt2`` taking every input at its shape and dtype (batch dynamic)."""
     from edgepipe.compress._inputs import arrays
     from edgepipe.models import save_program

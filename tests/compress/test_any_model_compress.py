@@ -379,3 +379,40 @@ def test_edgepipe_compress_takes_a_segmenter_and_prints_what_it_measured(tmp_pat
     res = CliRunner().invoke(cli, [*args, "--json"], catch_exceptions=False)
     (step,) = json.loads(res.output)["steps"]
     assert step["measure"] == "sqnr_db" and step["after"]["sqnr_db"][0] > SQNR_FLOOR_DB
+
+
+def test_edgepipe_compress_takes_a_two_input_model_by_its_input_names(tmp_path):
+    """`edgepipe compress` reads the data by the forward's names at each input's shape, judges the step by
+    --metric, and writes a .pt2 that takes both inputs; that .pt2 compresses again (with --trust-code)."""
+    import torch
+    from click.testing import CliRunner
+
+    from edgepipe.cli import cli
+
+    task = TASKS["image_vector"]
+    data = tmp_path / "iv.npz"
+    np.savez(data, **task.inputs())  # no labels: the step is judged by --metric (agreement needs none)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[finetune]\nepochs = 1\nbatch_size = 32\n\n[[steps]]\ntechnique = "magnitude_prune"\n'
+                      'sparsity = 0.5\nfinetune = true\n')
+    out = tmp_path / "small.pt2"
+    args = ["compress", "edgepipe.models.tasks:image_vector", "--recipe", str(recipe), "--data", str(data),
+            "--input-shape", "image=1,3,16,16", "--input-shape", "feats=1,8", "--metric", "agreement", "--json"]
+    res = CliRunner().invoke(cli, [*args, "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    (step,) = json.loads(res.output)["steps"]
+    assert step["measure"] == "agreement" and step["after"]["nonzero_params"] < step["before"]["nonzero_params"]
+    program = torch.export.load(str(out)).module()
+    x = task.inputs(4, seed=3)
+    logits = program(torch.from_numpy(x["image"]), torch.from_numpy(x["feats"]))
+    assert tuple(logits.shape) == (4, task.module()(torch.zeros(1, 3, 16, 16), torch.zeros(1, 8)).shape[1])
+    # compressing again starts from the factory with the .pt2's weights (code: only with --trust-code) ...
+    again = tmp_path / "smaller.pt2"
+    res = CliRunner().invoke(cli, [*args, "--weights", str(out), "--trust-code", "--out", str(again)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert again.is_file()
+    # ... the .pt2 program itself has no layers left to take apart: one line says what to give instead
+    res = CliRunner().invoke(cli, ["compress", str(out), *args[2:], "--trust-code", "--out", str(tmp_path / "no.pt2")])
+    assert isinstance(res.exception, ConfigError) and not (tmp_path / "no.pt2").exists()
+    assert "pkg.mod:factory --weights small.pt2 --trust-code" in str(res.exception)
