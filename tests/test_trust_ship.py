@@ -336,7 +336,7 @@ def _crafted_result(release_src: Path, art_files: list[str], onnx: str = "source
 @pytest.mark.parametrize("bad", ["../../escaped.txt", "ok/../../../escaped.txt", "ABSOLUTE", "", "a//b", ".",
                                  "./model.onnx", "a\\..\\..\\escaped.txt", "nul\x00byte", "dir/"])
 def test_unpack_refuses_a_worker_file_name_that_is_not_plain(release_src, tmp_path, bad):
-    from edgepipe.pipeline.executors import _unpack
+    from edgepipe.pipeline.executors.task import _unpack
     from edgepipe.pipeline.options import BuildOptions
 
     work = tmp_path / "a" / "b" / "work"
@@ -357,7 +357,7 @@ def test_unpack_refuses_a_worker_file_name_that_is_not_plain(release_src, tmp_pa
 def test_unpack_refuses_result_paths_that_point_outside_what_was_sent(release_src, secret_home, tmp_path):
     """The result's artifact paths decide what the driver copies into the release: a worker naming the
     driver's key there (by an absolute path, or by climbing out) is refused."""
-    from edgepipe.pipeline.executors import _unpack
+    from edgepipe.pipeline.executors.task import _unpack
     from edgepipe.pipeline.options import BuildOptions
 
     work = tmp_path / "work"
@@ -372,7 +372,7 @@ def test_unpack_refuses_result_paths_that_point_outside_what_was_sent(release_sr
 
 
 def test_unpack_writes_plain_names_inside_the_work_directory(release_src, tmp_path):
-    from edgepipe.pipeline.executors import _unpack
+    from edgepipe.pipeline.executors.task import _unpack
     from edgepipe.pipeline.options import BuildOptions
 
     work = tmp_path / "work"

@@ -110,7 +110,7 @@ def nodes(tmp_path_factory):
         yield n
     finally:
         n.end(list(reversed(n.procs)))
-        from edgepipe.pipeline.executors import _sweep_scratch
+        from edgepipe.pipeline.executors.task import _sweep_scratch
 
         _sweep_scratch()  # the workers were killed: their scratch would stay until the next run's workers
 
@@ -298,10 +298,10 @@ def test_a_board_no_node_declares_fails_before_any_work(cluster, tmp_path):
 
 
 def test_a_node_with_other_versions_is_refused(cluster, tmp_path, monkeypatch):
-    from edgepipe.pipeline import executors
+    from edgepipe.pipeline.executors import ray_cluster
 
-    real = executors.tool_versions()
-    monkeypatch.setattr(executors, "tool_versions", lambda: {**real, "onnxruntime": "0.0.1"})
+    real = ray_cluster.tool_versions()
+    monkeypatch.setattr(ray_cluster, "tool_versions", lambda: {**real, "onnxruntime": "0.0.1"})
     with pytest.raises(ClusterError, match=r"refused: its versions differ.*onnxruntime .* \(driver: 0\.0\.1\)"):
         api.release(None, ["cpu-int8"], out=tmp_path / "out", search=_search(tmp_path), cluster=cluster)
     assert not (tmp_path / "out").exists()

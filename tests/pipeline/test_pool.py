@@ -127,7 +127,7 @@ def test_a_killed_workers_scratch_is_swept_by_the_next_worker(tmp_path, monkeypa
     import sys
     import tempfile
 
-    from edgepipe.pipeline import executors
+    from edgepipe.pipeline.executors import task
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -137,6 +137,6 @@ def test_a_killed_workers_scratch_is_swept_by_the_next_worker(tmp_path, monkeypa
     other = tmp_path / "edgepipe-worker-notapid-x"
     for d in (dead, live, other):
         (d / "reference-0").mkdir(parents=True)
-    executors._sweep_scratch()
+    task._sweep_scratch()
     assert not dead.exists()
     assert live.exists() and other.exists()
