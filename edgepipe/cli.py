@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from edgepipe import __version__
+from edgepipe import _render as render
 from edgepipe.errors import EdgepipeError
 from edgepipe.types import DEFAULT_INPUT_SHAPE
 
@@ -54,61 +54,6 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(_RUN_OPTIONS):
         f = option(f)
     return f
-
-
-def _plain(text: Any) -> str:
-    """``text`` for rich output: a board's or a file's words are never read as markup (``[red]``)."""
-    from rich.markup import escape
-
-    return escape(str(text))
-
-
-def _console(stderr: bool = False) -> Any:
-    import os
-
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    wide = None if stream.isatty() or os.environ.get("COLUMNS") else 120  # logs and pipes: no 80-column wrap
-    return Console(stderr=stderr, width=wide)
-
-
-class RichReporter:
-    """Draws one progress line per stage on stderr."""
-
-    def __init__(self, quiet: bool = False) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.quiet = quiet
-        self.notes: list[str] = []
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<44}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=_console(stderr=True),
-                                 disable=quiet)
-
-    def __enter__(self) -> RichReporter:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
-    @contextlib.contextmanager
-    def stage(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-        task = self.progress.add_task(name, total=total)
-        yield lambda n=1: self.progress.advance(task, n)
-        self.progress.update(task, total=total or 1, completed=total or 1)
-
-    def note(self, message: str) -> None:
-        self.notes.append(message)
-        if not self.quiet:
-            self.progress.console.print(f"[yellow]note:[/] {message}")
 
 
 def _dims(value: str) -> tuple[int, ...]:
@@ -191,7 +136,7 @@ def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | 
     """
     from edgepipe import api
 
-    with RichReporter(quiet=as_json) as rep:
+    with render.RichReporter(quiet=as_json) as rep:
         result = api.build(model, targets, out=out, reporter=rep, recipe=recipe, weights=weights, data=data,
                            input_shape=_shape(input_shape), iterations=iterations, bench=not no_bench,
                            cache=not no_cache, allow_accuracy_drop=allow_accuracy_drop, local_bench=local_bench,
@@ -201,104 +146,7 @@ def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | 
                     "targets": {r.manifest.name: {"release_dir": str(r.release_dir), **r.manifest.to_dict()}
                                 for r in result.results}})
         return
-    _build_table(result)
-
-
-def _ms(m: Any, key: str) -> str:
-    return f"{getattr(m, key):.3f}" if m is not None else "-"
-
-
-def _build_table(result: Any) -> None:
-    from rich.table import Table
-
-    from edgepipe.harness import speedup
-
-    t = Table(title=f"edgepipe build: {result.model}")
-    metric = result.results[0].manifest.accuracy.metric if result.results else "metric"
-    for col in ("target", "backend", "prec.", metric, "drop", "SQNR dB", "p50 ms", "p99 ms", "speed-up", "mem MB",
-                "size KiB"):
-        t.add_column(col, justify="left" if col in ("target", "backend", "prec.") else "right")
-    shown_ref: set[str] = set()
-    for r in result.results:
-        m = r.manifest
-        ref_lat, src, acc, art = m.reference_latency, m.source_onnx, m.accuracy, m.artifact
-        ref_key = f"{acc.reference}{ref_lat}"
-        if ref_key not in shown_ref:
-            shown_ref.add(ref_key)
-            mem = f"{ref_lat.peak_rss_above_baseline_mb:.1f}" if ref_lat else "-"
-            t.add_row("fp32 original", "onnxruntime", "fp32", acc.format(acc.reference), "-", "-",
-                      _ms(ref_lat, "p50_ms"), _ms(ref_lat, "p99_ms"), "1.00x" if ref_lat else "-", mem,
-                      f"{src.bytes / 1024:.0f}" if src and not m.compression else "-", style="dim")
-        lat = m.latency
-        ratio = speedup(ref_lat, lat)
-        speed = f"{ratio:.2f}x" if ratio is not None else "-"
-        if lat is not None and lat.emulated:
-            speed += " (emulated)"
-        mem = f"{lat.peak_rss_above_baseline_mb:.1f}" if lat else "-"
-        sqnr = (m.fidelity or {}).get("sqnr_db")
-        t.add_row(m.name, art.backend, art.precision, acc.format(acc.value), f"{acc.drop:+.2f}",
-                  f"{min(sqnr):.1f}" if sqnr else "-", _ms(lat, "p50_ms"), _ms(lat, "p99_ms"), speed, mem, f"{art.size_bytes / 1024:.0f}")
-    console = _console()
-    console.print(t)
-    console.print(f"mem MB: peak resident memory of the bench worker above its baseline; drop: how much worse "
-                  f"than the original model in fp32 on {metric} (test split, in its units); SQNR dB: the worst output's "
-                  "signal-to-noise ratio against the fp32 model's outputs; speed-up: reference p50 / target p50, shown only when "
-                  "both were timed on the same machine; (emulated): timed under qemu-user, which proves function, "
-                  "not speed.", style="dim")
-    for r in result.results:
-        console.print(f"released [bold]{r.manifest.name}[/] -> {r.release_dir}/", highlight=False)
-    for n in result.notes:
-        console.print(f"[yellow]note:[/] {n}", highlight=False)
-
-
-class ReleaseLive:
-    """One live table of targets x candidates on stderr while a release runs; also the stage Reporter."""
-
-    def __init__(self, quiet: bool = False) -> None:
-        from rich.live import Live
-
-        self.quiet = quiet
-        self.rows: dict[tuple[str, str], list[str]] = {}
-        self.current = ""
-        self.notes: list[str] = []
-        self.live = Live(self._table(), console=_console(stderr=True), refresh_per_second=4, transient=False)
-
-    def _table(self) -> Any:
-        from rich.table import Table
-
-        t = Table(title="edgepipe release", caption=self.current or None, caption_justify="left")
-        for col in ("target", "cand.", "settings", "status", "figures"):
-            t.add_column(col)
-        style = {"ok": "green", "misses": "yellow", "error": "red", "skipped": "dim", "running": "cyan"}
-        for (target, cid), (label, status, detail) in self.rows.items():
-            t.add_row(target, cid, label, f"[{style.get(status, '')}]{status}[/]", detail)
-        return t
-
-    def __enter__(self) -> ReleaseLive:
-        if not self.quiet:
-            self.live.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.current = ""
-        if not self.quiet:
-            self.live.update(self._table())
-            self.live.stop()
-
-    def progress(self, target: str, cid: str, label: str, status: str, detail: str) -> None:
-        self.rows[(target, cid)] = [label, status, detail]
-        if not self.quiet:
-            self.live.update(self._table())
-
-    @contextlib.contextmanager
-    def stage(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-        self.current = name
-        if not self.quiet:
-            self.live.update(self._table())
-        yield lambda n=1: None
-
-    def note(self, message: str) -> None:
-        self.notes.append(message)
+    render.build_table(result)
 
 
 @cli.command()
@@ -353,7 +201,7 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
     # a cluster is connected (and its nodes checked) before the live display: a failure is one line
     executor = choose_executor(cluster, workers, insecure_cluster)
     try:
-        with ReleaseLive(quiet=as_json) as live:
+        with render.ReleaseLive(quiet=as_json) as live:
             result = api.release(model, specs, out=out, search=search, max_trials=max_trials, reporter=live,
                                  progress=live.progress, weights=weights, data=data,
                                  input_shape=_shape(input_shape), iterations=iterations, cache=not no_cache,
@@ -367,7 +215,7 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
     if as_json:
         _emit_json({**index, "run": run})
     else:
-        console = _console()
+        console = render.get_console()
         console.print()
         for o in result.outcomes:
             if o.status == "released" and o.chosen is not None:
@@ -463,40 +311,14 @@ def compress(model: str | None, recipe: str | None, out: Path, weights: Path | N
         raise click.UsageError("give --recipe R (a .toml recipe), or --list to see the techniques")
     shape = _shape(input_shape)
     assert shape is not None
-    with RichReporter(quiet=as_json) as rep:
+    with render.RichReporter(quiet=as_json) as rep:
         path, records = api.compress(model, recipe, out=out, weights=weights, data=data, input_shape=shape,
                                      reporter=rep, trust_code=trust_code, metric=metric, postprocess=postprocess)
     if as_json:
         _emit_json({"path": str(path), "steps": records})
         return
-    _compression_table(records)
+    render.compression_table(records)
     click.echo(f"wrote {path}")
-
-
-def _compression_table(records: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    t = Table(title="compression steps")
-    top1 = all(r["after"].get("measure", "top1") == "top1" for r in records)
-    for col in ("step", "technique", "params", "non-zero", "MACs", "top-1" if top1 else "measured"):
-        t.add_column(col, justify="left" if col in ("step", "technique") else "right")
-    for r in records:
-        b, a = r["before"], r["after"]
-        t.add_row(str(r["step"]), r["technique"], f"{b['params']:,} -> {a['params']:,}",
-                  f"{b['nonzero_params']:,} -> {a['nonzero_params']:,}", f"{b['macs']:,} -> {a['macs']:,}",
-                  _measured(b, a, named=not top1))
-    _console().print(t)
-
-
-def _measured(b: dict[str, Any], a: dict[str, Any], named: bool) -> str:
-    """A step's measure before -> after: top-1, the build's metric, or the worst output's SQNR to the original."""
-    m = a.get("measure", "top1")
-    if m == "top1":
-        return ("top-1 " if named else "") + f"{b['top1']:.2%} -> {a['top1']:.2%}"
-    if m == "sqnr_db":
-        return f"SQNR {min(b['sqnr_db']):.1f} -> {min(a['sqnr_db']):.1f} dB"
-    unit = a.get("unit") or ""
-    return f"{m} {b[m]:.4g} -> {a[m]:.4g}{' ' + unit if unit else ''}"
 
 
 @cli.command()
@@ -535,7 +357,7 @@ def quantize(model: str | None, analyze: bool, target: str, weights: Path | None
 
     from edgepipe import api
 
-    with Progress(console=_console(stderr=True), transient=True, disable=as_json) as bar:
+    with Progress(console=render.get_console(stderr=True), transient=True, disable=as_json) as bar:
         task = bar.add_task("quantizing one layer at a time", total=None)
         report = api.sensitivity(model, target, weights=weights, data=data, input_shape=_shape(input_shape),
                                  equalize=equalize, samples=samples, trust_code=trust_code,
@@ -551,7 +373,7 @@ def quantize(model: str | None, analyze: bool, target: str, weights: Path | None
         t.add_column(col, justify="left" if col in ("layer", "op") else "right")
     for i, e in enumerate(report["layers"][:top], 1):
         t.add_row(str(i), e["name"], e["op"], f"{e['nmse']:.2e}", ("-" if e['agreement'] is None else f"{e['agreement']:.1%}"))
-    _console().print(t)
+    render.get_console().print(t)
     n = len(report["layers"])
     click.echo(f"{n} layers; the {min(top, n)} most sensitive shown. Keep the worst k in float with "
                "calibration.float_layers = k in the target (or search it: float_layers = [0, 2, 4]).")
@@ -576,7 +398,7 @@ def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: tupl
     """
     from edgepipe import api
 
-    with RichReporter(quiet=as_json) as rep:
+    with render.RichReporter(quiet=as_json) as rep:
         result = api.compile(model, target, out=out, data=data, reporter=rep, input_shape=_shape(input_shape),
                              allow_accuracy_drop=allow_accuracy_drop, trust_code=trust_code, metric=metric,
                              postprocess=postprocess)
@@ -584,7 +406,7 @@ def compile_cmd(model: str, target: str, out: Path, data: str, input_shape: tupl
     if as_json:
         _emit_json({"release_dir": str(r.release_dir), **r.manifest.to_dict()})
     else:
-        _build_table(result)
+        render.build_table(result)
 
 
 _verify_metric_option = click.option(
@@ -640,70 +462,14 @@ def bench(artifact: Path, threads: int | None, batch: int, warmup: int, iteratio
                       duration_s=duration, device=device, verify=verify, data=data, metric=metric,
                       postprocess=postprocess)
     except BenchmarkError as e:
-        if as_json and getattr(e, "partial", None) is not None:  # a board dropped: keep what it measured
-            _emit_json({"ok": False, "error": str(e), "partial": e.partial})  # type: ignore[attr-defined]
+        if as_json and e.partial is not None:  # a board dropped: keep what it measured
+            _emit_json({"ok": False, "error": str(e), "partial": e.partial})
             sys.exit(1)
         raise
     if as_json:
         _emit_json(m.to_dict())
         return
-    _measurement_table(m, f"edgepipe bench: {artifact} ({m.backend} {m.precision})".replace(" )", ")"))
-
-
-def _measurement_table(m: Any, title: str) -> None:
-    from rich.table import Table
-
-    t = Table(title=title)
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "throughput_per_s", "load_ms",
-              "peak_rss_above_baseline_mb", "peak_rss_mb"):
-        t.add_row(k, f"{getattr(m, k):.3f}")
-    t.add_row("size_bytes", str(m.size_bytes))
-    t.add_row("iterations x batch", f"{m.iterations} x {m.batch}")
-    if m.host:
-        t.add_row("measured on", _plain(m.where))
-    ev = m.eval
-    if ev:
-        _verify_rows(t, ev)
-    console = _console()
-    console.print(t)
-    if m.emulated:
-        console.print(f"[yellow]note:[/] measured under emulation ({_plain(m.emulated)}): these figures prove the artifact "
-                      "runs there, not how fast; they are never a board's latency", highlight=False)
-
-
-def _verify_rows(t: Any, ev: dict[str, Any]) -> None:
-    """The rows of a ``--verify``: the metric there (and the release's), then each output there against here."""
-
-    def fmt(v: float, unit: str | None) -> str:
-        return f"{v:.2f}%" if unit == "%" else f"{v:.4g}{' ' + unit if unit else ''}"
-
-    on = f" on {ev['samples']} samples" + (f" of {ev['of']}" if ev.get("of", ev["samples"]) != ev["samples"] else "")
-    if ev.get("top1") is not None and ev.get("metric") in ("top1", None):
-        t.add_row("top-1 there", f"{ev['top1']:.2%}{on}"
-                  + (f" (release: {ev['release_top1']:.2%})" if ev.get("release_top1") is not None else ""))
-    elif ev.get("value") is not None:
-        rel = f" (release: {fmt(ev['release_value'], ev.get('unit'))})" if ev.get("release_value") is not None else ""
-        t.add_row(f"{_plain(ev['metric'])} there", f"{fmt(ev['value'], ev.get('unit'))}{on}{rel}")
-    if ev.get("metric_skipped"):
-        t.add_row("metric", _plain(ev["metric_skipped"]))
-    if ev.get("note"):
-        t.add_row("note", _plain(ev["note"]))
-    c = ev.get("comparison")
-    if c:
-        if c.get("here_top1") is not None:
-            t.add_row("top-1 here", f"{c['here_top1']:.2%} ({_plain(c['here'])})")
-        for o in c.get("outputs") or []:
-            sqnr = "-" if o.get("sqnr_db") is None else f"{o['sqnr_db']:.1f} dB"
-            agree = f", top-1 agree {o['agreement']:.2%}" if o.get("agreement") is not None else ""
-            t.add_row(f"{_plain(o['name'])}: there vs here",
-                      f"SQNR {sqnr}, max diff {o['max_abs_diff']:.4g}{agree}")
-        if c.get("agreement") is not None:
-            t.add_row("answers agree", f"{c['agreement']:.2%}")
-        t.add_row("largest output difference", f"{c['max_abs_logit_diff']:.4g}")
-    elif ev.get("comparison_skipped"):
-        t.add_row("comparison", _plain(ev["comparison_skipped"]))
+    render.measurement_table(m, f"edgepipe bench: {artifact} ({m.backend} {m.precision})".replace(" )", ")"))
 
 
 @cli.command("targets")
@@ -725,7 +491,7 @@ def targets_cmd(as_json: bool) -> None:
         yes = lambda ok: "[green]yes[/]" if ok else "[red]no[/]"  # noqa: E731
         t.add_row(r.name, r.backend, r.precision, yes(r.can_compile), yes(r.can_run),
                   r.reason if r.reason else r.description)
-    console = _console()
+    console = render.get_console()
     console.print(t)
     shown: set[str] = set()
     for r in rows:
@@ -802,28 +568,19 @@ def docker_build(release: Path, platform: str, tag: str, base_image: str | None,
     """
     from edgepipe import api
 
-    with _status(as_json, f"writing the context and building {tag} ({platform})"):
+    with render.status(as_json, f"writing the context and building {tag} ({platform})"):
         r = api.docker_build(release, platform, tag, context=context, base_image=base_image, python=python, data=data,
                              no_cache=no_cache, context_only=context_only)
     if as_json:
         _emit_json(r)
         return
     ctx, built = r["context"], r["image"]
-    _console().print(f"context: {ctx['directory']}/ ({ctx['wheels']} wheels, {ctx['wheels_bytes'] / 1e6:.1f} MB, "
+    render.get_console().print(f"context: {ctx['directory']}/ ({ctx['wheels']} wheels, {ctx['wheels_bytes'] / 1e6:.1f} MB, "
                      f"base {ctx['base_image']})", highlight=False)
     if built:
-        _console().print(f"built [bold]{tag}[/] ({platform}, {built['builder']} builder) in {built['seconds']:.0f} s, "
+        render.get_console().print(f"built [bold]{tag}[/] ({platform}, {built['builder']} builder) in {built['seconds']:.0f} s, "
                          f"{built['size_bytes'] / 1e6:.0f} MB" + (f"; {built['note']}" if built["note"] else ""),
                          highlight=False)
-
-
-@contextlib.contextmanager
-def _status(quiet: bool, label: str) -> Iterator[None]:
-    if quiet:
-        yield
-        return
-    with _console(stderr=True).status(label):
-        yield
 
 
 @docker_group.command("run")
@@ -851,7 +608,7 @@ def docker_run(image: str, verify: bool, iterations: int, warmup: int, threads: 
     if as_json:
         _emit_json(m.to_dict())
         return
-    _measurement_table(m, f"edgepipe docker run: {image} ({m.backend} {m.precision})")
+    render.measurement_table(m, f"edgepipe docker run: {image} ({m.backend} {m.precision})")
 
 
 @docker_group.command("base")
@@ -871,13 +628,13 @@ def docker_base(platform: str, tag: str | None, include: tuple[str, ...], suite:
     """
     from edgepipe import api
 
-    with _status(as_json, f"making a Debian {suite} root for {platform}"):
+    with render.status(as_json, f"making a Debian {suite} root for {platform}"):
         b = api.docker_base(platform, tag, packages=include, suite=suite, mirror=mirror)
     if as_json:
         _emit_json(b.to_dict())
         return
     how = "from the cache" if b.cached else f"in {b.seconds:.0f} s"
-    _console().print(f"loaded [bold]{b.tag}[/] ({platform}, {', '.join(b.packages)}) {how}", highlight=False)
+    render.get_console().print(f"loaded [bold]{b.tag}[/] ({platform}, {', '.join(b.packages)}) {how}", highlight=False)
 
 
 @cli.group()
@@ -906,7 +663,7 @@ def toolchain_install(name: str, force: bool, python_exe: str | None, as_json: b
 
     from edgepipe import api
 
-    err = _console(stderr=True)
+    err = render.get_console(stderr=True)
     t0 = time.perf_counter()
 
     def progress(line: str) -> None:
@@ -936,7 +693,7 @@ def toolchain_status(as_json: bool) -> None:
     for r in rows:
         detail = ", ".join(f"{k} {v}" for k, v in r.versions.items()) if r.installed else r.reason
         t.add_row(r.name, "[green]yes[/]" if r.installed else "[red]no[/]", str(r.path), detail)
-    _console().print(t)
+    render.get_console().print(t)
 
 
 @toolchain.command("remove")
@@ -972,40 +729,16 @@ def pack(model: str | None, out: Path, weights: Path | None, recipe: str | None,
 
     shape = _shape(input_shape)
     assert shape is not None
-    with RichReporter(quiet=as_json) as rep:
+    with render.RichReporter(quiet=as_json) as rep:
         report, records = api.pack(model, out=out, weights=weights, recipe=recipe, data=data, input_shape=shape,
                                    reporter=rep, trust_code=trust_code)
     if as_json:
         _emit_json({**report.to_dict(), "steps": records})
         return
     if records:
-        _compression_table(records)
-    _pack_table(report)
+        render.compression_table(records)
+    render.pack_table(report)
     click.echo(f"wrote {report.path} ({report.file_bytes:,} bytes)")
-
-
-def _pack_table(report: Any) -> None:
-    from rich.table import Table
-
-    t = Table(title="archive size per stage (bytes; ratio vs dense)")
-    for col in ("tensor", "weights", "non-zero", "values", "dense", "pruned", "shared", "Huffman", "layout"):
-        t.add_column(col, justify="left" if col in ("tensor", "layout") else "right")
-    for r in report.tensors:
-        if r["dense"] < 1024:
-            continue
-        n = max(1, r["dense"] // 4)
-        t.add_row(r["name"], f"{n:,}", f"{r['nonzero'] / n:.1%}", str(r["values"] or "-"), f"{r['dense']:,}",
-                  f"{r['pruned']:,}", f"{r['shared']:,}", f"{r['huffman']:,}", r["layout"])
-    s = report.stages
-    t.add_row("all tensors", "", "", "", f"{s['dense']:,}", f"{s['pruned']:,}", f"{s['shared']:,}",
-              f"{s['huffman']:,}", "", style="bold")
-    t.add_row("ratio", "", "", "", "1.0x", f"{s['dense'] / s['pruned']:.1f}x", f"{s['dense'] / s['shared']:.1f}x",
-              f"{s['dense'] / s['huffman']:.1f}x", f"file {s['dense'] / s['archive']:.1f}x", style="bold")
-    _console().print(t)
-    _console().print("dense: fp32 as stored in memory; pruned: non-zeros with fixed-width relative offsets; "
-                     "shared: + fixed-width codebook indices; Huffman: what the archive stores (plus a "
-                     f"{report.header_bytes:,}-byte header and a 32-byte hash). Tensors under 1 KiB not listed.",
-                     style="dim")
 
 
 @cli.command()
@@ -1045,7 +778,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         from rich.markup import escape
 
-        _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        render.get_console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except OSError as e:  # the machine, not the input: a full disk, a permission, a vanished file
         if _STATE["debug"]:
@@ -1057,7 +790,7 @@ def main(argv: list[str] | None = None) -> None:
         # a copy that filled the disk names its source first and the file it was writing second: name that one
         path = e.filename2 if e.errno == errno.ENOSPC and e.filename2 else e.filename
         where = f" ({path})" if path else ""
-        _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e.strerror or e) + where)}; nothing was "
+        render.get_console(stderr=True).print(f"[bold red]error:[/] {escape(str(e.strerror or e) + where)}; nothing was "
                                     "released (--debug shows where)", highlight=False, soft_wrap=True)
         sys.exit(1)
     except click.exceptions.Exit as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EdgepipeError(Exception):
     """Base of every error edgepipe raises on purpose. The CLI prints it as one line."""
@@ -36,7 +38,16 @@ class BackendUnavailable(EdgepipeError):
 
 
 class BenchmarkError(EdgepipeError):
-    """The measuring harness failed to load or run an artifact."""
+    """The measuring harness failed to load or run an artifact.
+
+    Attributes:
+        partial: the figures measured before a run stopped part-way (a board that dropped: its phase,
+            iterations and latency so far), or ``None``; ``edgepipe bench --json`` prints them.
+    """
+
+    def __init__(self, message: str, partial: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 class BudgetError(EdgepipeError):

@@ -176,9 +176,7 @@ def _stopped(message: str, stdout: str) -> BenchmarkError:
     else:
         where = (f"after timing ({p['iterations']} iterations, p50 {p['p50_ms']:.3f} ms), while evaluating "
                  "the samples")
-    err = BenchmarkError(f"{message}: it stopped {where}; the figures so far are kept (--json prints them)")
-    err.partial = p  # type: ignore[attr-defined]
-    return err
+    return BenchmarkError(f"{message}: it stopped {where}; the figures so far are kept (--json prints them)", partial=p)
 
 
 def measure_remote(artifact: Artifact, board: Board, settings: BenchSettings | None = None,
