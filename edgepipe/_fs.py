@@ -285,3 +285,35 @@ def scratch_dir(kind: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def existing_dir_above(path: Path, cannot: str) -> Path:
+    """The nearest existing ancestor of ``path`` (where it would be created); ``ConfigError`` when that is a
+    file, with ``cannot`` leading the message."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{cannot}: {str(parent)!r} is a file, not a directory")
+    return parent
+
+
+def check_file_out(out: str | Path, what: str = "--out") -> Path:
+    """``out`` as a file path that can be written (not a directory, no file where a directory must be)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"{what} {str(out)!r} is a directory; give the path of the file to write")
+    existing_dir_above(out, f"{what} {str(out)!r} cannot be written")
+    return out
+
+
+def check_dir_out(out: Path, what: str = "--out") -> Path:
+    """``out`` as a directory this process can create or write into; :class:`ConfigError` naming it and why
+    not (a file, a file above it, no write permission) before any work."""
+    name = f"{what} {str(out)!r}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{name} is a file, not a directory; give a directory (it is created if missing)")
+    parent = existing_dir_above(out, f"{name} cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out, os.W_OK | os.X_OK)):
+        raise ConfigError(f"{name} is not writable: no write permission on {str(out if out.is_dir() else parent)!r}")
+    return out

@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgepipe import backends
+from edgepipe._fs import check_file_out
 from edgepipe._progress import Reporter
 from edgepipe.config import Board, Target, load_target, target_files
 from edgepipe.config.recipe import Recipe
@@ -33,37 +33,12 @@ if TYPE_CHECKING:
 def _writing(out: str | Path, trust_code: bool = False) -> Iterator[Path]:
     """Check that ``out`` can be a directory we write, and hold its lock (one run per output directory)
     while the block runs, trusting code files only if the user said so."""
-    from edgepipe._fs import dir_lock
+    from edgepipe._fs import check_dir_out, dir_lock
     from edgepipe.models import trusting
 
-    out = Path(out)
-    name = f"--out {str(out)!r}"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{name} is a file, not a directory; give a directory (it is created if missing)")
-    parent = _existing_dir_above(out, f"{name} cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out, os.W_OK | os.X_OK)):
-        raise ConfigError(f"{name} is not writable: no write permission on {str(out if out.is_dir() else parent)!r}")
-    with dir_lock(out, wait=False, what=name), trusting(trust_code):
+    out = check_dir_out(Path(out))
+    with dir_lock(out, wait=False, what=f"--out {str(out)!r}"), trusting(trust_code):
         yield out
-
-
-def _existing_dir_above(path: Path, cannot: str) -> Path:
-    """The nearest existing ancestor of ``path`` (where it would be created); ``ConfigError`` when that is a
-    file, with ``cannot`` leading the message."""
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise ConfigError(f"{cannot}: {str(parent)!r} is a file, not a directory")
-    return parent
-
-
-def _check_file_out(out: str | Path, what: str = "--out") -> Path:
-    out = Path(out)
-    if out.is_dir():
-        raise ConfigError(f"{what} {str(out)!r} is a directory; give the path of the file to write")
-    _existing_dir_above(out, f"{what} {str(out)!r} cannot be written")
-    return out
 
 
 def _options(out: str | Path, options: dict[str, Any]) -> BuildOptions:
@@ -193,7 +168,7 @@ def export(
     from edgepipe.pipeline import stages
     from edgepipe.pipeline.cache import Cache
 
-    _check_file_out(out)
+    check_file_out(out)
     src = load_model(model, weights, trust_code=trust_code)
     if src.is_onnx:
         raise ConfigError(f"model {src.spec!r} is already ONNX; nothing to export")
@@ -298,7 +273,7 @@ def compress(
     from edgepipe.pipeline.cache import Cache
 
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    _check_file_out(out)
+    check_file_out(out)
     shape = {k: tuple(v) for k, v in input_shape.items()} if isinstance(input_shape, dict) else tuple(input_shape)
     with trusting(trust_code):
         src = load_model(model, weights)
@@ -603,45 +578,11 @@ def pack(
     if Path(spec).suffix in (".onnx", ".pt2", ".pt", ".ts", ".pth") or ":" not in spec:
         raise ConfigError(f"pack needs MODEL as package.module:factory (the archive names the factory that "
                           f"rebuilds the architecture), not {spec!r}; pass a compressed .pt2 as --weights")
-    _check_file_out(out)
+    check_file_out(out)
+    from edgepipe.package import files
+
     with trusting(trust_code):
-        return _pack(spec, Path(out), weights, recipe, data, input_shape, reporter)
-
-
-def _pack(spec: str, out: Path, weights: Path | None, recipe: str | Path | Recipe | None, data: str,
-          input_shape: tuple[int, ...], reporter: Reporter | None) -> tuple[Any, list[dict[str, Any]]]:
-    from edgepipe.models import load_model
-    from edgepipe.package import archive
-
-    src = load_model(spec, weights)
-    hints = _hash_hints(Path(weights)) if weights is not None and Path(weights).suffix == ".safetensors" else {}
-    assert src.module is not None
-    records: list[dict[str, Any]] = []
-    module = src.module
-    if recipe:
-        from edgepipe.compress import apply_recipe
-        from edgepipe.config.recipe import load_recipe
-        from edgepipe.pipeline.stages import data_splits
-
-        # in-process, not from the cache: a hashed layer's seeds live on the module, not in a .pt2
-        rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        module, records = apply_recipe(module, rec, data_splits(data, tuple(input_shape)), reporter)
-    reference = load_model(spec).module
-    report = archive.pack(module, spec, Path(out), input_shape=tuple(input_shape), reference=reference, hints=hints)
-    return report, records
-
-
-def _hash_hints(path: Path) -> dict[str, Any]:
-    """Hashed-layer seeds that `edgepipe unpack` wrote into a safetensors file's metadata."""
-    import json
-
-    from safetensors import safe_open
-
-    from edgepipe.compress.hashing import HashSpec
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return {k: HashSpec(*v) for k, v in json.loads(meta.get("edgepipe.hashed", "{}")).items()}
+        return files.pack(spec, Path(out), weights, recipe, data, input_shape, reporter)
 
 
 def unpack(archive: str | Path, out: str | Path, *, factory: str | None = None) -> tuple[Path, dict[str, Any]]:
@@ -657,11 +598,8 @@ def unpack(archive: str | Path, out: str | Path, *, factory: str | None = None) 
     Returns:
         The written path and what was restored (factory, tensors, hash).
     """
-    import json
-
-    from edgepipe._fs import atomic_path
-    from edgepipe.models import CODE_SUFFIXES, EXAMPLE, save_program
-    from edgepipe.package import archive as ar
+    from edgepipe.models import CODE_SUFFIXES, EXAMPLE
+    from edgepipe.package import files
 
     factory = factory or EXAMPLE
     if Path(factory).suffix in (*CODE_SUFFIXES, ".onnx", ".pth") or ":" not in factory:
@@ -670,47 +608,5 @@ def unpack(archive: str | Path, out: str | Path, *, factory: str | None = None) 
     out = Path(out)
     if out.suffix not in (".pt2", ".safetensors"):
         raise ConfigError(f"unpack --out {str(out)!r}: give a .pt2 (a model) or a .safetensors (weights) path")
-    _check_file_out(out)
-    unpacked = ar.read(Path(archive), factory)
-    module = ar.restore(unpacked, factory)
-    if out.suffix == ".safetensors":
-        if unpacked.edits:
-            raise ConfigError(f"archive {str(archive)!r} holds layers its factory does not build "
-                              f"({', '.join(unpacked.edits)} were factorised): unpack it to a .pt2 instead")
-        from safetensors.torch import save_file
-
-        meta = {"edgepipe.spec": unpacked.spec, "edgepipe.sha256": unpacked.sha256,
-                "edgepipe.hashed": json.dumps(unpacked.hashed)}
-        with atomic_path(out) as tmp:
-            mode = tmp.stat().st_mode
-            save_file({k: v.contiguous() for k, v in unpacked.state.items()}, str(tmp), metadata=meta)
-            tmp.chmod(mode)  # safetensors writes a fresh, owner-only file
-            _sort_safetensors_metadata(tmp)
-    else:
-        if not unpacked.input_shape:
-            raise ConfigError(f"archive {str(archive)!r} records no input shape; unpack it to .safetensors")
-        save_program(module, tuple(unpacked.input_shape), out)
-    return out, {"spec": unpacked.spec, "tensors": len(unpacked.state), "sha256": unpacked.sha256,
-                 "edits": sorted(unpacked.edits), "hashed": sorted(unpacked.hashed)}
-
-
-def _sort_safetensors_metadata(path: Path) -> None:
-    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
-
-    safetensors keeps metadata in a hash map, so its order (and the file's bytes) varies run to run; the
-    same keys and values in a fixed order give the same bytes. The header keeps its length (padded with
-    spaces, as the format allows), so the tensor data does not move.
-    """
-    import json
-    import struct
-
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        meta = header.pop("__metadata__", None)
-        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
-        text = json.dumps(ordered, separators=(",", ":")).encode()
-        if len(text) > n:  # cannot happen for the same content; never corrupt the file if it does
-            return
-        f.seek(8)
-        f.write(text + b" " * (n - len(text)))
+    check_file_out(out)
+    return files.unpack(Path(archive), out, factory)
