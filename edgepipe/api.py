@@ -117,6 +117,14 @@ def release(
 
     Returns:
         One outcome per target (released, failed with the closest candidate's misses, or skipped).
+
+    Raises:
+        ConfigError: an unknown build option or ``iterations`` < 1, a bad search file, an unknown or repeated
+            target, ``workers`` with a cluster or ``insecure_cluster`` without one, or ``out`` is a file, not
+            writable or being written by another run.
+        ClusterError: the cluster is unreachable, untrusted, lacks a resource the targets need or its nodes'
+            versions differ.
+        ModelLoadError: the model (or its weights) cannot be found or loaded.
     """
     import dataclasses as dc
 
@@ -154,10 +162,26 @@ def export(
 ) -> tuple[OnnxModel, dict[str, Any]]:
     """Export a torch model to ONNX and check parity against torch on evaluation samples.
 
-    ``trust_code``: load a ``.pt2``/TorchScript model or ``.pt2`` weights (they can run code when loaded).
+    Args:
+        model: a model spec (``pkg.mod:factory``, ``.pt2``, TorchScript); ``None`` for the bundled example.
+        out: the ``.onnx`` file to write (atomically).
+        input_shape: the input's shape, batch first.
+        weights: weights to load into the model first.
+        dynamic_batch: export the batch dimension as dynamic.
+        data: the dataset whose validation split the parity is checked on.
+        parity_atol: the largest absolute difference between torch's and ONNX's outputs that passes.
+        trust_code: load a ``.pt2``/TorchScript model or ``.pt2`` weights (they can run code when loaded).
 
     Returns:
-        The ONNX model and the parity figures (max abs error, top-1 agreement).
+        The ONNX model and the parity figures (``samples``, ``max_abs_error``, ``top1_agreement``).
+
+    Raises:
+        ConfigError: ``out`` is a directory or cannot be written, the model is already ONNX, or a bad
+            ``input_shape``.
+        ModelLoadError: the model or its weights cannot be loaded (or are code and ``trust_code`` is off).
+        DataError: the data cannot be read or split.
+        ExportError: the export fails, or the ONNX outputs differ from torch's by more than ``parity_atol``
+            (or agree on top-1 for under 99% of samples).
     """
     import shutil
     import tempfile
@@ -194,13 +218,32 @@ def sensitivity(
     trust_code: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Per-layer sensitivity to int8 of ``model`` for ``target``: every layer quantized alone, its logit
+    """Per-layer sensitivity to int8 of ``model`` for ``target``: every layer quantized alone, its output
     error against fp32 on calibration samples, most sensitive first (see :mod:`edgepipe.quantize`).
 
-    ``equalize``: measure on the equalized, bias-corrected model (``None``: as the target says).
+    No float layers, fine-tune or keep-float list apply: every layer is measured.
+
+    Args:
+        model: a model spec (``pkg.mod:factory``, a file); ``None`` for the bundled example.
+        target: a target name or TOML path; its calibration method is the one measured.
+        weights: weights to load into the model first.
+        data: the dataset whose calibration split is used.
+        input_shape: overrides the target's input shape.
+        equalize: measure on the equalized, bias-corrected model (``None``: as the target says).
+        samples: how many calibration samples are run per layer (all of them calibrate).
+        trust_code: load a ``.pt2``/TorchScript model or ``.pt2`` weights (they can run code).
+        progress: called with 1 after each layer.
 
     Returns:
-        ``{"model", "target", "method", "equalized", "samples", "layers": [LayerError dicts]}``.
+        ``{"model", "target", "method", "equalized", "samples", "layers": [LayerError dicts]}``; each layer's
+        ``name``, ``op``, ``nmse`` and top-1 ``agreement`` with fp32 (``None`` unless output 0 is class scores).
+
+    Raises:
+        ConfigError: an unknown or invalid target.
+        BackendUnavailable: the target's backend cannot compile here.
+        ModelLoadError: the model or its weights cannot be loaded.
+        DataError: the data cannot be read or split.
+        ExportError: a torch model does not export to ONNX matching torch.
     """
     import dataclasses as dc
     import tempfile
@@ -229,7 +272,28 @@ def sensitivity(
 
 def compile(model: str, target: str, *, out: str | Path = "dist", data: str = "digits",
             reporter: Reporter | None = None, **options: Any) -> BuildResult:
-    """Compile an ONNX (or torch) model for one target, evaluate it, and write its release directory (no bench)."""
+    """Compile an ONNX (or torch) model for one target, evaluate it, and write its release directory (no bench).
+
+    Args:
+        model: ``.onnx``, or a torch model spec as for :func:`build`.
+        target: a target name or TOML path.
+        out: release root; the target lands in ``out/<target name>/``.
+        data: the calibration and evaluation data.
+        reporter: progress reporting.
+        **options: other fields of :class:`edgepipe.pipeline.BuildOptions` (``bench`` is always off).
+
+    Returns:
+        The build result, with the one target's release directory and manifest.
+
+    Raises:
+        ConfigError: an unknown option, an unknown target, or ``out`` is a file, not writable or being written
+            by another run.
+        BackendUnavailable: the target's backend cannot compile here.
+        ModelLoadError: the model cannot be loaded.
+        CompileError: the backend cannot compile the model for the target.
+        BudgetError: the validation metric drop is over the target's budget (unless ``allow_accuracy_drop``);
+            nothing is released.
+    """
     opts = _options(out, {"data": data, "bench": False, **options})
     with _writing(opts.out, opts.trust_code):
         return _build(model, [target], opts, reporter)
@@ -265,6 +329,13 @@ def compress(
     Returns:
         The written path (a program taking every input at its dtype, the batch dynamic) and one record per
         step (params, non-zero params, MACs, the measure before and after).
+
+    Raises:
+        ConfigError: an unknown or invalid recipe, ``out`` cannot be written, or the model is ONNX or a saved
+            program (``.pt2``/TorchScript), which cannot be compressed.
+        ModelLoadError: the model or its weights cannot be loaded, or the result does not ``torch.export``.
+        DataError: the data cannot be read or split.
+        CompressionError: a recipe step cannot be applied.
     """
     from edgepipe.config import Target
     from edgepipe.config.recipe import load_recipe
@@ -289,7 +360,19 @@ def compress(
 
 
 def resolve_artifact(path: str | Path) -> Artifact:
-    """An artifact from a release directory, a file in one, or a bare file recognised by its suffix."""
+    """An artifact from a release directory, a file in one, or a bare file recognised by its suffix.
+
+    Args:
+        path: a release directory or its main artifact file (the artifact its manifest names, with every
+            file it lists), or any other artifact file (that file alone).
+
+    Returns:
+        The artifact; a bare file's has the backend its suffix belongs to and precision ``""``.
+
+    Raises:
+        ConfigError: ``path`` does not exist, is a directory without a ``manifest.json``, its manifest is
+            damaged or names files outside the directory, or no backend runs a file with its suffix.
+    """
     from edgepipe.release import artifact_from_release
 
     p = Path(path)
@@ -305,7 +388,18 @@ def resolve_artifact(path: str | Path) -> Artifact:
 
 
 def resolve_board(spec: str) -> Board:
-    """A board from a target name whose file has a ``[board]`` table, or from ``[user@]host[:port]``."""
+    """A board from a target name whose file has a ``[board]`` table, or from ``[user@]host[:port]``.
+
+    Args:
+        spec: a target name (looked up first), else ``[user@]host[:port]`` (port 22 by default).
+
+    Returns:
+        The target's board, or a board with the defaults for everything but host, user and port.
+
+    Raises:
+        ConfigError: the target has no ``[board]`` table or its file is invalid, or ``spec`` is not
+            ``[user@]host[:port]`` or names an invalid host, user or port.
+    """
     if spec in target_files():
         t = load_target(spec)
         if t.board is None:
@@ -322,6 +416,11 @@ def bench(artifact: str | Path, *, threads: int | None = None, batch: int = 1, w
 
     Args:
         artifact: a release directory or an artifact file.
+        threads: the runtime's threads (``None``: its default).
+        batch: the batch size timed.
+        warmup: untimed calls before timing.
+        iterations: timed calls (ignored with ``duration_s``).
+        duration_s: time for this many seconds instead of a fixed count.
         device: ``None`` for this machine; a board (``[user@]host[:port]``, a target name with a
             ``[board]`` table, or a :class:`Board`) to measure there.
         verify: also run the release's test split where it runs (the board's own runtime), score its outputs
@@ -332,6 +431,15 @@ def bench(artifact: str | Path, *, threads: int | None = None, batch: int = 1, w
         metric: with ``verify``, the metric to score with (a user metric is code: the manifest's is computed
             only when it is passed here).
         postprocess: with ``verify``, the postprocess to run before the metric (likewise code).
+
+    Returns:
+        The measurement: latency percentiles (ms), throughput (samples/s), memory (MiB), size and where it ran.
+
+    Raises:
+        ConfigError: the artifact is not found or of no known kind, a bench setting is out of range,
+            ``metric``/``postprocess`` without ``verify``, a bad board, or (with ``verify``) no manifest, an
+            unknown metric or evaluation data that is not the release's.
+        BenchmarkError: the worker failed, ran past its timeout, or sent a reply that is not the worker's.
     """
     art = resolve_artifact(artifact)
     settings = BenchSettings(threads=threads, batch=batch, warmup=warmup, iterations=iterations, duration_s=duration_s)
@@ -366,7 +474,25 @@ def bench(artifact: str | Path, *, threads: int | None = None, batch: int = 1, w
 def docker_context(release: str | Path, platform: str, out: str | Path, *, base_image: str | None = None,
                    python: str | None = None, data: str | None = None) -> Any:
     """Write the self-contained build context of ``release``'s runtime image for ``platform``
-    (see :mod:`edgepipe.ship.context`); no Docker engine is needed."""
+    (see :mod:`edgepipe.ship.context`); no Docker engine is needed.
+
+    Args:
+        release: the release directory.
+        platform: ``linux/amd64`` or ``linux/arm64``.
+        out: the context directory (replaced whole, atomically).
+        base_image: the image to build from (default: the official Python or NVIDIA base for the backend).
+        python: the base image's CPython as ``major.minor`` (the wheels' tag; default 3.11, or the NVIDIA
+            base's).
+        data: the evaluation data to bundle, when not the source the manifest records (not checked by hash).
+
+    Returns:
+        The :class:`edgepipe.ship.context.Context`: its directory, target, backend, precision, platform,
+        Python, base image, Dockerfile template and the wheels' count and bytes.
+
+    Raises:
+        ConfigError: ``release`` is not a release directory or holds a link or special file, a bad platform or
+            Python, evaluation data that is not the release's, or no wheel of a requirement for the platform.
+    """
     from edgepipe.ship.context import write_context
 
     return write_context(Path(release), Path(out), platform, base_image=base_image, python=python, data=data)
@@ -378,8 +504,23 @@ def docker_build(release: str | Path, platform: str, tag: str, *, context: str |
     """Write the context (default ``docker-context/<release>-<arch>``), then build it into image ``tag``
     with the local Docker engine (not with ``context_only``).
 
-    Without an engine the context is still written and ``DockerError`` says what is missing and where
-    the context is. Returns ``{"context": ..., "image": ... or None}``.
+    Args:
+        release: the release directory.
+        platform: ``linux/amd64`` or ``linux/arm64``.
+        tag: the image tag to build.
+        context: where the context is written (default ``docker-context/<release name>-<arch>``).
+        base_image, python, data: as for :func:`docker_context`.
+        no_cache: build without the engine's layer cache.
+        context_only: write the context and stop (no engine needed).
+
+    Returns:
+        ``{"context": ..., "image": ... or None}``: the context's record and the built image's (tag, image id,
+        platform, builder, seconds, bytes); ``image`` is ``None`` with ``context_only``.
+
+    Raises:
+        ConfigError: as for :func:`docker_context`.
+        DockerError: no Docker client or engine (the context is still written, and the message says where),
+            or the build fails or runs past its timeout.
     """
     from edgepipe.errors import DockerError
     from edgepipe.ship.engine import ARCH, Docker
@@ -401,7 +542,28 @@ def docker_run(tag: str, *, verify: bool = False, iterations: int = 200, warmup:
                threads: int | None = None, metric: str | None = None, postprocess: str | None = None) -> Measurement:
     """Run image ``tag``: it benchmarks its release (and with ``verify`` runs the release's test split with the
     image's runtime; its outputs are scored with the release's metric here and compared with this host's run
-    of the same file, copied out of the image). ``metric`` and ``postprocess`` as for :func:`bench`."""
+    of the same file, copied out of the image).
+
+    The container runs without network; the release, its evaluation file and ``context.json`` are copied out.
+
+    Args:
+        tag: the image, built by :func:`docker_build`.
+        verify: also run the release's test split in the image and score and compare its outputs here.
+        iterations: timed calls.
+        warmup: untimed calls before timing.
+        threads: the runtime's threads (``None``: its default).
+        metric, postprocess: with ``verify``, as for :func:`bench`.
+
+    Returns:
+        The measurement (as :func:`bench`'s); with ``verify`` its ``eval`` also names the ``image`` and its
+        ``platform``.
+
+    Raises:
+        ConfigError: ``metric``/``postprocess`` without ``verify``, or an unknown metric.
+        DockerError: no Docker client or engine, no image ``tag``, or running or copying out of it fails.
+        BenchmarkError: the reply is over :data:`edgepipe.harness.MAX_REPLY_BYTES`, reports a failure, or is
+            not what the worker sends.
+    """
     import json as _json
     import tempfile
 
@@ -451,7 +613,25 @@ def docker_run(tag: str, *, verify: bool = False, iterations: int = 200, warmup:
 
 def docker_base(platform: str, tag: str | None = None, *, packages: tuple[str, ...] = (),
                 suite: str = "bookworm", mirror: str | None = None) -> Any:
-    """A Debian base image of ``platform`` made from the package mirror (no registry), loaded as ``tag``."""
+    """A Debian base image of ``platform`` made from the package mirror (no registry), loaded as ``tag``.
+
+    The root is made with ``mmdebstrap`` (or ``debootstrap``) and cached as a tar (see :mod:`edgepipe.ship.base`).
+
+    Args:
+        platform: ``linux/amd64`` or ``linux/arm64`` (another architecture than the host's needs QEMU's binfmt).
+        tag: the image tag (default ``local/debian-<arch>:<suite>``).
+        packages: Debian packages added to the defaults (Python, venv, the C++ and OpenMP runtimes).
+        suite: the Debian suite.
+        mirror: the package mirror (default: this machine's Debian mirror, else ``deb.debian.org``).
+
+    Returns:
+        The :class:`edgepipe.ship.base.Base` record: tag, platform, suite, packages, the root's tar, the
+        seconds it took and whether it came from the cache.
+
+    Raises:
+        DockerError: a bad platform, no QEMU binfmt handler or ``mmdebstrap``/``debootstrap``, making the root
+            fails, or the engine is missing or loads the image as another architecture.
+    """
     from edgepipe.ship import base
 
     arch = base.ARCH.get(platform, "x")
@@ -461,6 +641,21 @@ def docker_base(platform: str, tag: str | None = None, *, packages: tuple[str, .
 
 @dataclass(frozen=True)
 class TargetInfo:
+    """One row of :func:`targets`: a target found, and whether this machine can compile and run it.
+
+    Attributes:
+        name: the target's name (its file's stem).
+        path: its TOML file.
+        backend: its backend (``"?"`` when the file is invalid).
+        precision: its precision (``"?"`` when the file is invalid).
+        description: its description.
+        can_compile: whether this machine can compile for it.
+        can_run: whether this machine can run its artifacts.
+        reason: why not (or ``"invalid: ..."`` for a file that does not load).
+        target: the loaded target, or ``None`` when its file is invalid.
+        device: what the backend's runtime reports about this machine's device (empty when it reports nothing).
+    """
+
     name: str
     path: Path
     backend: str
@@ -473,6 +668,11 @@ class TargetInfo:
     device: dict[str, str] = field(default_factory=dict)  # what the backend's runtime reports here
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as JSON-ready values.
+
+        Returns:
+            Every field but ``target``, with ``path`` as a string.
+        """
         return {"name": self.name, "path": str(self.path), "backend": self.backend, "precision": self.precision,
                 "description": self.description, "can_compile": self.can_compile, "can_run": self.can_run,
                 "reason": self.reason, "device": self.device}
@@ -480,7 +680,14 @@ class TargetInfo:
 
 def targets() -> list[TargetInfo]:
     """Every target that can be found, whether this machine can compile and run it (and why not), and
-    what each backend's runtime reports about this machine's device."""
+    what each backend's runtime reports about this machine's device.
+
+    Targets are looked up as :func:`edgepipe.config.target.targets_dirs` says; a file that does not load or
+    validate is listed as invalid rather than raised.
+
+    Returns:
+        One :class:`TargetInfo` per target name, sorted by name.
+    """
     rows = []
     devices: dict[str, dict[str, str]] = {}
     for name, path in sorted(target_files().items()):
@@ -507,6 +714,11 @@ def engine_build(bundle: str | Path, out: str | Path | None = None) -> dict[str,
 
     Returns:
         The engine record, also written into the bundle's ``tensorrt-bundle.json``.
+
+    Raises:
+        ConfigError: ``bundle`` does not exist or is not a TensorRT build bundle, or its ``target.toml`` is invalid.
+        CompileError: the bundle's ONNX is missing or changed since the bundle was made.
+        BackendUnavailable: TensorRT, a usable NVIDIA GPU or CUDA from Python is missing here.
     """
     from edgepipe.backends.tensorrt import build_bundle_engine
 
@@ -525,6 +737,14 @@ def install_toolchain(name: str, *, force: bool = False, python: str | None = No
         force: reinstall even if a complete install is present.
         python: interpreter the toolchain's venv is made from (default: the running one).
         progress: called with one short line per step.
+
+    Returns:
+        The toolchain's status after the install.
+
+    Raises:
+        ConfigError: an unknown toolchain.
+        BackendUnavailable: ``python`` cannot be run or is outside the toolchain's supported versions, or a step
+            of the install fails (nothing that looks installed is left).
     """
     from edgepipe import toolchains
 
@@ -532,14 +752,29 @@ def install_toolchain(name: str, *, force: bool = False, python: str | None = No
 
 
 def toolchains() -> list[ToolchainStatus]:
-    """Every known converter toolchain and whether it is installed (read from its marker; nothing runs)."""
+    """Every known converter toolchain and whether it is installed (read from its marker; nothing runs).
+
+    Returns:
+        One status per toolchain, sorted by name: its path, whether it is installed, its venv's Python, the
+        versions it records and, if not usable, why and what to run.
+    """
     from edgepipe import toolchains as tc
 
     return tc.statuses()
 
 
 def remove_toolchain(name: str) -> bool:
-    """Delete an installed toolchain; returns whether there was one."""
+    """Delete an installed toolchain.
+
+    Args:
+        name: the toolchain (``tflite``).
+
+    Returns:
+        Whether there was one to delete.
+
+    Raises:
+        ConfigError: an unknown toolchain.
+    """
     from edgepipe import toolchains as tc
 
     return tc.remove(name)
@@ -571,6 +806,12 @@ def pack(
     Returns:
         The :class:`edgepipe.package.archive.PackReport` (bytes per stage and per tensor) and the
         recipe's step records (empty without a recipe).
+
+    Raises:
+        ConfigError: ``model`` is not ``package.module:factory``, ``out`` cannot be written, or a bad recipe.
+        ModelLoadError: the factory or the weights cannot be loaded, or the weights do not fit its model.
+        DataError: the recipe's data cannot be read or split.
+        CompressionError: a recipe step cannot be applied.
     """
     from edgepipe.models import EXAMPLE, trusting
 
@@ -597,6 +838,14 @@ def unpack(archive: str | Path, out: str | Path, *, factory: str | None = None) 
 
     Returns:
         The written path and what was restored (factory, tensors, hash).
+
+    Raises:
+        ConfigError: ``factory`` is not ``package.module:factory``, ``out`` is neither ``.pt2`` nor
+            ``.safetensors`` or cannot be written, a ``.safetensors`` for an archive with structural edits, or a
+            ``.pt2`` for one that records no input shape.
+        ModelLoadError: the archive is missing, not an edgepipe archive, corrupted or malformed, was packed for
+            another factory, its weights do not fit the factory's model or hash to what it records, or the
+            model does not ``torch.export`` to a ``.pt2``.
     """
     from edgepipe.models import CODE_SUFFIXES, EXAMPLE
     from edgepipe.package import files

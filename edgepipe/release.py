@@ -29,7 +29,25 @@ def _file_record(p: Path, root: Path) -> FileRecord:
 
 def write_release(dest: Path, artifact: Artifact, onnx: OnnxModel, calibration: CalibrationSet,
                   manifest: Manifest) -> Path:
-    """Write one target's release directory atomically; returns ``dest``."""
+    """Write one target's release directory atomically.
+
+    The directory gets the artifact's files (as laid out beside its main file), ``source.onnx``,
+    ``calibration.json``, ``manifest.json`` (with the artifact's and the ONNX's file records filled in) and
+    ``report.html``; an existing ``dest`` is replaced only once the new one is complete.
+
+    Args:
+        dest: the release directory (``<out>/<target name>``).
+        artifact: the compiled artifact.
+        onnx: the ONNX it was compiled from.
+        calibration: the calibration set (its source, sample count and hash are recorded).
+        manifest: the build's manifest (its ``artifact`` and ``source_onnx`` are set here).
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        ConfigError: ``dest``'s parent or lock file cannot be created, or the lock file is a link or not a plain file.
+    """
     with atomic_dir(dest) as tmp:
         art_root = artifact.path.parent
         for f in artifact.files:
@@ -68,7 +86,14 @@ def _rows(pairs: list[tuple[str, Any]]) -> str:
 
 
 def fidelity_rows(fid: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """The fidelity to fp32 as report rows: SQNR per output, and the flip rate where outputs are class scores."""
+    """The fidelity to fp32 as report rows: SQNR per output, and the flip rate where outputs are class scores.
+
+    Args:
+        fid: a manifest's ``fidelity`` (``sqnr_db``, ``flip_rate``, ``confident_flip_rate``, ...), or ``None``.
+
+    Returns:
+        ``(label, text)`` rows; none without ``fid``.
+    """
     if not fid:
         return []
     rows = [("SQNR vs fp32 (test, per output)", ", ".join(f"{v:.1f} dB" for v in fid.get("sqnr_db") or []))]
@@ -81,7 +106,16 @@ def fidelity_rows(fid: dict[str, Any] | None) -> list[tuple[str, str]]:
 
 
 def render_report(m: Manifest) -> str:
-    """A self-contained HTML page of one release's manifest: for people; the manifest is for machines."""
+    """A self-contained HTML page of one release's manifest: for people; the manifest is for machines.
+
+    Every value is HTML-escaped; there are no network assets.
+
+    Args:
+        m: the manifest, with its ``artifact`` set (as :func:`write_release` sets it).
+
+    Returns:
+        The page: summary (figures, fidelity, latency and speed-up), budgets, files, stages and tools.
+    """
     t, acc, lat, ref, a = m.target, m.accuracy, m.latency, m.reference_latency, m.artifact
     assert a is not None
     summary = [
@@ -130,6 +164,18 @@ def render_report(m: Manifest) -> str:
 
 
 def read_manifest(release_dir: Path) -> Manifest:
+    """The manifest of a release directory.
+
+    Args:
+        release_dir: the release directory.
+
+    Returns:
+        Its ``manifest.json``, read.
+
+    Raises:
+        ConfigError: the manifest cannot be read, is too large, is not one edgepipe wrote, or its target was
+            edited after the build.
+    """
     return Manifest.read(release_dir / MANIFEST)
 
 
@@ -138,7 +184,18 @@ def artifact_from_release(path: Path) -> Artifact | None:
 
     Every file the manifest names must be one plain name of a regular file in the directory (no ``/``,
     ``..`` or link out of it): a crafted manifest cannot make edgepipe read, copy or upload a file
-    from elsewhere. Anything else is a ``ConfigError`` naming the file and the manifest.
+    from elsewhere.
+
+    Args:
+        path: a directory, or a file whose directory is looked at.
+
+    Returns:
+        The artifact (main file, every file, metadata), or ``None`` when there is no ``manifest.json`` or
+        it names no artifact.
+
+    Raises:
+        ConfigError: the manifest is not one edgepipe wrote, or names a file that is not a plain name of a
+            regular file in the directory (naming the file and the manifest).
     """
     root = path if path.is_dir() else path.parent
     mf = root / MANIFEST
@@ -184,6 +241,14 @@ def release_index(result: Any) -> dict[str, Any]:
 
     It holds no wall times or cache counts, so the same inputs (and cached measurements) give the same
     bytes; those are printed by the CLI and returned in the result.
+
+    Args:
+        result: the :class:`edgepipe.pipeline.search.ReleaseResult` of a release.
+
+    Returns:
+        ``{"schema", "model", "search", "search_sha256", "targets"}``; per target its status, backend,
+        reason, budgets, release directory, chosen candidate id, metric, reference figures, every candidate
+        with ``why``, and the finalists' re-timing.
     """
     targets: dict[str, Any] = {}
     for o in result.outcomes:
@@ -332,6 +397,14 @@ def render_release_report(index: dict[str, Any]) -> str:
     """The release's report.html: per target, the charts and a table of every candidate (no network assets).
 
     Every value from the index (names, recipes, figures, what a board said) is HTML-escaped.
+
+    Args:
+        index: what :func:`release_index` returns.
+
+    Returns:
+        The page: a summary table, then per target its charts (inline SVG: the metric against latency, or
+        against size where latency was not measured, and the size per candidate), its candidates and the
+        finalists' re-timing.
     """
     parts = []
     summary = []
@@ -368,7 +441,16 @@ def render_release_report(index: dict[str, Any]) -> str:
 
 
 def write_sums(root: Path) -> Path:
-    """``SHA256SUMS`` over every released file under ``root`` (not the ``.work`` area), ``sha256sum -c`` format."""
+    """``SHA256SUMS`` over every released file under ``root`` (not the ``.work`` area), ``sha256sum -c`` format.
+
+    Files under a hidden path (any part starting with ``.``) are left out; the file is written atomically.
+
+    Args:
+        root: the release root.
+
+    Returns:
+        The path of the ``SHA256SUMS`` written.
+    """
     from edgepipe._fs import write_text_atomic
 
     lines = []
@@ -381,7 +463,11 @@ def write_sums(root: Path) -> Path:
 
 
 def write_release_index(result: Any) -> None:
-    """Write ``index.json``, ``report.html`` and then ``SHA256SUMS`` (last: it covers the other two)."""
+    """Write ``index.json``, ``report.html`` and then ``SHA256SUMS`` (last: it covers the other two).
+
+    Args:
+        result: the :class:`edgepipe.pipeline.search.ReleaseResult`; the files go into its ``out``.
+    """
     from edgepipe._fs import write_text_atomic
 
     index = release_index(result)

@@ -29,7 +29,25 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 
 @dataclass(frozen=True)
 class Calibration:
-    """How the target's int8 scales are computed."""
+    """How the target's int8 scales are computed (the ``[calibration]`` table).
+
+    Attributes:
+        method: how activation ranges are found: ``minmax``, ``entropy`` or ``percentile``.
+        samples: how many training samples calibrate (at least 1).
+        seed: which of the training samples are drawn for calibration.
+        float_layers: mixed precision: keep this many layers in float, the most sensitive to int8 first
+            (per-layer sensitivity measured at compile); 0: every layer int8.
+        equalize: cross-layer equalization and bias correction on the ONNX before the backend quantizes it.
+        keep_float: mixed precision by name: these ONNX nodes stay in float (filled from ``float_layers`` at
+            compile).
+        finetune: quantization-aware fine-tuning epochs over the calibration samples with int8 simulated,
+            against the fp32 model's logits, before the backend quantizes; 0: none.
+        finetune_lr: the fine-tune's learning rate (Adam, cosine decay to 0).
+
+    Raises:
+        ConfigError: on construction, ``samples`` < 1, ``float_layers`` or ``finetune`` < 0, or
+            ``finetune_lr`` not a finite number > 0.
+    """
 
     method: CalibrationMethod = "minmax"
     samples: int = 256
@@ -63,7 +81,20 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Budgets:
-    """What the artifact must meet. ``None`` means no budget."""
+    """What the artifact must meet (the ``[budgets]`` table). ``None`` means no budget.
+
+    Attributes:
+        max_metric_drop: how much worse than the original model in fp32 the artifact may be on the validation
+            split, in the model's metric's units (points of top-1, of mAP, dB of SQNR ...); ``None``:
+            ``max_accuracy_drop``.
+        max_accuracy_drop: the older name of ``max_metric_drop`` (top-1 points); 1.0 by default.
+        max_latency_ms: the most p50 latency, in ms, on the measuring machine (not checked when emulated).
+        max_memory_mb: the most peak resident memory above the worker's baseline, in MiB.
+        max_size_mb: the most size of the artifact's files, in MB (10^6 bytes).
+
+    Raises:
+        ConfigError: on construction, a budget that is not a finite number >= 0.
+    """
 
     #: how much worse than the original model in fp32 the artifact may be on the validation split, in the
     #: model's metric's units (points of top-1, of mAP, dB of SQNR ...); ``None``: ``max_accuracy_drop``
@@ -87,7 +118,17 @@ class Budgets:
 
 @dataclass(frozen=True)
 class Runtime:
-    """How the artifact is run and measured."""
+    """How the artifact is run and measured (the ``[runtime]`` table).
+
+    Attributes:
+        threads: the runtime's threads (``None``: the runtime's default).
+        batch: the batch size timed.
+        warmup: untimed calls before timing.
+        iterations: timed calls.
+
+    Raises:
+        ConfigError: on construction, ``batch`` or ``iterations`` < 1, ``warmup`` < 0, or ``threads`` < 1.
+    """
 
     threads: int | None = None  # None: the runtime's default
     batch: int = 1
@@ -180,9 +221,19 @@ _SSH_OPTION = re.compile(r'("?)([A-Za-z][A-Za-z0-9]*)\1(?:[ \t]*=[ \t]*|[ \t]+)(
 
 def ssh_option(option: str) -> tuple[str, str]:
     """One ``ssh_options`` entry, parsed the way ssh parses ``-o``, as ``(Keyword, argument)`` if the
-    keyword is in :data:`SSH_OPTIONS` and its argument is one it allows; else a one-line ``ConfigError``.
+    keyword is in :data:`SSH_OPTIONS` and its argument is one it allows.
 
     The normalized pair, not the original text, is what ssh is given (``-o Keyword=argument``).
+
+    Args:
+        option: ``Keyword=argument`` or ``Keyword argument`` (the keyword in any case, maybe in double quotes).
+
+    Returns:
+        The keyword as :data:`SSH_OPTIONS` spells it, and the checked, normalized argument.
+
+    Raises:
+        ConfigError: one line: the option is not text, holds control characters, is not one ssh option, its
+            keyword is not allowed, or its argument is not one the keyword takes here.
     """
     allowed = (f"allowed: {', '.join(SSH_OPTIONS)}; put anything else in ~/.ssh/config (a target file is data: "
                "it may not run commands, forward, change the host or turn off host-key checking)")
@@ -203,7 +254,21 @@ def ssh_option(option: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Board:
-    """A remote board to benchmark on over SSH."""
+    """A remote board to benchmark on over SSH (the ``[board]`` table).
+
+    Attributes:
+        host: the host name or address.
+        user: the login user (``None``: ssh's default).
+        port: the SSH port.
+        python: the board's interpreter; needs Python >= 3.11, numpy and the artifact's runtime there.
+        workdir: the directory on the board the artifact and the worker are copied into.
+        identity_file: the private key ssh is given (``-i``).
+        ssh_options: extra ssh/scp options, ``Keyword=value``, from an allow-list (:data:`SSH_OPTIONS`).
+
+    Raises:
+        ConfigError: on construction, an empty field or one starting with ``-``, a host or user with spaces,
+            quotes or shell characters, a port outside 1..65535, or an ssh option that is not allowed.
+    """
 
     host: str
     user: str | None = None
@@ -229,7 +294,14 @@ class Board:
         self.ssh_args()
 
     def ssh_args(self) -> list[str]:
-        """``ssh_options`` checked and normalized, as ssh/scp arguments: ``["-o", "Keyword=value", ...]``."""
+        """``ssh_options`` checked and normalized, as ssh/scp arguments.
+
+        Returns:
+            ``["-o", "Keyword=value", ...]``.
+
+        Raises:
+            ConfigError: an option is not allowed (see :func:`ssh_option`).
+        """
         out: list[str] = []
         for o in self.ssh_options:
             key, value = ssh_option(o)
@@ -238,7 +310,17 @@ class Board:
 
     @classmethod
     def parse(cls, spec: str) -> Board:
-        """``[user@]host[:port]`` as a Board."""
+        """``[user@]host[:port]`` as a Board.
+
+        Args:
+            spec: ``[user@]host[:port]``.
+
+        Returns:
+            The board (port 22 when none is given; the other fields their defaults).
+
+        Raises:
+            ConfigError: no host, a port that is not a number, or a field the board refuses.
+        """
         user, _, rest = spec.rpartition("@")
         host, _, port = rest.partition(":")
         if not host or (port and not port.isdigit()):
@@ -248,7 +330,25 @@ class Board:
 
 @dataclass(frozen=True)
 class Target:
-    """A hardware deployment: backend, precision, input shape, calibration, budgets, runtime."""
+    """A hardware deployment: backend, precision, input shape, calibration, budgets, runtime.
+
+    Attributes:
+        name: the target's name (a plain name: it names the release directory).
+        backend: the backend that compiles and runs it (``onnxruntime``, ``openvino``, ``tflite``, ``tensorrt``).
+        precision: ``fp32``, ``fp16``, ``bf16`` or ``int8``.
+        input_shape: one shape (a one-input model), or a table of shapes by input name; any rank, batch first.
+        description: one line for people.
+        dynamic_batch: export and compile with a dynamic batch dimension.
+        calibration: how int8 scales are computed.
+        budgets: what the artifact must meet.
+        runtime: how the artifact is run and measured.
+        options: the backend's typed options (a dict is parsed on construction).
+        board: where to benchmark over SSH (``None``: this machine).
+
+    Raises:
+        ConfigError: on construction, a bad name, an unknown backend or invalid options, an empty shape table,
+            a shape that is not positive sizes or too large, or inputs with different batch sizes.
+    """
 
     name: str
     backend: str
@@ -289,7 +389,18 @@ class Target:
     def shapes(self, names: list[str]) -> dict[str, tuple[int, ...]]:
         """The shape of each of a model's inputs (``names``, in order), from ``input_shape``.
 
-        A single shape is the one input's; a table must name every input and no other."""
+        A single shape is the one input's; a table must name every input and no other.
+
+        Args:
+            names: the model's input names, in order.
+
+        Returns:
+            One shape per name, in that order.
+
+        Raises:
+            ConfigError: a single shape for a model with several inputs, or a table that misses an input or
+                names one the model does not have.
+        """
         if not isinstance(self.input_shape, dict):
             if len(names) != 1:
                 raise ConfigError(f"target {self.name!r}: the model has {len(names)} inputs ({', '.join(names)}); give "
@@ -306,7 +417,11 @@ class Target:
 
     @property
     def chw(self) -> tuple[int, ...]:
-        """The one input's shape without its batch (C, H, W for an image model)."""
+        """The one input's shape without its batch (C, H, W for an image model).
+
+        Raises:
+            ConfigError: the target has a shape table of several inputs.
+        """
         if isinstance(self.input_shape, dict):
             if len(self.input_shape) != 1:
                 raise ConfigError(f"target {self.name!r} has several inputs; they have no single sample shape")
@@ -314,18 +429,44 @@ class Target:
         return self.input_shape[1:]
 
     def to_dict(self) -> dict[str, Any]:
+        """The target as a TOML-ready dict (what a manifest records).
+
+        Returns:
+            Every field, tuples as lists and ``None`` values left out.
+        """
         return to_dict(self)
 
     @property
     def sha256(self) -> str:
+        """The SHA-256 of :meth:`to_dict` (as canonical JSON): what caches and manifests key the target by."""
         return sha256_json(self.to_dict())
 
     def with_input_shape(self, shape: tuple[int, ...] | dict[str, tuple[int, ...]]) -> Target:
+        """A copy of the target with another input shape (``--input-shape``).
+
+        Args:
+            shape: one shape, or a table of shapes by input name.
+
+        Returns:
+            The new target, validated.
+
+        Raises:
+            ConfigError: the shape is invalid (as on construction).
+        """
         return dataclasses.replace(self, input_shape=dict(shape) if isinstance(shape, dict) else tuple(shape))
 
 
 def check_shape(shape: tuple[int, ...], where: str) -> None:
-    """A concrete input shape: at least one dimension, every size >= 1, a sample that fits in memory."""
+    """A concrete input shape: at least one dimension, every size >= 1, a sample that fits in memory.
+
+    Args:
+        shape: the shape, batch first.
+        where: how the error names it (``input_shape``, ``input_shape.images``).
+
+    Raises:
+        ConfigError: no dimension, a size that is not an integer >= 1, more than :data:`MAX_SAMPLE_VALUES`
+            values per sample, or a batch over 4096.
+    """
     if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
         raise ConfigError(f"{where} = {list(shape)}: give positive sizes, batch first (e.g. [1, 3, 224, 224], "
                           "[1, 1, 16000] or [1, 16])")
@@ -335,6 +476,18 @@ def check_shape(shape: tuple[int, ...], where: str) -> None:
 
 
 def target_from_dict(data: dict[str, Any], where: str) -> Target:
+    """A target from a parsed TOML table (a target file, a manifest's ``target``).
+
+    Args:
+        data: the table.
+        where: how errors name its source (``target file 'x.toml'``), prefixed to the message.
+
+    Returns:
+        The target, validated.
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type, a missing required key, or an invalid value.
+    """
     try:
         return from_dict(Target, data)
     except ConfigError as e:
@@ -344,7 +497,9 @@ def target_from_dict(data: dict[str, Any], where: str) -> Target:
 def targets_dirs() -> list[Path]:
     """Where named targets are looked up, first match wins.
 
-    ``$EDGEPIPE_TARGETS`` (os.pathsep-separated), ``./targets``, then the targets shipped with edgepipe.
+    Returns:
+        The existing directories among ``$EDGEPIPE_TARGETS`` (os.pathsep-separated), ``./targets``, then the
+        targets shipped with edgepipe, each once.
     """
     dirs = [Path(p) for p in os.environ.get("EDGEPIPE_TARGETS", "").split(os.pathsep) if p]
     dirs.append(Path.cwd() / "targets")
@@ -359,7 +514,11 @@ def targets_dirs() -> list[Path]:
 
 
 def target_files() -> dict[str, Path]:
-    """Every named target that can be found, name -> file."""
+    """Every named target that can be found.
+
+    Returns:
+        Name (a ``.toml`` file's stem) -> file; the first directory of :func:`targets_dirs` that has it wins.
+    """
     found: dict[str, Path] = {}
     for d in targets_dirs():
         for p in sorted(d.glob("*.toml")):
@@ -368,7 +527,18 @@ def target_files() -> dict[str, Path]:
 
 
 def load_target(spec: str | Path) -> Target:
-    """Load a target by name (``cpu-int8``) or by path to its TOML file."""
+    """Load a target by name (``cpu-int8``) or by path to its TOML file.
+
+    Args:
+        spec: a target name (see :func:`target_files`), or a path ending in ``.toml``.
+
+    Returns:
+        The target, validated.
+
+    Raises:
+        ConfigError: an unknown name (listing the known ones), a file that does not exist or is not valid
+            TOML, or an invalid target.
+    """
     path = Path(spec)
     if path.suffix != ".toml":
         files = target_files()

@@ -20,6 +20,25 @@ from edgepipe.types import Artifact, Measurement
 
 @dataclass(frozen=True)
 class BenchSettings:
+    """How an artifact is timed in the bench worker.
+
+    Attributes:
+        threads: the runtime's threads (``None``: its default).
+        batch: the batch size timed (a model with a static batch is timed at its own).
+        warmup: untimed calls before timing.
+        iterations: timed calls (ignored with ``duration_s``).
+        duration_s: time for this many seconds instead of a fixed count.
+        seed: the seed of the random timing inputs.
+        timeout_s: seconds the worker may run before it is stopped.
+        shapes: each input's shape (batch first) by name, ``""`` for a one-input model's; ``None``: the model's
+            static sizes (1 for a dynamic dimension).
+
+    Raises:
+        ConfigError: on construction, ``iterations`` or ``batch`` not an integer >= 1, ``warmup`` not an
+            integer >= 0, ``threads`` not ``None`` or an integer >= 1, or ``duration_s``/``timeout_s`` not a
+            number of seconds > 0.
+    """
+
     threads: int | None = None
     batch: int = 1
     warmup: int = 20
@@ -76,7 +95,14 @@ def _settings(artifact: Artifact, s: BenchSettings, eval_path: Path | str | None
 
 def same_machine(a: Measurement | None, b: Measurement | None) -> bool:
     """Whether two measurements were taken on the same machine, the same way (emulated or not): only then
-    is a ratio of their latencies a speed-up."""
+    is a ratio of their latencies a speed-up.
+
+    Args:
+        a, b: the measurements (``None``: not measured).
+
+    Returns:
+        True when both exist and their hosts' ``node``, ``machine`` and ``emulated`` agree.
+    """
     if a is None or b is None:
         return False
     return all(a.host.get(k) == b.host.get(k) for k in ("node", "machine", "emulated"))
@@ -84,14 +110,31 @@ def same_machine(a: Measurement | None, b: Measurement | None) -> bool:
 
 def speedup(reference: Measurement | None, measured: Measurement | None) -> float | None:
     """Reference p50 / measured p50, or ``None`` unless both were timed on the same machine the same way
-    (an fp32 reference timed on this host says nothing about an int8 artifact timed on a board)."""
+    (an fp32 reference timed on this host says nothing about an int8 artifact timed on a board).
+
+    Args:
+        reference: the fp32 reference's measurement.
+        measured: the artifact's measurement.
+
+    Returns:
+        The speed-up (above 1: the artifact is faster), or ``None`` when either is missing, the measured p50 is
+        0, or they were not timed alike (see :func:`same_machine`).
+    """
     if reference is None or measured is None or not measured.p50_ms or not same_machine(reference, measured):
         return None
     return float(reference.p50_ms) / float(measured.p50_ms)
 
 
 def where(measured: Measurement | None) -> str:
-    """Where a measurement was taken, in words, with emulation said (``"?"`` when nothing was measured)."""
+    """Where a measurement was taken, in words, with emulation said (``"?"`` when nothing was measured).
+
+    Args:
+        measured: the measurement, or ``None``.
+
+    Returns:
+        ``node (machine)``; ``node (machine, emulated by qemu-user): proves function, not speed`` when
+        emulated; ``? (?)`` for ``None``.
+    """
     if measured is None:
         return "? (?)"
     return measured.where + (": proves function, not speed" if measured.emulated else "")
@@ -103,7 +146,15 @@ MODULE_DISTS = {"numpy": "numpy", "onnxruntime": "onnxruntime", "openvino": "ope
 
 
 def pip_line(module: str, python: str = "python3") -> str:
-    """The command that installs ``module``'s distribution, pinned to the version edgepipe used here."""
+    """The command that installs ``module``'s distribution, pinned to the version edgepipe used here.
+
+    Args:
+        module: the module the worker could not import (mapped to its distribution by :data:`MODULE_DISTS`).
+        python: the interpreter the command runs pip with.
+
+    Returns:
+        ``<python> -m pip install '<dist>==<version>'``; unpinned when edgepipe's tool versions here lack it.
+    """
     from edgepipe.versions import tool_versions
 
     dist = MODULE_DISTS.get(module, module)
@@ -298,7 +349,15 @@ _PARTIAL: dict[str, Callable[[Any], Any]] = {
 
 def partial_figures(stdout: str) -> dict[str, Any] | None:
     """The last ``{"partial": ...}`` line the worker printed (what it had measured so far), if any and
-    well formed."""
+    well formed.
+
+    Args:
+        stdout: the worker's standard output.
+
+    Returns:
+        The checked figures (``phase``: ``loaded``, ``timing`` or ``timed``, with the figures that phase has),
+        or ``None`` when there is no such line or it is not what the worker sends.
+    """
     for line in reversed(stdout.strip().splitlines()):
         if line.startswith('{"partial"'):
             try:
@@ -311,7 +370,22 @@ def partial_figures(stdout: str) -> dict[str, Any] | None:
 
 def parse_worker_output(stdout: str, what: str, python: str = "python3", where: str = "this machine") -> dict[str, Any]:
     """The worker's last JSON line, checked against what the worker sends (types, finite numbers, bounded
-    text, no unknown keys); ``BenchmarkError`` if it failed, printed none, or sent something else."""
+    text, no unknown keys).
+
+    Args:
+        stdout: the worker's standard output (partial-figure lines are skipped).
+        what: how the error names the artifact.
+        python: the interpreter the worker ran with, as the error's hints name it.
+        where: how the error names the machine (``this machine``, a board, an image).
+
+    Returns:
+        The checked result without ``ok``: the fields of :class:`edgepipe.types.Measurement` the worker
+        sends (latency, memory, host and, with ``--verify``, ``eval``).
+
+    Raises:
+        BenchmarkError: the worker reported a failure (a missing module: with the pip line that installs it),
+            printed no result, or sent something that is not what the worker sends.
+    """
     for line in reversed(stdout.strip().splitlines()):
         if line.startswith("{") and not line.startswith('{"partial"'):
             try:
@@ -335,7 +409,21 @@ def parse_worker_output(stdout: str, what: str, python: str = "python3", where: 
 
 
 def measure(artifact: Artifact, settings: BenchSettings | None = None, eval_path: Path | None = None) -> Measurement:
-    """Measure ``artifact`` in a fresh local worker process (and, with ``eval_path``, its top-1 there)."""
+    """Measure ``artifact`` in a fresh local worker process.
+
+    Args:
+        artifact: the artifact to time.
+        settings: how to time it (default: :class:`BenchSettings`'s defaults).
+        eval_path: an evaluation ``.npz``; the worker also runs its samples and returns every output in the
+            measurement's ``eval``.
+
+    Returns:
+        The measurement, with the artifact's size, backend and precision.
+
+    Raises:
+        BenchmarkError: the worker ran past ``settings.timeout_s``, exited with an error, reported a failure,
+            or sent a reply that is not the worker's.
+    """
     s = settings or BenchSettings()
     cmd = [sys.executable, "-m", "edgepipe.harness.worker", json.dumps(_settings(artifact, s, eval_path))]
     try:
