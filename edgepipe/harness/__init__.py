@@ -135,9 +135,9 @@ def where(measured: Measurement | None) -> str:
         ``node (machine)``; ``node (machine, emulated by qemu-user): proves function, not speed`` when
         emulated; ``? (?)`` for ``None``.
     """
-    if measured is None:
-        return "? (?)"
-    return measured.where + (": proves function, not speed" if measured.emulated else "")
+    h = measured.host if measured is not None else {}
+    out = f"{h.get('node', '?')} ({h.get('machine', '?')})"
+    return out + (f", emulated by {h['emulated']}: proves function, not speed" if h.get("emulated") else "")
 
 
 #: the distribution to pip-install for a module the worker could not import

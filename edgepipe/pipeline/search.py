@@ -98,9 +98,9 @@ class Tried:
         return {**d, "validation": acc.validation_value, "validation_drop": acc.validation_drop,
                 "test": acc.value, "test_drop": acc.drop, "sqnr_db": fid.get("sqnr_db"),
                 "flip_rate": fid.get("flip_rate"), "p50_ms": lat.p50_ms if lat else None,
-                "peak_memory_mb": lat["peak_rss_above_baseline_mb"] if lat else None, "size_bytes": self.size_bytes,
+                "peak_memory_mb": lat.peak_rss_above_baseline_mb if lat else None, "size_bytes": self.size_bytes,
                 # "qemu-user": timed under emulation, which proves function only (never a board's latency)
-                "emulated": (lat.get("host") or {}).get("emulated") if lat else None,
+                "emulated": lat.emulated if lat else None,
                 "missed": self.misses()}
 
 

@@ -401,6 +401,12 @@ def _cached_artifact(backend: str, entry: Any, out: Path) -> Artifact:
     return Artifact(backend, rec["precision"], out / rec["path"], [out / n for n in rec["files"]], rec["metadata"])
 
 
+def weight_qmax(target: Target) -> int:
+    """The largest int8 weight level ``target``'s backend rounds to: 64 with onnxruntime's ``reduce_range``
+    (7-bit weights, for CPUs without VNNI), else 127. Bias correction and the fine-tune simulate it."""
+    return 64 if getattr(target.options, "reduce_range", False) else 127
+
+
 def prepare_int8(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path, cache: Cache,
                  reporter: Reporter | None = None) -> tuple[OnnxModel, Target, dict[str, Any]]:
     """What an int8 target's backend quantizes, and the target it quantizes for: the preparation stage.
@@ -426,7 +432,7 @@ def prepare_int8(onnx: OnnxModel, target: Target, calibration: CalibrationSet, w
 
         path = workdir / "equalized" / onnx.path.name
         path.parent.mkdir(parents=True, exist_ok=True)
-        eq = Equalizer(onnx.path, calibration.x)
+        eq = Equalizer(onnx.path, calibration.x, weight_qmax=weight_qmax(target))
         record["equalization"] = {**eq.write(path, written), "method": (
             "cross-layer equalization (ReLU6 kept exact on the calibration samples) and bias correction of int8 "
             "weight rounding, Nagel et al. 2019")}
@@ -458,9 +464,10 @@ def finetuned(onnx: OnnxModel, original: OnnxModel, target: Target, calibration:
         return onnx, {}
     from edgepipe.quantize.finetune import BATCH, finetune
 
+    qmax = weight_qmax(target)
     key = sha256_json({"onnx": onnx.sha256, "original": original.sha256, "calibration": calibration.sha256,
                        "epochs": cal.finetune, "lr": cal.finetune_lr, "keep_float": list(cal.keep_float),
-                       "seed": cal.seed, "tools": tool_versions()})
+                       "seed": cal.seed, "weight_qmax": qmax, "tools": tool_versions()})
     path = workdir / "finetuned" / onnx.path.name
     path.parent.mkdir(parents=True, exist_ok=True)
     hit = cache.get("finetune", key)
@@ -472,7 +479,7 @@ def finetuned(onnx: OnnxModel, original: OnnxModel, target: Target, calibration:
         steps = cal.finetune * -(-len(calibration) // BATCH)
         with rep.stage(f"fine-tune for int8 ({cal.finetune} epochs, {len(calibration)} samples)", steps) as advance:
             record = finetune(onnx.path, path, calibration.x, original.path, epochs=cal.finetune, lr=cal.finetune_lr,
-                              seed=cal.seed, keep_float=cal.keep_float, progress=advance)
+                              seed=cal.seed, keep_float=cal.keep_float, weight_qmax=qmax, progress=advance)
         stored = cache.put("finetune", key, [path], record)
         if stored is not None and not stored.mine:  # another writer's fine-tune: everyone uses that one
             stored.copy(next(iter(stored.files or {})), path)

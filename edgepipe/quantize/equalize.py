@@ -32,11 +32,12 @@ from edgepipe.types import Samples, feeds_of, sample_count
 _TINY = 1e-8
 
 
-def fake_int8(w: np.ndarray) -> np.ndarray:
-    """``w`` rounded as symmetric per-output-channel int8 (scale: the channel's largest |weight| / 127)."""
+def fake_int8(w: np.ndarray, qmax: int = 127) -> np.ndarray:
+    """``w`` rounded as symmetric per-output-channel int8 (scale: the channel's largest |weight| / ``qmax``;
+    ``qmax`` 64: onnxruntime's 7-bit ``reduce_range``)."""
     a = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
-    s = (np.maximum(a, _TINY) / 127.0).reshape(-1, *([1] * (w.ndim - 1)))
-    return (np.clip(np.round(w / s), -127, 127) * s).astype(w.dtype)
+    s = (np.maximum(a, _TINY) / float(qmax)).reshape(-1, *([1] * (w.ndim - 1)))
+    return (np.clip(np.round(w / s), -qmax, qmax) * s).astype(w.dtype)
 
 
 class _Graph:
@@ -187,9 +188,10 @@ class Equalizer:
         src: the fp32 ONNX model.
         x: calibration samples, for the pre-activation maxima and the layer input means.
         bias_correction: compute the corrections (else :meth:`write` writes the equalized model only).
+        weight_qmax: the largest weight level the backend rounds to (127; 64 for onnxruntime's ``reduce_range``).
     """
 
-    def __init__(self, src: Path, x: Samples, *, bias_correction: bool = True) -> None:
+    def __init__(self, src: Path, x: Samples, *, bias_correction: bool = True, weight_qmax: int = 127) -> None:
         import onnx
 
         self.model = onnx.load(str(src))
@@ -224,7 +226,7 @@ class Equalizer:
         self.record: dict[str, Any] = {"equalized_pairs": len(pairs), "channels_rescaled": scaled,
                                        "channels_kept (saturating ReLU6 or dead)": kept}
         #: node index -> (node name, bias shift) for every Conv whose int8 rounding is corrected
-        self.corrections = _bias_corrections(g, self.model, x) if bias_correction else None
+        self.corrections = _bias_corrections(g, self.model, x, weight_qmax) if bias_correction else None
 
     def write(self, out: Path, keep_float: tuple[str, ...] | set[str] = ()) -> dict[str, Any]:
         """Write the equalized model to ``out`` (atomically), every Conv's bias corrected except the
@@ -263,7 +265,7 @@ def equalize(src: Path, out: Path, x: Samples, *, bias_correction: bool = True,
     return Equalizer(src, x, bias_correction=bias_correction).write(out, keep_float)
 
 
-def _bias_corrections(g: _Graph, model: Any, x: Samples) -> dict[int, tuple[str, np.ndarray]]:
+def _bias_corrections(g: _Graph, model: Any, x: Samples, qmax: int = 127) -> dict[int, tuple[str, np.ndarray]]:
     """Each Conv's bias shift: its int8 weight rounding error times the mean of its input (by node index)."""
     import tempfile
 
@@ -277,7 +279,7 @@ def _bias_corrections(g: _Graph, model: Any, x: Samples) -> dict[int, tuple[str,
     out: dict[int, tuple[str, np.ndarray]] = {}
     for i, n in convs:
         w = g.arrays[n.input[1]]
-        dw = fake_int8(w) - w
+        dw = fake_int8(w, qmax) - w
         mean = means[n.input[0]][1].astype(w.dtype)
         if g.attr(n, "group", 1) == 1:
             shift = np.einsum("oikl,i->o", dw, mean)

@@ -87,6 +87,7 @@ def _torch_graph(path: Path, keep_float: tuple[str, ...] = ()) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.model = model
+            self.weight_qmax = 127  # the largest weight level: 127 (8-bit), 64 (onnxruntime's reduce_range)
             self.nodes = list(graph.node)
             self.attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in self.nodes]
             self.inputs = tuple(TensorSpec(i.name, (), ONNX_DTYPES.get(i.type.tensor_type.elem_type, "float32"))
@@ -135,9 +136,9 @@ def _torch_graph(path: Path, keep_float: tuple[str, ...] = ()) -> Any:
                 return w
             axis = self.weight_quantized[name]
             flat = w.detach().movedim(axis, 0).reshape(w.shape[axis], -1)
-            s = (flat.abs().amax(1) / 127.0).clamp_min(1e-12)
-            return torch.fake_quantize_per_channel_affine(w, s, torch.zeros_like(s, dtype=torch.int32), axis,
-                                                          -127, 127)
+            q = self.weight_qmax
+            s = (flat.abs().amax(1) / float(q)).clamp_min(1e-12)
+            return torch.fake_quantize_per_channel_affine(w, s, torch.zeros_like(s, dtype=torch.int32), axis, -q, q)
 
         def activation(self, name: str, x: Any) -> Any:
             if not x.is_floating_point():  # token ids, shapes, indices: never quantized
@@ -370,7 +371,7 @@ def _feeds(net: Any, x: Samples) -> dict[str, Any]:
 
 
 def finetune(src: Path, out: Path, x: Samples, reference: Path, *, epochs: int, lr: float = 2e-5,
-             batch: int = BATCH, seed: int = 0, keep_float: tuple[str, ...] = (),
+             batch: int = BATCH, seed: int = 0, keep_float: tuple[str, ...] = (), weight_qmax: int = 127,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write ``src`` fine-tuned for int8 to ``out``; returns what was done, for the manifest.
 
@@ -385,6 +386,8 @@ def finetune(src: Path, out: Path, x: Samples, reference: Path, *, epochs: int, 
         batch: samples per step.
         seed: the order of the samples.
         keep_float: layers mixed precision keeps in float (not fake-quantized).
+        weight_qmax: the largest weight level the backend uses: 127 (8-bit), 64 (7-bit: onnxruntime's
+            ``reduce_range``, for CPUs without VNNI).
         progress: called with 1 after each step.
     """
     import torch
@@ -405,6 +408,7 @@ def finetune(src: Path, out: Path, x: Samples, reference: Path, *, epochs: int, 
             raise CompileError(f"calibration.finetune: {reference.name} has no float output to match; "
                                "set finetune = 0 for this model")
         net = _torch_graph(src, keep_float)
+        net.weight_qmax = int(weight_qmax)
         if net.input_names != list(feeds):
             raise CompileError(f"calibration.finetune: {src.name} takes inputs {', '.join(net.input_names)}, the fp32 "
                                f"model {reference.name} takes {', '.join(feeds)}")
@@ -443,7 +447,8 @@ def finetune(src: Path, out: Path, x: Samples, reference: Path, *, epochs: int, 
         after = nmse()
         net.write(out)
     return {"method": "quantization-aware fine-tuning against the fp32 model's outputs on the calibration samples "
-                      "(simulated int8: per-channel symmetric weights, per-tensor min/max activations)",
+                      "(simulated int8: per-channel symmetric weights, per-tensor min/max activations)"
+                      + (f", weights on {2 * weight_qmax + 1} levels" if weight_qmax != 127 else ""),
             "epochs": epochs, "steps": steps, "samples": n, "lr": lr, "batch": batch,
             "inputs": list(net.input_names), "outputs_matched": len(matched),
             "layers_trained": len(net.weight_quantized), "activations_simulated": len(net.ranges),

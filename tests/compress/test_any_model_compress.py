@@ -373,7 +373,7 @@ def test_edgepipe_compress_takes_a_segmenter_and_prints_what_it_measured(tmp_pat
                       'sparsity = 0.5\nfinetune = true\n')
     args = ["compress", "edgepipe.models.tasks:segmenter", "--recipe", str(recipe), "--data", str(data),
             "--input-shape", "1,3,32,32", "--out", str(tmp_path / "small.pt2")]
-    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    res = CliRunner().invoke(cli, args, catch_exceptions=False, env={"COLUMNS": "200"})  # the table unwrapped
     assert res.exit_code == 0, res.output
     assert "SQNR 200.0 ->" in res.output and "dB" in res.output and (tmp_path / "small.pt2").is_file()
     res = CliRunner().invoke(cli, [*args, "--json"], catch_exceptions=False)
