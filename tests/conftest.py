@@ -20,15 +20,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     - ``fast``: every test not marked ``slow``, ``timing``, ``docker``, ``cluster`` or ``gpu`` (the edit loop:
       ``pytest -m fast``).
     - Under pytest-xdist (``-n 2 --dist loadgroup``) the tests of one shared server (the private dockerd and
-      its images, the Ray cluster) run on one worker, so each server starts once.
+      its images, the Ray cluster) run on one worker, so each server starts once; every other test runs with
+      the rest of its file (its module-scoped fixtures made once).
     - Tests marked ``gpu`` need TensorRT and an NVIDIA GPU: skipped elsewhere, saying what is missing.
     """
     for item in items:
         if not any(m in item.keywords for m in ("slow", "timing", "gpu", *SHARED_SERVERS)):
             item.add_marker(pytest.mark.fast)
+        # one shared server's tests together; every other test with the rest of its file, so a module's
+        # fixtures (a release, a cluster of builds) are made once, not once per worker
         server = next((s for s in SHARED_SERVERS if s in item.keywords), None)
-        if server is not None:
-            item.add_marker(pytest.mark.xdist_group(server))
+        item.add_marker(pytest.mark.xdist_group(server or item.nodeid.split("::")[0]))
     gpu = [item for item in items if "gpu" in item.keywords]
     if not gpu:
         return
