@@ -11,21 +11,64 @@ import numpy as np
 import pytest
 
 SHARED_SERVERS = ("docker", "cluster")  # each is one server per session: its tests share one xdist worker
+#: each test's measured seconds (setup + call + teardown) in the last full run: ``--record-durations`` rewrites it
+DURATIONS = Path(__file__).with_name("durations.txt")
+#: a test measured at or above this many seconds is not in the fast profile
+FAST_LIMIT_S = 1.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--record-durations", action="store_true",
+                     help=f"write each test's seconds to {DURATIONS.name} (run the whole suite): the fast profile "
+                          f"leaves out tests measured at {FAST_LIMIT_S} s or more")
+
+
+def _plain_id(nodeid: str) -> str:
+    """A node id without the ``@group`` suffix pytest-xdist's loadgroup adds."""
+    return nodeid.rsplit("@", 1)[0] if nodeid.rfind("@") > nodeid.rfind("]") else nodeid
+
+
+def _recorded() -> dict[str, float]:
+    if not DURATIONS.is_file():
+        return {}
+    out = {}
+    for line in DURATIONS.read_text().splitlines():
+        seconds, _, nodeid = line.partition(" ")
+        if nodeid:
+            out[nodeid] = float(seconds)
+    return out
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    if not config.getoption("--record-durations"):
+        return
+    total: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for r in reports:
+            if getattr(r, "when", None) in ("setup", "call", "teardown") and hasattr(r, "duration"):
+                key = _plain_id(r.nodeid)
+                total[key] = total.get(key, 0.0) + float(r.duration)
+    lines = [f"{v:.2f} {k}" for k, v in sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))]
+    DURATIONS.write_text("\n".join(lines) + "\n")
+    terminalreporter.write_line(f"wrote {len(lines)} durations to {DURATIONS}")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Sort the suite into its profiles and skip what this machine cannot run.
 
-    - ``fast``: every test not marked ``slow``, ``timing``, ``docker``, ``cluster`` or ``gpu`` (the edit loop:
-      ``pytest -m fast``).
+    - ``fast``: every test not marked ``slow``, ``timing``, ``docker``, ``cluster`` or ``gpu`` and not measured at
+      ``FAST_LIMIT_S`` or more in the last full run (``durations.txt``; a new test counts as fast until the next
+      ``--record-durations``): the edit loop, ``pytest -n 2 -m fast``.
     - Under pytest-xdist (``-n 2 --dist loadgroup``) the tests of one shared server (the private dockerd and
       its images, the Ray cluster) run on one worker, so each server starts once; every other test runs with
       the rest of its file (its module-scoped fixtures made once).
     - Tests marked ``gpu`` need TensorRT and an NVIDIA GPU: skipped elsewhere, saying what is missing.
     """
+    recorded = _recorded()
     for item in items:
-        if not any(m in item.keywords for m in ("slow", "timing", "gpu", *SHARED_SERVERS)):
+        if (not any(m in item.keywords for m in ("slow", "timing", "gpu", *SHARED_SERVERS))
+                and recorded.get(item.nodeid, 0.0) < FAST_LIMIT_S):
             item.add_marker(pytest.mark.fast)
         # one shared server's tests together; every other test with the rest of its file, so a module's
         # fixtures (a release, a cluster of builds) are made once, not once per worker
