@@ -13,8 +13,10 @@ import pytest
 SHARED_SERVERS = ("docker", "cluster")  # each is one server per session: its tests share one xdist worker
 #: each test's measured seconds (setup + call + teardown) in the last full run: ``--record-durations`` rewrites it
 DURATIONS = Path(__file__).with_name("durations.txt")
-#: a test measured at or above this many seconds is not in the fast profile
+#: a test measured at or above this many seconds is not in the fast profile, nor is any test of a file whose tests
+#: took ``FAST_FILE_LIMIT_S`` together (their shared fixtures and stage caches would move to the tests left in it)
 FAST_LIMIT_S = 1.0
+FAST_FILE_LIMIT_S = 30.0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -57,18 +59,23 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Sort the suite into its profiles and skip what this machine cannot run.
 
-    - ``fast``: every test not marked ``slow``, ``timing``, ``docker``, ``cluster`` or ``gpu`` and not measured at
+    - ``fast``: every test not marked ``slow``, ``timing``, ``docker``, ``cluster`` or ``gpu``, not measured at
       ``FAST_LIMIT_S`` or more in the last full run (``durations.txt``; a new test counts as fast until the next
-      ``--record-durations``): the edit loop, ``pytest -n 2 -m fast``.
+      ``--record-durations``) and not in a file whose tests took ``FAST_FILE_LIMIT_S`` together: the edit loop,
+      ``pytest -n 2 -m fast``.
     - Under pytest-xdist (``-n 2 --dist loadgroup``) the tests of one shared server (the private dockerd and
       its images, the Ray cluster) run on one worker, so each server starts once; every other test runs with
       the rest of its file (its module-scoped fixtures made once).
     - Tests marked ``gpu`` need TensorRT and an NVIDIA GPU: skipped elsewhere, saying what is missing.
     """
     recorded = _recorded()
+    per_file: dict[str, float] = {}
+    for nodeid, seconds in recorded.items():
+        per_file[nodeid.split("::")[0]] = per_file.get(nodeid.split("::")[0], 0.0) + seconds
     for item in items:
         if (not any(m in item.keywords for m in ("slow", "timing", "gpu", *SHARED_SERVERS))
-                and recorded.get(item.nodeid, 0.0) < FAST_LIMIT_S):
+                and recorded.get(item.nodeid, 0.0) < FAST_LIMIT_S
+                and per_file.get(item.nodeid.split("::")[0], 0.0) < FAST_FILE_LIMIT_S):
             item.add_marker(pytest.mark.fast)
         # one shared server's tests together; every other test with the rest of its file, so a module's
         # fixtures (a release, a cluster of builds) are made once, not once per worker
