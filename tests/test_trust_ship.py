@@ -381,3 +381,35 @@ def test_unpack_writes_plain_names_inside_the_work_directory(release_src, tmp_pa
     assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()) == sorted(files)
     assert res.artifact.path == work / "model.onnx" and res.artifact.files == [work / "model.onnx", work / "ov"]
     assert res.onnx.path == work / "source.onnx" and res.calibration is not None
+
+
+@pytest.mark.parametrize("reply", ["a dict", "no result"])
+def test_a_worker_reply_that_is_not_edgepipes_is_refused_and_writes_nothing(tmp_path, reply):
+    """The driver unpickles what a worker returns: anything but a Reply with a result or an error is refused
+    before a file is written (a forged dict in the old shape, a Reply naming nothing)."""
+    from edgepipe.config import load_target
+    from edgepipe.pipeline.executors import Job
+    from edgepipe.pipeline.executors.task import Reply, job_result
+
+    work = tmp_path / "work"
+    job = Job(load_target("cpu-int8"), None, {"id": "c00"}, work)
+    r = ({"result": None, "files": {"model.onnx": b"x"}, "node": "n", "host": "h"} if reply == "a dict"
+         else Reply("n", "evil-host", files={"model.onnx": b"x"}))
+    with pytest.raises(ClusterError) as e:
+        job_result(r, job, None)  # type: ignore[arg-type]  # refused before the session is used
+    assert "\n" not in str(e.value) and "nothing was written" in str(e.value)
+    assert not work.exists()
+
+
+def test_a_manifest_whose_target_was_edited_after_the_build_is_refused(release):
+    """The target a release records carries its sha256: settings changed by hand no longer match it."""
+    from edgepipe.types import Manifest
+
+    mf = release / "manifest.json"
+    d = json.loads(mf.read_text())
+    assert Manifest.read(mf).target.sha256 == d["target"]["sha256"]
+    d["target"]["budgets"] = {**d["target"].get("budgets", {}), "max_accuracy_drop": 99.0}
+    mf.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=r"edited after the build") as e:
+        Manifest.read(mf)
+    assert str(mf) in str(e.value) and "\n" not in str(e.value)

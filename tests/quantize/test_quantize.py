@@ -256,3 +256,44 @@ def test_onnxruntime_float_layers_stay_float_when_the_session_starts(example_onn
     runner = backends.get("onnxruntime").load(art)
     ours = runner({runner.inputs[0].name: x})[0]
     assert np.abs(ours - truth).max() < 5e-3 * np.abs(truth).max()  # int8 kernel rounding only (13x that without)
+
+
+def test_the_equalizer_writes_any_float_layers_as_equalizing_afresh_would(example_onnx, splits, tmp_path):
+    """Equalized once, written for two sets of float layers: each file is the bytes a fresh equalization with
+    those float layers writes, and the float layers' biases are the ones left uncorrected."""
+    from edgepipe.quantize.equalize import Equalizer
+
+    convs = [n.name for n in onnx.load(str(example_onnx.path)).graph.node if n.op_type == "Conv"]
+    x = splits.calibration.x[:64]
+    eq = Equalizer(example_onnx.path, x)
+    every = eq.write(tmp_path / "every.onnx")
+    two = eq.write(tmp_path / "two.onnx", tuple(convs[:2]))
+    fresh = equalize(example_onnx.path, tmp_path / "fresh.onnx", x, keep_float=tuple(convs[:2]))
+    assert two == fresh and (tmp_path / "two.onnx").read_bytes() == (tmp_path / "fresh.onnx").read_bytes()
+    assert every["bias_corrected_layers"] == two["bias_corrected_layers"] + 2
+    eq.write(tmp_path / "again.onnx")
+    assert (tmp_path / "every.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()  # writing changes nothing
+
+
+def test_int8_with_float_layers_equalizes_once(example_onnx, splits, tmp_path, monkeypatch):
+    """The float layers are chosen on the equalized model and then left uncorrected, from one equalization."""
+    from edgepipe.pipeline.cache import Cache
+    from edgepipe.quantize import equalize as eq_module
+
+    made = []
+    real = eq_module.Equalizer.__init__
+
+    def counting(self, *a, **kw):
+        made.append(1)
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(eq_module.Equalizer, "__init__", counting)
+    t = load_target("cpu-int8")
+    t = dataclasses.replace(t, calibration=dataclasses.replace(t.calibration, equalize=True, float_layers=1))
+    calib = CalibrationSet(splits.calibration.x, "digits:calibration")
+    art, _ = stages.compile(example_onnx, t, calib, tmp_path / "c", Cache(enabled=False))
+    assert made == [1]
+    kept = art.metadata["mixed_precision"]["kept_float"]
+    convs = [n for n in onnx.load(str(example_onnx.path)).graph.node if n.op_type == "Conv"]
+    every = len(convs) - sum(1 for n in convs if n.name in kept)
+    assert len(kept) == 1 and art.metadata["equalization"]["bias_corrected_layers"] == every
