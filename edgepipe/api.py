@@ -337,7 +337,6 @@ def compress(
         DataError: the data cannot be read or split.
         CompressionError: a recipe step cannot be applied.
     """
-    from edgepipe.config import Target
     from edgepipe.config.recipe import load_recipe
     from edgepipe.models import load_model, trusting
     from edgepipe.pipeline import stages
@@ -351,7 +350,7 @@ def compress(
         if src.module is None:
             raise ConfigError(f"model {src.spec!r} is ONNX; compression needs the torch model")
         # the data read as a build reads it: by the model's input names, at these shapes
-        splits = stages.load_splits(data, Target("compress", "onnxruntime", "fp32", input_shape=shape), src)
+        splits = stages.data_splits(data, stages.shape_specs(src, shape, "--input-shape"))
         opts = BuildOptions(data=data, metric=metric, postprocess=postprocess)
         scorer = stages.compress_scorer(opts, src.module, splits)
         compressed, _ = stages.compress(src, rec, splits, Cache(), reporter, scorer=scorer)

@@ -401,19 +401,7 @@ class Target:
             ConfigError: a single shape for a model with several inputs, or a table that misses an input or
                 names one the model does not have.
         """
-        if not isinstance(self.input_shape, dict):
-            if len(names) != 1:
-                raise ConfigError(f"target {self.name!r}: the model has {len(names)} inputs ({', '.join(names)}); give "
-                                  "a shape per input: --input-shape NAME=d0,d1,... for each, or input_shape = "
-                                  "{ name = [...] } in the target")
-            return {names[0]: self.input_shape}
-        unknown = sorted(set(self.input_shape) - set(names))
-        missing = [n for n in names if n not in self.input_shape]
-        if unknown or missing:
-            raise ConfigError(f"target {self.name!r}: input_shape names {', '.join(unknown) or 'every input'} but the "
-                              f"model's inputs are {', '.join(names)}" + (f" (no shape for {', '.join(missing)})"
-                                                                          if missing else ""))
-        return {n: self.input_shape[n] for n in names}
+        return match_shapes(self.input_shape, names, f"target {self.name!r}: input_shape")
 
     @property
     def chw(self) -> tuple[int, ...]:
@@ -454,6 +442,36 @@ class Target:
             ConfigError: the shape is invalid (as on construction).
         """
         return dataclasses.replace(self, input_shape=dict(shape) if isinstance(shape, dict) else tuple(shape))
+
+
+def match_shapes(shape: tuple[int, ...] | dict[str, tuple[int, ...]], names: list[str],
+                 where: str) -> dict[str, tuple[int, ...]]:
+    """The shape of each of a model's inputs (``names``, in order), from one shape or a table by name.
+
+    Args:
+        shape: one shape (the one input's) or a shape per input name.
+        names: the model's input names, in order.
+        where: what the shapes came from, leading the error (``target 'x': input_shape``, ``--input-shape``).
+
+    Returns:
+        One shape per name, in that order.
+
+    Raises:
+        ConfigError: one shape for a model with several inputs, or a table that misses an input or names one the
+            model does not have.
+    """
+    if not isinstance(shape, dict):
+        if len(names) != 1:
+            raise ConfigError(f"{where}: one shape, but the model has {len(names)} inputs ({', '.join(names)}); give "
+                              "a shape per input: --input-shape NAME=d0,d1,... for each, or input_shape = "
+                              "{ name = [...] } in the target")
+        return {names[0]: tuple(shape)}
+    unknown = sorted(set(shape) - set(names))
+    missing = [n for n in names if n not in shape]
+    if unknown or missing:
+        raise ConfigError(f"{where} names {', '.join(unknown) or 'every input'} but the model's inputs are "
+                          f"{', '.join(names)}" + (f" (no shape for {', '.join(missing)})" if missing else ""))
+    return {n: tuple(shape[n]) for n in names}
 
 
 def check_shape(shape: tuple[int, ...], where: str) -> None:

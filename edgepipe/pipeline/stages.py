@@ -78,9 +78,17 @@ _DATASETS: dict[tuple[Any, ...], Dataset] = {}
 
 
 def input_specs(source: ModelSource | None, target: Target) -> list[TensorSpec]:
-    """The model's inputs at the target's shapes (batch first): names and dtypes from the ONNX graph, or, for a
-    torch module, the ``forward`` argument names when ``input_shape`` is a table (dtype ``""``: the data's)."""
-    shape = target.input_shape
+    """The model's inputs at the target's shapes (see :func:`shape_specs`)."""
+    return shape_specs(source, target.input_shape, f"target {target.name!r}: input_shape")
+
+
+def shape_specs(source: ModelSource | None, shape: tuple[int, ...] | dict[str, tuple[int, ...]],
+                where: str) -> list[TensorSpec]:
+    """The model's inputs at ``shape`` (batch first; one shape, or a table by input name): names and dtypes
+    from the ONNX graph, or, for a torch module, the ``forward`` argument names when ``shape`` is a table
+    (dtype ``""``: the data's). ``where`` names the shapes' origin in an error (see :func:`match_shapes`)."""
+    from edgepipe.config.target import match_shapes
+
     if source is not None and source.is_onnx and source.onnx_path is not None:
         from edgepipe.export import onnx_model
 
@@ -88,14 +96,14 @@ def input_specs(source: ModelSource | None, target: Target) -> list[TensorSpec]:
         assert sig is not None
         if len(sig.inputs) == 1 and not isinstance(shape, dict):
             return [TensorSpec(sig.inputs[0].name, tuple(shape), sig.inputs[0].dtype)]
-        shapes = target.shapes(sig.input_names)
+        shapes = match_shapes(shape, sig.input_names, where)
         return [TensorSpec(t.name, shapes[t.name], t.dtype) for t in sig.inputs]
     if isinstance(shape, dict):
         if source is not None and source.module is not None:
             from edgepipe.export import forward_input_names
 
             names = forward_input_names(source.module)
-            shapes = target.shapes(names)
+            shapes = match_shapes(shape, names, where)
             return [TensorSpec(n, shapes[n], "") for n in names]
         return [TensorSpec(n, v, "") for n, v in shape.items()]
     name = "input"  # what a one-input module's ONNX input is called; its data may use the forward's name
@@ -106,7 +114,7 @@ def input_specs(source: ModelSource | None, target: Target) -> list[TensorSpec]:
         with contextlib.suppress(EdgepipeError):
             names = forward_input_names(source.module)
         if len(names) > 1:
-            target.shapes(names)  # one shape for several inputs: refused, naming them
+            match_shapes(shape, names, where)  # one shape for several inputs: refused, naming them
         name = names[0] if names else name
     return [TensorSpec(name, tuple(shape), "")]
 

@@ -416,3 +416,19 @@ def test_edgepipe_compress_takes_a_two_input_model_by_its_input_names(tmp_path):
     res = CliRunner().invoke(cli, ["compress", str(out), *args[2:], "--trust-code", "--out", str(tmp_path / "no.pt2")])
     assert isinstance(res.exception, ConfigError) and not (tmp_path / "no.pt2").exists()
     assert "pkg.mod:factory --weights small.pt2 --trust-code" in str(res.exception)
+
+
+@pytest.mark.parametrize("shapes, message", [
+    (["img=1,3,16,16", "feats=1,8"], "--input-shape names img but the model's inputs are image, feats (no shape for image)"),
+    (["1,3,16,16"], "--input-shape: one shape, but the model has 2 inputs (image, feats)"),
+])
+def test_edgepipe_compress_names_a_shape_that_does_not_fit_the_model(tmp_path, shapes, message):
+    from click.testing import CliRunner
+
+    from edgepipe.cli import cli
+
+    out = tmp_path / "small.pt2"
+    args = ["compress", "edgepipe.models.tasks:image_vector", "--recipe", "structured-50", "--out", str(out)]
+    res = CliRunner().invoke(cli, [*args, *(a for s in shapes for a in ("--input-shape", s))])
+    assert isinstance(res.exception, ConfigError) and message in str(res.exception), res.exception
+    assert "target" not in str(res.exception).split(";")[0] and not out.exists()
