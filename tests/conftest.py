@@ -21,7 +21,7 @@ FAST_FILE_LIMIT_S = 30.0
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--record-durations", action="store_true",
-                     help=f"write each test's seconds to {DURATIONS.name} (run the whole suite): the fast profile "
+                     help=f"record each test's seconds in {DURATIONS.name} (tests not run keep theirs): the fast profile "
                           f"leaves out tests measured at {FAST_LIMIT_S} s or more")
 
 
@@ -44,15 +44,16 @@ def _recorded() -> dict[str, float]:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
     if not config.getoption("--record-durations"):
         return
-    total: dict[str, float] = {}
+    total: dict[str, float] = {}  # the tests that ran now; the others keep their recorded figures
     for reports in terminalreporter.stats.values():
         for r in reports:
             if getattr(r, "when", None) in ("setup", "call", "teardown") and hasattr(r, "duration"):
                 key = _plain_id(r.nodeid)
                 total[key] = total.get(key, 0.0) + float(r.duration)
-    lines = [f"{v:.2f} {k}" for k, v in sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))]
+    merged = {**_recorded(), **total}
+    lines = [f"{v:.2f} {k}" for k, v in sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))]
     DURATIONS.write_text("\n".join(lines) + "\n")
-    terminalreporter.write_line(f"wrote {len(lines)} durations to {DURATIONS}")
+    terminalreporter.write_line(f"recorded {len(total)} tests' durations in {DURATIONS} ({len(lines)} in all)")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group markers
