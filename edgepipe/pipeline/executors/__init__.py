@@ -97,9 +97,10 @@ def executor(cluster: str | None = None, workers: int | None = None, insecure: b
     """
     if cluster is None:
         if insecure:
-            raise ConfigError("insecure cluster: only applies with a cluster address")
+            raise ConfigError("--insecure-cluster (insecure_cluster=True) only applies with --cluster (cluster=ADDRESS)")
         return PoolExecutor(workers)
     if workers is not None:
-        raise ConfigError("workers sizes the local pool; with a cluster the cluster's CPUs decide: give one of them")
+        raise ConfigError("--workers (workers=N) sizes the local pool; with --cluster (cluster=ADDRESS) the cluster's "
+                          "CPUs decide: give one of them")
     return RayExecutor(cluster, insecure=insecure)
 
