@@ -191,6 +191,12 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
     from edgepipe import api
 
     specs = [t.strip() for t in targets.split(",") if t.strip()]
+    # usage errors (exit 2) on the command line; executors.executor() refuses the same for API callers
+    if cluster is not None and workers is not None:
+        raise click.UsageError("--workers sizes the local pool; with --cluster the cluster's CPUs decide: "
+                               "give one of them")
+    if insecure_cluster and cluster is None:
+        raise click.UsageError("--insecure-cluster only applies with --cluster")
     from edgepipe.pipeline.executors import executor as choose_executor
 
     # a cluster is connected (and its nodes checked) before the live display: a failure is one line

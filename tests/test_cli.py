@@ -92,18 +92,16 @@ def test_build_json_and_bench(tmp_path):
     assert e.returncode == 0 and json.loads(e.stdout)["parity"]["top1_agreement"] == 1.0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--workers", "2", "--cluster", "127.0.0.1:1"], "--workers (workers=N) sizes the local pool"),
-    (["--insecure-cluster"], "--insecure-cluster (insecure_cluster=True) only applies with --cluster"),
+@pytest.mark.parametrize("kw, message", [
+    ({"workers": 2, "cluster": "127.0.0.1:1"}, "--workers (workers=N) sizes the local pool"),
+    ({"insecure_cluster": True}, "--insecure-cluster (insecure_cluster=True) only applies with --cluster"),
 ])
-def test_release_executor_options_that_contradict_are_one_line_before_any_work(cli_error, tmp_path, args, message):
-    """The executor is chosen in one place (executors.executor): the CLI and the API get the same refusal."""
+def test_release_executor_options_that_contradict_are_refused_before_any_work(tmp_path, kw, message):
+    """The API refuses what the CLI refuses as a usage error (tests/pipeline/test_pool.py), before any work."""
     from edgepipe import api
     from edgepipe.errors import ConfigError
 
     out = tmp_path / "out"
-    assert message in cli_error("release", "--targets", "cpu-int8", "--out", str(out), *args)
-    kw = {"workers": 2, "cluster": "127.0.0.1:1"} if "--workers" in args else {"insecure_cluster": True}
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         api.release(None, ["cpu-int8"], out=out, **kw)
     assert not out.exists()
