@@ -203,7 +203,8 @@ PHOTO_SAMPLES = 1000
 
 def photo_crops(chw: tuple[int, int, int] = (3, 224, 224), n: int = PHOTO_SAMPLES, seed: int = 0) -> np.ndarray:
     """``n`` random square crops (35-100 % of the short side) and flips of scikit-image's bundled photos,
-    resized with anti-aliasing to ``chw``, RGB in [0, 1], NCHW float32. Unlabelled: see :func:`photos`."""
+    resized with anti-aliasing to ``chw``, RGB in [0, 1], NCHW float32. Unlabelled: the ``photos`` dataset
+    (:func:`edgepipe.models.zoo.photos`) labels them with EfficientNet-Lite0."""
     try:
         import skimage.data
         import skimage.io
@@ -231,15 +232,6 @@ def photo_crops(chw: tuple[int, int, int] = (3, 224, 224), n: int = PHOTO_SAMPLE
             crop = crop[:, ::-1]
         out[i] = resize(crop, (h, w), anti_aliasing=True, preserve_range=True).transpose(2, 0, 1)
     return fit_to_shape(np.clip(out, 0.0, 1.0), chw)
-
-
-def photos(chw: tuple[int, int, int] = (3, 224, 224)) -> Dataset:
-    """Real photos labelled by EfficientNet-Lite0 in fp32 (ImageNet classes): accuracy on it is top-1
-    agreement with that fp32 model, which is what quantization must keep. ``--data photos``."""
-    from edgepipe.models.zoo import fp32_labels
-
-    x = photo_crops(chw)
-    return Dataset("photos", x, fp32_labels(x))
 
 
 def check_labels(y: np.ndarray, classes: int, what: str = "dataset") -> None:
@@ -481,14 +473,22 @@ def _as_input(arr: np.ndarray, t: TensorSpec, where: str, fit: bool) -> np.ndarr
     return x
 
 
+#: named datasets that live with the model that labels them: ``name -> "module:function(chw)"``, imported
+#: only when asked for (the data layer does not depend on the model zoo)
+NAMED = {"photos": "edgepipe.models.zoo:photos"}
+
+
 def load_dataset(spec: str, chw: tuple[int, int, int]) -> Dataset:
     """Load ``digits``, ``mnist5k``, ``photos``, an ``.npz`` file or an image folder, fitted to ``chw``."""
     if spec == "digits":
         return digits(chw)
-    if spec == "photos":
-        return photos(chw)
     if spec == "mnist5k":
         return mnist5k(chw)
+    if spec in NAMED:
+        import importlib
+
+        module, _, func = NAMED[spec].partition(":")
+        return getattr(importlib.import_module(module), func)(chw)
     path = Path(spec)
     if not path.exists():
         raise DataError(f"dataset {spec!r} not found: give 'digits', 'mnist5k', 'photos', an .npz file with x and "

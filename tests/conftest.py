@@ -56,6 +56,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
     terminalreporter.write_line(f"recorded {len(total)} tests' durations in {DURATIONS} ({len(lines)} in all)")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # xdist hands out groups in collection order, which pytest_collection_modifyitems sorts longest first;
+    # its default reorder (by number of tests per group) would undo that
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Sort the suite into its profiles and skip what this machine cannot run.
@@ -73,6 +80,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     per_file: dict[str, float] = {}
     for nodeid, seconds in recorded.items():
         per_file[nodeid.split("::")[0]] = per_file.get(nodeid.split("::")[0], 0.0) + seconds
+    groups: dict[str, str] = {}
     for item in items:
         if (not any(m in item.keywords for m in ("slow", "timing", "gpu", *SHARED_SERVERS))
                 and recorded.get(item.nodeid, 0.0) < FAST_LIMIT_S
@@ -81,7 +89,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # one shared server's tests together; every other test with the rest of its file, so a module's
         # fixtures (a release, a cluster of builds) are made once, not once per worker
         server = next((s for s in SHARED_SERVERS if s in item.keywords), None)
-        item.add_marker(pytest.mark.xdist_group(server or item.nodeid.split("::")[0]))
+        groups[item.nodeid] = server or item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    # longest group first (by last run's seconds): the workers take groups in this order, so the long ones
+    # start at once and the short ones fill in at the end (xdist's own order, by number of tests, left a
+    # 10-minute group for last); the sort is stable, so a file's tests stay together in their order
+    seconds: dict[str, float] = {}
+    for item in items:
+        seconds[groups[item.nodeid]] = seconds.get(groups[item.nodeid], 0.0) + recorded.get(item.nodeid, 0.0)
+    items.sort(key=lambda item: -seconds[groups[item.nodeid]])
     gpu = [item for item in items if "gpu" in item.keywords]
     if not gpu:
         return

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgepipe.data import Dataset
 from edgepipe.models._blocks import BasicBlock
 
 
@@ -197,3 +198,21 @@ def _label(x: np.ndarray, batch: int) -> np.ndarray:
         for i in range(0, len(x), batch):
             out.append(model(torch.from_numpy(x[i:i + batch])).argmax(1).numpy())
     return np.concatenate(out).astype(np.int64)
+
+
+def photos(chw: tuple[int, int, int] = (3, 224, 224), n: int | None = None) -> Dataset:
+    """Real photos labelled by EfficientNet-Lite0 in fp32 (ImageNet classes): accuracy on it is top-1
+    agreement with that fp32 model, which is what quantization must keep. ``--data photos``.
+
+    Args:
+        chw: the shape each crop is fitted to.
+        n: how many crops (default :data:`edgepipe.data.PHOTO_SAMPLES`); the first ``n`` of a larger set are
+            the same crops, with the same labels.
+
+    Returns:
+        The crops of :func:`edgepipe.data.photo_crops` with their fp32 top-1 classes as labels.
+    """
+    from edgepipe.data import PHOTO_SAMPLES, photo_crops
+
+    x = photo_crops(chw, n=PHOTO_SAMPLES if n is None else n)
+    return Dataset("photos", x, fp32_labels(x))
