@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgepipe import _telemetry
+from edgepipe import _telemetry, _threads
 
 __version__ = "0.1.0"
 
 _telemetry.apply()  # before anything imports onnxruntime: vendor telemetry off (see edgepipe._telemetry)
+_threads.apply()  # before torch starts its thread pool: $EDGEPIPE_THREADS (see edgepipe._threads)
 
 # ``export`` is left out on purpose: ``edgepipe.export`` is the export module; the checked
 # export-with-parity function is ``edgepipe.api.export``.

@@ -10,6 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker (before any test module imports torch): with
+    # every runtime taking both cores, two workers' spinning threads burned a third of the suite's time
+    os.environ.setdefault("EDGEPIPE_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 SHARED_SERVERS = ("docker", "cluster")  # each is one server per session: its tests share one xdist worker
 #: each test's measured seconds (setup + call + teardown) in the last full run: ``--record-durations`` rewrites it
 DURATIONS = Path(__file__).with_name("durations.txt")

@@ -28,6 +28,15 @@ calibration = ["minmax"]
 preset = ["performance", "mixed"]
 """
 
+#: the killed release's space: two candidates per target, enough for two workers to be mid-search
+SMALL_SEARCH = """
+recipes = ["none"]
+[onnxruntime]
+calibration = ["minmax", "percentile"]
+[openvino]
+preset = ["performance", "mixed"]
+"""
+
 UNREACHABLE = """
 description = "cpu-int8 with a latency budget nothing can meet"
 backend = "onnxruntime"
@@ -133,12 +142,16 @@ def test_report_renders_its_charts_in_headless_chromium(released, tmp_path):
 
 
 def test_cli_release_exit_code_says_a_target_failed(released, tmp_path):
+    import os
+
     out = released[0]
     search = tmp_path / "s.toml"
     search.write_text(SEARCH)
+    env = {**os.environ, "EDGEPIPE_CACHE_DIR": str(out.parent / "cache")}  # the module's release: its stages cached
     r = subprocess.run([sys.executable, "-m", "edgepipe", "release", "--targets",
                         f"cpu-int8,{out.parent / 'too-fast.toml'}", "--search", str(search), "--out",
-                        str(tmp_path / "rel"), "--iterations", "30", "--json"], capture_output=True, text=True)
+                        str(tmp_path / "rel"), "--iterations", "30", "--json"], capture_output=True, text=True,
+                       env=env)
     assert r.returncode == 3, r.stderr[-2000:]
     index = json.loads(r.stdout)
     assert index["targets"]["cpu-int8"]["status"] == "released" and index["run"]["stages_cached"] > 0
@@ -225,15 +238,16 @@ def test_choice_prefers_smaller_within_noise_then_accuracy(monkeypatch):
     assert choose(tried, 0.05) is None
 
 
-def test_target_that_cannot_compile_here_is_skipped_not_fatal(tmp_path, monkeypatch):
+def test_target_that_cannot_compile_here_is_skipped_not_fatal(released, tmp_path, monkeypatch):
     from edgepipe import backends
     from edgepipe.backends.base import Availability
 
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(released[0].parent / "cache"))  # cpu-int8's stages: cached
     cls = type(backends.get("openvino"))
     monkeypatch.setattr(cls, "check", lambda self: Availability(False, False, "openvino not installed"))
     search = tmp_path / "s.toml"
     search.write_text(SEARCH)
-    r = api.release(None, ["cpu-int8", "intel-cpu-int8"], out=tmp_path / "rel", search=search, iterations=20)
+    r = api.release(None, ["cpu-int8", "intel-cpu-int8"], out=tmp_path / "rel", search=search, iterations=30)
     status = {o.target.name: (o.status, o.reason) for o in r.outcomes}
     assert status["cpu-int8"][0] == "released"
     assert status["intel-cpu-int8"][0] == "skipped" and "openvino not installed" in status["intel-cpu-int8"][1]
@@ -268,7 +282,7 @@ def test_killed_release_leaves_nothing_half_written_and_resumes_to_the_same_byte
 
     monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(tmp_path / "cache"))
     search = tmp_path / "s.toml"
-    search.write_text(SEARCH)
+    search.write_text(SMALL_SEARCH)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "edgepipe", "release", "--targets", "cpu-int8,intel-cpu-int8", "--search",
            str(search), "--out", str(out), "--iterations", "20", "--json", "--workers", "2"]

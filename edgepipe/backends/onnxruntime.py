@@ -65,7 +65,10 @@ class OrtRunner:
     def __init__(self, path: Path, threads: int | None) -> None:
         import onnxruntime as ort
 
+        from edgepipe._threads import work_threads
+
         so = ort.SessionOptions()
+        threads = threads or work_threads()  # a benchmark gives its target's threads; other work $EDGEPIPE_THREADS
         if threads:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

@@ -144,7 +144,10 @@ def _stable_names(model: ov.Model, source_names: set[str]) -> None:
 
 
 def _runtime_config(precision: str, hint: str, threads: int | None) -> dict[str, Any]:
+    from edgepipe._threads import work_threads
+
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint.upper()}
+    threads = threads or work_threads()  # a benchmark gives its target's threads; other work $EDGEPIPE_THREADS
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     return config

@@ -77,6 +77,7 @@ def _pool_init(lock: Any, threads: int) -> None:
 
     _exit_with_parent()
     _POOL_LOCK = lock
+    os.environ.setdefault("EDGEPIPE_THREADS", str(threads))  # onnxruntime and OpenVINO sessions too (not benches)
     import torch
 
     torch.set_num_threads(threads)
