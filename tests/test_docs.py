@@ -82,6 +82,11 @@ def run_block(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_docs_build_strictly_and_offline(tmp_path):
+    import importlib.util
+
+    missing = [m for m in ("mkdocs", "material", "mkdocstrings_handlers.python", "mkdocs_click")
+               if importlib.util.find_spec(m.split(".")[0]) is None]
+    assert not missing, f"{missing} not installed: pip install -e '.[docs]' (part of .[all])"
     site = tmp_path / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     r = subprocess.run([sys.executable, "-c", OFFLINE_MKDOCS, "build", "--strict", "-d", str(site)], cwd=ROOT,

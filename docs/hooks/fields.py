@@ -272,26 +272,29 @@ def _md(text: str) -> str:
     return _text(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _doc(c: type) -> str:
+    """The class's own docstring (not a base's, nor the signature ``@dataclass`` writes for a class without one)."""
+    doc = inspect.cleandoc(c.__dict__.get("__doc__") or "")
+    return "" if doc.startswith(f"{c.__name__}(") else doc
+
+
 def fields_table(path: str) -> str:
     module, _, name = path.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     if not dataclasses.is_dataclass(cls):
         raise PluginError(f"fields: {path} is not a dataclass")
-    doc = inspect.getdoc(cls) or ""
-    attrs = _attributes(doc)
-    prose = _prose(doc)
+    attrs = _attributes(_doc(cls))
     rows = ["| field | type | default | description |", "|---|---|---|---|"]
     missing = []
     # a subclass's fields: the base's written source holds theirs
     chain = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
     notes: dict[str, tuple[str, str, str, str]] = {}
     for c in reversed(chain):
-        c_doc = inspect.getdoc(c) or ""
         above, after, written = _comments(c)
         for f, (tp, default) in written.items():
             notes[f] = (above.get(f, ""), after.get(f, ""), tp, default)
-            if f in _attributes(c_doc):
-                attrs.setdefault(f, _attributes(c_doc)[f])
+            if f in _attributes(_doc(c)):
+                attrs.setdefault(f, _attributes(_doc(c))[f])
     for f in dataclasses.fields(cls):
         if f.name.startswith("_"):
             continue
@@ -300,7 +303,7 @@ def fields_table(path: str) -> str:
                 or next((EXTRA[f"{c.__module__}.{c.__qualname__}.{f.name}"] for c in chain
                          if f"{c.__module__}.{c.__qualname__}.{f.name}" in EXTRA), None))
         if not desc and re.search(rf"``{re.escape(f.name)}(\s*=[^`]*)?``", "\n".join(
-                _prose(inspect.getdoc(c) or "") for c in chain)):
+                _prose(_doc(c)) for c in chain)):
             desc = "see above"
         if not desc:
             missing.append(f.name)
@@ -311,7 +314,7 @@ def fields_table(path: str) -> str:
                           f"(Attributes:) or in docs/hooks/fields.py's EXTRA")
     head = ""
     if any("see above" in r for r in rows):  # the prose of the class (and of the classes it extends)
-        head = "".join(_text(_prose(inspect.getdoc(c) or "")) + "\n\n" for c in chain if _prose(inspect.getdoc(c) or ""))
+        head = "".join(_text(_prose(_doc(c))) + "\n\n" for c in chain if _prose(_doc(c)))
     return head + "\n".join(rows)
 
 
