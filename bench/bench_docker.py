@@ -2,7 +2,7 @@
 image's run measured and where, and the arm64 LiteRT answers against this host's x86 run of the same file.
 
 Needs a running Docker engine (DOCKER_HOST or the default socket) and, for arm64 on x86, qemu-user-static
-registered with binfmt (see the README's Docker section); root or user namespaces to make the bases.
+registered with binfmt (see docs/how-to/docker.md); root or user namespaces to make the bases.
 
     python bench/bench_docker.py [--quick]
 """

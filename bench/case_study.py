@@ -85,7 +85,7 @@ PRECISIONS: dict[str, dict[str, dict[str, Any]]] = {
                                "io_dtype": "int8"}},
     },
     # mixed precision: the 2 layers most sensitive to int8 stay float (TFLite's converter has no per-layer
-    # float: README, int8 on real models)
+    # float: docs/techniques/quantization.md)
     "int8 mixed (2 float)": {
         "onnxruntime": {"precision": "int8", "calibration": {**_INT8_CAL, "float_layers": 2},
                         "options": {"activation_type": "uint8", "per_channel": True}},
