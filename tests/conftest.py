@@ -373,8 +373,8 @@ FROM {base}
 COPY wheels/ /tmp/wheels/
 COPY requirements.lock /tmp/requirements.lock
 RUN python3 -m venv /opt/board \\
-    && /opt/board/bin/python -m pip install --no-cache-dir --no-index --find-links /tmp/wheels --require-hashes \\
-       -r /tmp/requirements.lock \\
+    && /opt/board/bin/python -m pip install --no-cache-dir --no-compile --no-index --find-links /tmp/wheels \\
+       --require-hashes -r /tmp/requirements.lock \\
     && rm -rf /tmp/wheels && mkdir -p /run/sshd /root/.ssh && chmod 700 /root/.ssh && ssh-keygen -A
 COPY authorized_keys /root/.ssh/authorized_keys
 """
