@@ -119,6 +119,9 @@ def dir_lock(dest: Path, *, wait: bool = True, what: str = "") -> Iterator[None]
                                   "remove it (someone with write access to that directory planted it)") from None
             raise ConfigError(f"{name} is not writable: {e.strerror or e} ({path.parent})") from e
         st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:  # its holder released (removed) it after we opened it
+            os.close(fd)
+            continue
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             os.close(fd)
             raise ConfigError(f"lock file {str(path)!r} is not a plain file of its own (a hard link or a device); "
