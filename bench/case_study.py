@@ -271,7 +271,8 @@ def _epk(model: torch.nn.Module, recipe: dict[str, Any] | None, spec: str, shape
 
 
 def run_study(ws: Workspace, study: Study, quick: bool, iterations: int) -> list[Result]:
-    splits = ws.splits(study.shape, calibration_samples=64 if study.samples else 256, samples=study.samples)
+    # --quick calibrates on 64 samples, as the 224x224 study does: a smoke run, accuracy is not the point
+    splits = ws.splits(study.shape, calibration_samples=64 if study.samples or quick else 256, samples=study.samples)
     source = load_model(study.spec)
     reference = load_model(study.spec).module
     example = torch.from_numpy(splits.test.x[:1])
@@ -412,7 +413,8 @@ def goal_lines(rows: list[Result], study: Study) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap, rounds=3, iterations=200,
-                  quick="the example's goal rows with 3-batch fine-tunes, 1 round of 30 iterations (CI smoke)")
+                  quick="the example's goal rows with 3-batch fine-tunes, 64 calibration samples, 1 round of 30 "
+                        "iterations (CI smoke)")
     ap.add_argument("--study", default="resnet56,example,resnet18",
                     help="comma-separated studies: resnet56, example, resnet18 (default: all)")
     ap.add_argument("--json", type=Path, help="also write every row as JSON")

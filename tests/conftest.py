@@ -15,7 +15,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker (before any tes
     os.environ.setdefault("EDGEPIPE_THREADS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-SHARED_SERVERS = ("docker", "cluster")  # each is one server per session: its tests share one xdist worker
+SHARED_SERVERS = ("docker", "cluster")
+#: session fixtures that are expensive to make, and the group whose worker makes them: a test that takes one
+#: runs there, so it is made once, not once per worker (``releases`` built twice cost ~40 s)
+SHARED_FIXTURES = {"releases": "docker"}  # each is one server per session: its tests share one xdist worker
 #: each test's measured seconds (setup + call + teardown) in the last full run: ``--record-durations`` rewrites it
 DURATIONS = Path(__file__).with_name("durations.txt")
 #: a test measured at or above this many seconds is not in the fast profile, nor is any test of a file whose tests
@@ -94,6 +97,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # one shared server's tests together; every other test with the rest of its file, so a module's
         # fixtures (a release, a cluster of builds) are made once, not once per worker
         server = next((s for s in SHARED_SERVERS if s in item.keywords), None)
+        server = server or next((g for f, g in SHARED_FIXTURES.items() if f in item.fixturenames), None)
         groups[item.nodeid] = server or item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
     # longest group first (by last run's seconds): the workers take groups in this order, so the long ones

@@ -198,6 +198,25 @@ def test_arm64_image_runs_under_emulation_and_matches_x86(docker_engine, bases, 
 
 
 @pytest.mark.docker
+def test_a_base_root_leaves_out_docs_translations_and_certificates(bases):
+    """The bases are slim: what nothing in an image reads is not unpacked (nor, under QEMU, processed)."""
+    import tarfile
+
+    from conftest import BASES_CACHE, BOARD_PACKAGES
+
+    from edgepipe.ship import base
+
+    for platform, extra in (("linux/amd64", ()), ("linux/arm64", BOARD_PACKAGES)):
+        tar, _, cached = base.rootfs(platform, (*base.DEFAULT_PACKAGES, *extra), cache=BASES_CACHE)
+        assert cached  # the one the bases fixture made
+        with tarfile.open(tar) as t:
+            names = [n.lstrip("./") for n in t.getnames()]
+        assert "usr/bin/python3" in names and "usr/lib/python3.11/venv/__init__.py" in names
+        for d in ("usr/share/doc/", "usr/share/man/", "usr/share/locale/", "usr/share/ca-certificates/"):
+            assert not [n for n in names if n.startswith(d) and n != d], (platform, d)
+
+
+@pytest.mark.docker
 def test_an_absent_base_or_image_says_what_to_do(docker_engine, releases, tmp_path, cli_error):
     line = cli_error("docker", "build", str(releases["cpu-int8"]), "--platform", "linux/amd64", "--tag", "x:1",
                      "--base-image", "edgepipe-test/absent-base:1", "--context", str(tmp_path / "c"))
