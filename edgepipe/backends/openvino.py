@@ -122,6 +122,13 @@ def _onnx_names(path: Path) -> set[str]:
     return names | {o for n in graph.node for o in n.output}
 
 
+def _output_names(path: Path) -> dict[str, tuple[str, ...]]:
+    """Each ONNX node's output tensor names, by node name."""
+    import onnx
+
+    return {n.name: tuple(n.output) for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
 def _stable_names(model: ov.Model, source_names: set[str]) -> None:
     """Rename the operations OpenVINO named from a process-wide counter (``Reshape_27152``).
 
@@ -268,7 +275,8 @@ class OpenVinoBackend(Backend):
             "weights": {"fp16": "fp16 (compressed)", "int8": "int8"}.get(target.precision, "fp32"),
         }
         if target.precision == "int8":
-            model, metadata["quantization"] = self._quantize(model, signature_of(onnx), target, calibration, opts)
+            model, metadata["quantization"] = self._quantize(model, signature_of(onnx), target, calibration, opts,
+                                                             onnx.path)
         for key, value in runtime.items():
             model.set_rt_info(value, [RT_INFO, key])
         _stable_names(model, _onnx_names(onnx.path))
@@ -279,12 +287,18 @@ class OpenVinoBackend(Backend):
             os.replace(Path(tmp) / xml.name, xml)
         return Artifact(self.name, target.precision, xml, [xml, bins], metadata)
 
-    def _ignored_scope(self, model: ov.Model, target: Target, opts: OpenVinoOptions) -> Any:
+    def _ignored_scope(self, model: ov.Model, target: Target, opts: OpenVinoOptions,
+                       onnx_path: Path | None = None) -> Any:
         nncf = _nncf()
         names = {op.get_friendly_name() for op in model.get_ordered_ops()}
         # mixed precision (calibration.keep_float, ONNX node names): OpenVINO splits a Conv with a bias into
         # "<name>/WithoutBiases" (the convolution, what int8 runs) and "<name>" (the Add)
-        keep = [f"{n}/WithoutBiases" if f"{n}/WithoutBiases" in names else n for n in target.calibration.keep_float]
+        # an op that writes a graph output takes that output's name: a node kept float by name is looked up
+        # by its output tensor's name too
+        outputs = _output_names(onnx_path) if onnx_path is not None else {}
+        keep = [f"{n}/WithoutBiases" if f"{n}/WithoutBiases" in names else
+                n if n in names else next((o for o in outputs.get(n, ()) if o in names), n)
+                for n in target.calibration.keep_float]
         for n in keep:
             if n not in names:
                 raise ConfigError(f"target {target.name!r}: calibration.keep_float names {n!r}, which is not an "
@@ -304,7 +318,7 @@ class OpenVinoBackend(Backend):
         return nncf.IgnoredScope(names=[*opts.ignored_scope, *keep], patterns=list(opts.ignored_patterns))
 
     def _quantize(self, model: ov.Model, signature: Signature, target: Target, calibration: CalibrationSet,
-                  opts: OpenVinoOptions) -> tuple[ov.Model, dict[str, Any]]:
+                  opts: OpenVinoOptions, onnx_path: Path | None = None) -> tuple[ov.Model, dict[str, Any]]:
         nncf = _nncf()
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
@@ -314,7 +328,7 @@ class OpenVinoBackend(Backend):
             subset_size=len(calibration),
             preset=nncf.QuantizationPreset.PERFORMANCE if opts.preset == "performance" else nncf.QuantizationPreset.MIXED,
             target_device=nncf.TargetDevice.CPU,
-            ignored_scope=self._ignored_scope(model, target, opts),
+            ignored_scope=self._ignored_scope(model, target, opts, onnx_path),
             advanced_parameters=AdvancedQuantizationParameters(
                 activations_range_estimator_params=getattr(RangeEstimatorParametersSet, estimator)),
         )

@@ -291,8 +291,10 @@ class TFLiteBackend(Backend):
     def validate(self, target: Target) -> None:
         super().validate(target)
         opts: TFLiteOptions = self.options(target)
-        if target.calibration.float_layers or target.calibration.keep_float:
-            raise ConfigError(f"target {target.name!r}: calibration.float_layers / keep_float (mixed precision) is "
+        cal = target.calibration
+        if cal.float_layers or cal.keep_float or (cal.float_mixed_ranges and target.precision == "int8"):
+            raise ConfigError(f"target {target.name!r}: calibration.float_layers / keep_float / float_mixed_ranges "
+                              "(mixed precision) is "
                               "not available for TFLite: onnx2tf's full-integer conversion quantizes every layer "
                               "(TFLite's own selective quantization, QuantizationDebugger's denylisted_nodes, needs "
                               "the TensorFlow converter on a SavedModel: not wired); use 0 float layers here")

@@ -49,6 +49,7 @@ TARGET_KEYS: dict[str, tuple[Any, str, str]] = {
     "float_layers": (int, "calibration", "float_layers"),
     "equalize": (bool, "calibration", "equalize"),
     "finetune": (int, "calibration", "finetune"),
+    "float_mixed_ranges": (bool, "calibration", "float_mixed_ranges"),
 }
 
 

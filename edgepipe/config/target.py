@@ -43,6 +43,9 @@ class Calibration:
         finetune: quantization-aware fine-tuning epochs over the calibration samples with int8 simulated,
             against the fp32 model's logits, before the backend quantizes; 0: none.
         finetune_lr: the fine-tune's learning rate (Adam, cosine decay to 0).
+        float_mixed_ranges: keep in float each output head that concatenates parts of very different ranges
+            (a detector's boxes and scores in one tensor), found on the calibration samples, so each part
+            keeps its own int8 scale (see edgepipe.quantize.ranges).
 
     Raises:
         ConfigError: on construction, ``samples`` < 1, ``float_layers`` or ``finetune`` < 0, or
@@ -65,6 +68,9 @@ class Calibration:
     finetune: int = 0
     #: the fine-tune's learning rate (Adam, cosine decay to 0)
     finetune_lr: float = 2e-5
+    #: keep in float each output head that concatenates parts of very different ranges (a detector's boxes
+    #: and scores in one tensor), found on the calibration samples (see edgepipe.quantize.ranges)
+    float_mixed_ranges: bool = False
 
     def __post_init__(self) -> None:
         if self.samples < 1:

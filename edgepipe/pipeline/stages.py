@@ -497,21 +497,33 @@ def finetuned(onnx: OnnxModel, original: OnnxModel, target: Target, calibration:
 
 def mixed_precision(onnx: OnnxModel, target: Target, calibration: CalibrationSet) -> tuple[Target, dict[str, Any]]:
     """``target`` with ``calibration.keep_float`` filled from ``float_layers`` (the most sensitive layers,
-    measured here) and the plan's record; the target as it is when it asks for no float layers."""
+    measured here) and from ``float_mixed_ranges`` (output heads joining parts of very different ranges,
+    found here), and the plan's record; the target as it is when it asks for neither."""
     import dataclasses
 
     cal = target.calibration
-    if target.precision != "int8" or (not cal.float_layers and not cal.keep_float):
+    if target.precision != "int8" or not (cal.float_layers or cal.keep_float or cal.float_mixed_ranges):
         return target, {}
+    plan: dict[str, Any]
     if cal.keep_float:
-        return target, {"float_layers": len(cal.keep_float), "kept_float": list(cal.keep_float), "chosen_by": "target"}
-    from edgepipe.quantize import keep_float, layer_sensitivity
+        keep, plan = cal.keep_float, {"float_layers": len(cal.keep_float), "chosen_by": "target"}
+    elif cal.float_layers:
+        from edgepipe.quantize import keep_float, layer_sensitivity
 
-    errors = layer_sensitivity(onnx, calibration.x, cal.method)
-    keep = keep_float(errors, cal.float_layers)
-    plan = {"float_layers": cal.float_layers, "kept_float": list(keep),
-            "chosen_by": "per-layer sensitivity: each layer int8 alone, logit NMSE on calibration samples",
-            "sensitivity": [e.to_dict() for e in errors[: max(10, cal.float_layers)]]}
+        errors = layer_sensitivity(onnx, calibration.x, cal.method)
+        keep = keep_float(errors, cal.float_layers)
+        plan = {"float_layers": cal.float_layers,
+                "chosen_by": "per-layer sensitivity: each layer int8 alone, logit NMSE on calibration samples",
+                "sensitivity": [e.to_dict() for e in errors[: max(10, cal.float_layers)]]}
+    else:
+        keep, plan = (), {"float_layers": 0}
+    if cal.float_mixed_ranges:
+        from edgepipe.quantize.ranges import MIXED_RANGE_RATIO, mixed_range_heads
+
+        heads = mixed_range_heads(onnx, calibration.x)
+        keep = tuple(dict.fromkeys([*keep, *(n for h in heads for n in h.keep)]))
+        plan["mixed_ranges"] = {"ratio": MIXED_RANGE_RATIO, "heads": [h.to_dict() for h in heads]}
+    plan = {"float_layers": plan.pop("float_layers"), "kept_float": list(keep), **plan}
     return dataclasses.replace(target, calibration=dataclasses.replace(cal, keep_float=keep)), plan
 
 
