@@ -147,8 +147,16 @@ def test_the_readme_is_a_front_door_into_the_docs():
     assert "mkdocs serve" in text
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One stage cache for the two command walks: they build the example for cpu-int8 alike (what is run as
+    written is the commands; the second finds the first's compile where a user's second command would)."""
+    return tmp_path_factory.mktemp("docs-cache")
+
+
 @pytest.mark.slow
-def test_the_quickstart_runs_as_written(tmp_path):
+def test_the_quickstart_runs_as_written(tmp_path, shared_cache, monkeypatch):
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(shared_cache))
     run_block(block("tests/test_docs.py::test_the_quickstart_runs_as_written"), tmp_path)
     for t in ("cpu-fp32", "cpu-int8"):
         m = json.loads((tmp_path / "dist" / t / "manifest.json").read_text())
@@ -160,7 +168,8 @@ def test_the_quickstart_runs_as_written(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_stage_commands_run_as_written(tmp_path):
+def test_the_stage_commands_run_as_written(tmp_path, shared_cache, monkeypatch):
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(shared_cache))
     r = run_block(block("tests/test_docs.py::test_the_stage_commands_run_as_written"), tmp_path)
     assert (tmp_path / "model.onnx").is_file()
     m = json.loads((tmp_path / "compiled" / "cpu-int8" / "manifest.json").read_text())

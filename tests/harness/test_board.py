@@ -19,6 +19,14 @@ pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")
+def board_cache(tmp_path_factory) -> Path:
+    """The stage cache of the board's build and release: both convert the example for the same board target
+    (a TFLite conversion each, ~20 s); what they test, the board's timing and labels, is measured anew
+    (their benches differ in iterations, so neither finds the other's figures)."""
+    return tmp_path_factory.mktemp("board-cache")
+
+
+@pytest.fixture(scope="module")
 def board(emulated_board):
     b, _ = emulated_board.start()
     return b
@@ -61,8 +69,10 @@ def test_bench_on_the_board_is_labelled_emulated_and_verified_there(board, relea
 
 
 def test_build_on_the_board_times_its_reference_there_and_keeps_emulated_latency_off_budgets(
-        board, tmp_path, capsys):
+        board, board_cache, tmp_path, capsys, monkeypatch):
     from edgepipe.cli import main
+
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(board_cache))
 
     target = _board_target(tmp_path, board)
     with pytest.raises(SystemExit) as e:
@@ -144,8 +154,10 @@ def test_a_board_that_drops_mid_run_keeps_the_figures_so_far(emulated_board, rel
     assert e.partial["phase"] == "timing" and e.partial["iterations"] > 0 and e.partial["p50_ms"] > 0
 
 
-def test_release_for_a_board_target_marks_emulated_figures(board, tmp_path):
+def test_release_for_a_board_target_marks_emulated_figures(board, board_cache, tmp_path, monkeypatch):
     from edgepipe import api
+
+    monkeypatch.setenv("EDGEPIPE_CACHE_DIR", str(board_cache))
 
     target = _board_target(tmp_path, board)
     api.release(None, [str(target)], out=tmp_path / "rel", max_trials=1, workers=1, iterations=5)
