@@ -105,9 +105,7 @@ def mixed_range_heads(onnx_model: OnnxModel, x: Samples, ratio: float = MIXED_RA
         if name not in known:
             graph.output.append(inferred.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
                                                                                         None))
-    feeds, _ = _feeds(onnx_model, x if isinstance(x, dict) else x[:samples])
-    if isinstance(x, dict):
-        feeds = {k: v[:samples] for k, v in feeds.items()}
+    feeds, _ = _feeds(onnx_model, {k: v[:samples] for k, v in x.items()} if isinstance(x, dict) else x[:samples])
     with tempfile.TemporaryDirectory(prefix="edgepipe-ranges-") as tmp:
         path = Path(tmp) / "probe.onnx"
         onnx.save(model, str(path), save_as_external_data=True, location="probe.onnx.data")
