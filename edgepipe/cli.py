@@ -31,7 +31,7 @@ _RUN_OPTIONS = (
     click.option("-w", "--weights", type=click.Path(path_type=Path),
                  help="Weights for a module:factory model (.safetensors, a state dict, or a .pt2 with --trust-code)."),
     click.option("-d", "--data", default="digits", show_default=True,
-                 help="'digits', 'mnist5k' (5,000 real MNIST digits, 1,000 test), 'photos', an .npz with x and y, or an image folder (one sub-folder per class); split into "
+                 help="'digits', 'mnist5k' (5,000 real MNIST digits, 1,000 test), 'photos', 'text-lines', 'text-pages', 'char-scenes' (rendered for the zoo's OCR and detectors), an .npz with x and y, or an image folder (one sub-folder per class); split into "
                       "calibration, validation (choices) and test (reported figures)."),
     click.option("--input-shape", multiple=True, metavar="[NAME=]D0,D1,...",
                  help="The model's input shape, batch first, overriding the targets': 1,3,224,224 (any rank), or "

@@ -475,7 +475,8 @@ def _as_input(arr: np.ndarray, t: TensorSpec, where: str, fit: bool) -> np.ndarr
 
 #: named datasets that live with the model that labels them: ``name -> "module:function(chw)"``, imported
 #: only when asked for (the data layer does not depend on the model zoo)
-NAMED = {"photos": "edgepipe.models.zoo:photos"}
+NAMED = {"photos": "edgepipe.models.zoo:photos", "text-lines": "edgepipe.models.zoo:text_lines",
+         "text-pages": "edgepipe.models.zoo:text_pages", "char-scenes": "edgepipe.models.zoo:char_scenes"}
 
 
 def load_dataset(spec: str, chw: tuple[int, int, int]) -> Dataset:
@@ -491,8 +492,8 @@ def load_dataset(spec: str, chw: tuple[int, int, int]) -> Dataset:
         return getattr(importlib.import_module(module), func)(chw)
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"dataset {spec!r} not found: give 'digits', 'mnist5k', 'photos', an .npz file with x and "
-                        "y, or an image folder")
+        raise DataError(f"dataset {spec!r} not found: give {', '.join(repr(k) for k in ('digits', 'mnist5k', *NAMED))}, "
+                        "an .npz file with x and y, or an image folder")
     if path.is_dir():
         return _from_folder(path, chw)
     if path.suffix == ".npz":

@@ -170,8 +170,14 @@ def _from_factory(spec: str, weights: Path | None, trust_code: bool | None = Non
         raise ModelLoadError(f"model {spec!r}: the factory raised {type(e).__name__}: {e}") from e
     from torch import nn
 
+    if isinstance(module, (str, Path)) and str(module).endswith(".onnx"):  # a factory that locates an ONNX file
+        if weights is not None:
+            raise ModelLoadError(f"model {spec!r}: the factory gives an ONNX file ({module}), which holds its weights; "
+                                 "drop --weights")
+        return Path(module)
     if not isinstance(module, nn.Module):
-        raise ModelLoadError(f"model {spec!r}: the factory returned {type(module).__name__}, not a torch.nn.Module")
+        raise ModelLoadError(f"model {spec!r}: the factory returned {type(module).__name__}, not a torch.nn.Module "
+                             "or the path of an .onnx file")
     if weights is not None:
         _load_weights(module, weights, trust_code)
     return module
@@ -182,7 +188,8 @@ def load_model(spec: str | None = None, weights: Path | None = None, *,
     """Resolve a model source.
 
     Args:
-        spec: ``package.module:factory``, a ``.pt2`` ExportedProgram, a TorchScript ``.pt``/``.ts`` file,
+        spec: ``package.module:factory`` (returning a torch module, or the path of an ``.onnx`` file), a ``.pt2``
+            ExportedProgram, a TorchScript ``.pt``/``.ts`` file,
             an ``.onnx`` file, or ``None`` for the bundled example.
         weights: for a factory, a ``.safetensors`` file or a state dict saved with ``torch.save`` (both
             read as data only), or a ``.pt2`` program (code: needs ``trust_code``).
@@ -208,6 +215,10 @@ def load_model(spec: str | None = None, weights: Path | None = None, *,
             f"model {spec!r} is neither a file nor 'package.module:factory' (e.g. {EXAMPLE})"
         )
     module = _from_factory(spec, weights, trust_code)
+    if isinstance(module, Path):
+        if not module.is_file():
+            raise ModelLoadError(f"model {spec!r}: the factory gave the ONNX file {str(module)!r}, which does not exist")
+        return ModelSource(spec, "onnx", onnx_path=module, weights_sha256=_check_onnx(module))
     module.eval()
     return ModelSource(spec, "torch", module=module, weights_sha256=state_dict_sha256(module))
 

@@ -42,10 +42,10 @@ def build(model: str | None, targets: list[str], options: BuildOptions | None = 
     from edgepipe.release import write_release
 
     opts, rep = options or BuildOptions(), reporter or NullReporter()
-    tgts = stages.resolve_targets(targets, opts.input_shape)
-    recipe = opts.recipe if isinstance(opts.recipe, Recipe | None) else load_recipe(opts.recipe)
     with rep.stage("load model"):
         src = stages.source(model, opts.weights)
+    tgts = stages.resolve_targets(targets, opts.input_shape or stages.own_input_shape(src))
+    recipe = opts.recipe if isinstance(opts.recipe, Recipe | None) else load_recipe(opts.recipe)
     result = BuildResult(model=src.spec)
     with scratch_dir("build") as scratch:
         session = candidate.Session(src, opts, Cache(None, enabled=opts.cache), Path(scratch), rep)

