@@ -84,6 +84,37 @@ def onnx_model(path: Path) -> OnnxModel:
                      sha256=sha256_file(path), signature=sig)
 
 
+def constants_as_initializers(src: Path, dest: Path) -> int:
+    """Copy ``src`` to ``dest`` with each ``Constant`` node that holds a float tensor turned into an initializer
+    of the same name (what Paddle2ONNX and some other exporters write for every weight): quantizers, the
+    equalizer, the fine-tune and AdaRound find a layer's weights among the initializers. Returns how many
+    were moved; with none, ``dest`` is a byte copy."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    moved = []
+    for node in model.graph.node:
+        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name != "value":
+            continue
+        t = node.attribute[0].t
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            continue  # shapes, axes, indices stay Constant nodes (shape inference reads them there)
+        init = numpy_helper.from_array(numpy_helper.to_array(t), node.output[0])
+        moved.append((node, init))
+    if not moved:
+        shutil.copyfile(src, dest)
+        return 0
+    for node, init in moved:
+        model.graph.node.remove(node)
+        model.graph.initializer.append(init)
+    with atomic_path(dest) as tmp:
+        onnx.save(model, str(tmp))
+    return len(moved)
+
+
 def strip_metadata(model: Any) -> None:
     """Remove per-node/per-tensor metadata (the exporter's stack traces, FX node text, source paths).
 

@@ -177,10 +177,13 @@ class OnnxRuntimeBackend(Backend):
 
         specs = signature_of(onnx).inputs
         batch = 1 if all(t.shape and t.shape[0] == 1 for t in specs) else opts.calibration_batch
-        act = QuantType.QUInt8 if opts.activation_type == "uint8" else QuantType.QInt8
+        act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8, "uint16": QuantType.QUInt16,
+               "int16": QuantType.QInt16}[opts.activation_type]
         calib_method = getattr(CalibrationMethod, _METHODS[method])
         calibrator = _CALIBRATOR[method]
         extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
+        if opts.activation_type.endswith("16") and _opset(onnx.path) < 21:
+            extra["UseQDQContribOps"] = True  # 16-bit Q/DQ before opset 21: the com.microsoft ones
         extra.update({_FORWARDED[k]: v for k, v in calibrator.items() if k in _FORWARDED})
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
             # (its calibrators print progress to stdout)
@@ -234,6 +237,13 @@ class OnnxRuntimeBackend(Backend):
     def load(self, artifact: Artifact, threads: int | None = None) -> OrtRunner:
         self.require("run")
         return OrtRunner(artifact.path, threads)
+
+
+def _opset(model: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def fused_activations(model: Path) -> dict[str, Any]:

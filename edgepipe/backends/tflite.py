@@ -58,6 +58,14 @@ TOOLCHAIN = "tflite"
 ARTIFACT = "model.tflite"
 # onnx2tf's output file suffix for each precision (<stem>_<suffix>.tflite)
 VARIANTS = {"fp32": "float32", "fp16": "float16", "int8": "full_integer_quant"}
+#: int8 weights with 16-bit activations (TFLite's 16x8 mode, EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_
+#: WEIGHTS_INT8), with float input and output: onnx2tf writes it in the same -oiqt conversion
+INT16_ACT_VARIANT = "integer_quant_with_int16_act"
+
+
+def variant(precision: str, opts: TFLiteOptions) -> str:
+    """onnx2tf's output file suffix for ``precision`` with these options."""
+    return INT16_ACT_VARIANT if precision == "int8" and opts.activations == "int16" else VARIANTS[precision]
 # onnx2tf downloads this file from the internet unless it is in its working directory (even for float
 # conversion of a 3-channel static-batch model): the backend writes it from the calibration set.
 SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"
@@ -329,7 +337,7 @@ class TFLiteBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="edgepipe-tflite-") as tmp:
             scratch = Path(tmp)
             result = run_driver(python, onnx, target.precision, feeds, opts, scratch, signature, target)
-            produced = scratch / "out" / f"model_{VARIANTS[target.precision]}.tflite"
+            produced = scratch / "out" / f"model_{variant(target.precision, opts)}.tflite"
             if not produced.is_file():
                 raise CompileError(f"onnx2tf did not write {produced.name} for {onnx.path.name}; it wrote "
                                    f"{', '.join(result.get('files', [])) or 'nothing'}")
@@ -341,7 +349,7 @@ class TFLiteBackend(Backend):
         layouts = {t.name: input_layout(t) for t in signature.inputs}
         metadata: dict[str, Any] = {
             "converter": {"tool": "onnx2tf", **result.get("versions", {})},  # no timings: same inputs, same bytes
-            "variant": VARIANTS[target.precision],
+            "variant": variant(target.precision, opts),
             **({"input_layout": layouts[signature.inputs[0].name]} if len(signature.inputs) == 1 else {}),
             "layouts": layouts,  # each ONNX input's layout in the .tflite: NHWC (4-D float) or as-is
             "output_layouts": {o["onnx"]: o["layout"] for o in io.get("outputs", [])},
@@ -357,7 +365,9 @@ class TFLiteBackend(Backend):
             metadata["evaluated_here_on"] = "CPU (XNNPACK): the GPU delegate is not on the build machine"
         if target.precision == "int8":
             metadata["quantization"] = {
-                "kind": "full-integer", "weights": f"int8 {opts.quant_type}", "io_dtype": opts.io_dtype,
+                **({"kind": "full-integer", "io_dtype": opts.io_dtype} if opts.activations == "int8" else
+                   {"kind": "16x8: int8 weights, int16 activations", "io_dtype": "float32"}),
+                "weights": f"int8 {opts.quant_type}",
                 "calibration": {**calibration.record(), "method": target.calibration.method}, "normalization": {"mean": 0.0, "std": 1.0},
             }
         return Artifact(self.name, target.precision, out, metadata=metadata)
@@ -422,7 +432,7 @@ def run_driver(python: Path, onnx: OnnxModel, precision: str, feeds: dict[str, n
         "workdir": str(scratch), "onnx": str(scratch / "model.onnx"), "out": str(scratch / "out"),
         "result": str(scratch / "result.json"), "precision": precision, "inputs": inputs, "keep_as_is": keep,
         "overwrite_input_shape": overwrite,
-        "quant_type": opts.quant_type, "io_dtype": opts.io_dtype, "variant": VARIANTS[precision],
+        "quant_type": opts.quant_type, "io_dtype": opts.io_dtype, "variant": variant(precision, opts),
     }
     (scratch / "request.json").write_text(json.dumps(request))
     log = scratch / "convert.log"

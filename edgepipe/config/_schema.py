@@ -92,6 +92,15 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"unsupported schema type {tp!r} at {where}")
 
 
+#: keys that one backend has and another lacks: what the error says about where they exist
+KEY_HINTS = {
+    "activation_type": "16-bit activations: onnxruntime's activation_type = \"uint16\" and tflite's activations = "
+                       "\"int16\"; openvino and tensorrt have none",
+    "activations": "16-bit activations: tflite's activations = \"int16\" and onnxruntime's activation_type = "
+                   "\"uint16\"; openvino and tensorrt have none",
+}
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ``ConfigError``."""
     hints = typing.get_type_hints(cls)
@@ -99,8 +108,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
+        hint = KEY_HINTS.get(unknown[0], "")
         raise ConfigError(
             f"unknown key '{prefix}{unknown[0]}'; allowed keys here: {', '.join(sorted(fields))}"
+            + (f" ({hint})" if hint else "")
         )
     kwargs = {}
     for name, value in data.items():

@@ -58,7 +58,12 @@ def parse_options(backend: str, raw: Any) -> Any:
 @backend_options("onnxruntime")
 @dataclass(frozen=True)
 class OrtOptions:
-    activation_type: Literal["uint8", "int8"] = "uint8"
+    """An onnxruntime target's ``[options]``: ``activation_type`` uint8/int8 (int8 kernels), or uint16/int16
+    (16-bit Q/DQ activations: onnxruntime computes those layers in float between them, so they keep accuracy
+    int8 cannot, at about fp32's speed); int8 weights, per channel or not; ``reduce_range`` (7-bit weights, for
+    CPUs without VNNI); the calibrator's batch."""
+
+    activation_type: Literal["uint8", "int8", "uint16", "int16"] = "uint8"
     per_channel: bool = True
     reduce_range: bool = False
     calibration_batch: int = 32
@@ -105,6 +110,9 @@ class TFLiteOptions:
     delegate_library: str = GPU_DELEGATE  # the GPU delegate's shared library (delegate = "gpu")
     quant_type: Literal["per-channel", "per-tensor"] = "per-channel"  # int8 weights
     io_dtype: Literal["int8", "uint8"] = "int8"  # int8 input and output tensors
+    # int8: every tensor 8-bit. int16: TFLite's 16x8 mode, int8 weights and 16-bit activations (float input
+    # and output; the reference kernels run it, XNNPACK does not: accuracy first, for ranges int8 cannot hold)
+    activations: Literal["int8", "int16"] = "int8"
 
 
 @backend_options("tensorrt")

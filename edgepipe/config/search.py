@@ -50,6 +50,7 @@ TARGET_KEYS: dict[str, tuple[Any, str, str]] = {
     "equalize": (bool, "calibration", "equalize"),
     "finetune": (int, "calibration", "finetune"),
     "float_mixed_ranges": (bool, "calibration", "float_mixed_ranges"),
+    "adaround": (int, "calibration", "adaround"),
 }
 
 

@@ -46,6 +46,8 @@ class Calibration:
         float_mixed_ranges: keep in float each output head that concatenates parts of very different ranges
             (a detector's boxes and scores in one tensor), found on the calibration samples, so each part
             keeps its own int8 scale (see edgepipe.quantize.ranges).
+        adaround: AdaRound's optimisation steps per layer (learned up/down rounding of int8 weights on the
+            calibration samples, for every backend); 0: round to nearest.
 
     Raises:
         ConfigError: on construction, ``samples`` < 1, ``float_layers`` or ``finetune`` < 0, or
@@ -71,6 +73,9 @@ class Calibration:
     #: keep in float each output head that concatenates parts of very different ranges (a detector's boxes
     #: and scores in one tensor), found on the calibration samples (see edgepipe.quantize.ranges)
     float_mixed_ranges: bool = False
+    #: AdaRound: learned int8 weight rounding, this many optimisation steps per layer on the calibration
+    #: samples, before the backend quantizes (see edgepipe.quantize.adaround); 0: round to nearest
+    adaround: int = 0
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -81,6 +86,9 @@ class Calibration:
             raise ConfigError(f"calibration.float_layers = {self.float_layers}: give 0 (every layer int8) or more")
         if self.finetune < 0:
             raise ConfigError(f"calibration.finetune = {self.finetune}: give the fine-tune's epochs (0: none)")
+        if self.adaround < 0:
+            raise ConfigError(f"calibration.adaround = {self.adaround}: give AdaRound's steps per layer (e.g. 500; "
+                              "0: none)")
         if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
             raise ConfigError(f"calibration.finetune_lr = {self.finetune_lr}: give a learning rate > 0 (e.g. 2e-5)")
 

@@ -341,9 +341,11 @@ def export(model: Compressed, target: Target, splits: Splits, workdir: Path, cac
         assert model.source.onnx_path is not None
         onnx = ex.onnx_model(model.source.onnx_path)
         check_onnx_shape(onnx, target)
-        shutil.copyfile(model.source.onnx_path, dest)
-        return ex.onnx_model(dest), StageRecord("export", {"model": model.sha256}, onnx.sha256,
-                                                skipped="model is already ONNX")
+        moved = ex.constants_as_initializers(model.source.onnx_path, dest)
+        out = ex.onnx_model(dest)
+        return out, StageRecord("export", {"model": model.sha256}, out.sha256,
+                                details={"constants_as_initializers": moved} if moved else {},
+                                skipped="model is already ONNX")
     shape = ({k: list(v) for k, v in target.input_shape.items()} if isinstance(target.input_shape, dict)
              else list(target.input_shape))
     inputs = {"model": model.sha256, "shape": sha256_json([shape, target.dynamic_batch]),
@@ -454,7 +456,44 @@ def prepare_int8(onnx: OnnxModel, target: Target, calibration: CalibrationSet, w
     model, ft = finetuned(model, onnx, target, calibration, workdir, cache, reporter)
     if ft:
         record["finetune"] = ft
+    model, ada = adarounded(model, target, calibration, workdir, cache, reporter)
+    if ada:
+        record["adaround"] = ada
     return model, target, record
+
+
+def adarounded(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path, cache: Cache,
+               reporter: Reporter | None = None) -> tuple[OnnxModel, dict[str, Any]]:
+    """The model with AdaRound's learned weight rounding when the int8 target asks (``calibration.adaround``
+    steps per layer), else ``onnx`` itself; and the record. Cached on its own (kind ``adaround``): every backend
+    whose weights use the same int8 grid shares one."""
+    import dataclasses
+
+    cal = target.calibration
+    if target.precision != "int8" or not cal.adaround:
+        return onnx, {}
+    from edgepipe.quantize.adaround import adaround
+
+    qmax = weight_qmax(target)
+    key = sha256_json({"onnx": onnx.sha256, "calibration": calibration.sha256, "iterations": cal.adaround,
+                       "keep_float": list(cal.keep_float), "seed": cal.seed, "weight_qmax": qmax,
+                       "tools": tool_versions()})
+    path = workdir / "adarounded" / onnx.path.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hit = cache.get("adaround", key)
+    if hit is not None:
+        hit.copy(next(iter(hit.files or {})), path)
+        record = dict(hit.record)
+    else:
+        rep = reporter or NullReporter()
+        with rep.stage(f"AdaRound ({cal.adaround} steps per layer)") as advance:
+            record = adaround(onnx.path, path, calibration.x, iterations=cal.adaround, keep_float=cal.keep_float,
+                              weight_qmax=qmax, seed=cal.seed, progress=advance)
+        stored = cache.put("adaround", key, [path], record)
+        if stored is not None and not stored.mine:
+            stored.copy(next(iter(stored.files or {})), path)
+            record = dict(stored.record)
+    return dataclasses.replace(onnx, path=path, sha256=sha256_file(path)), record
 
 
 def finetuned(onnx: OnnxModel, original: OnnxModel, target: Target, calibration: CalibrationSet, workdir: Path,

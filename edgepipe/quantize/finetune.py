@@ -128,6 +128,8 @@ def _torch_graph(path: Path, keep_float: tuple[str, ...] = ()) -> Any:
             self.ranges: dict[str, tuple[float, int]] = {}
             self.quantize = False
             self._seen: dict[str, tuple[float, float]] | None = None
+            #: called with (node, its inputs, its output) as each node runs (AdaRound reads layers' tensors)
+            self.spy: Callable[[Any, list[Any], Any], None] | None = None
 
         def value(self, name: str) -> Any:
             return self.params[self.trained[name]] if name in self.trained else self.consts[name]
@@ -169,6 +171,8 @@ def _torch_graph(path: Path, keep_float: tuple[str, ...] = ()) -> Any:
                     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                     raise CompileError(f"calibration.finetune: node {n.name!r} ({n.op_type}) of {path.name} failed in "
                                        f"edgepipe's fine-tune ({text}); set finetune = 0 for this model") from e
+                if self.spy is not None:
+                    self.spy(n, i, y)
                 if n.output[0] in self.qpoints:
                     y = self.activation(n.output[0], y)
                 env[n.output[0]] = y
@@ -465,6 +469,9 @@ def finetune(src: Path, out: Path, x: Samples, reference: Path, *, epochs: int, 
                 y = [torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
                 return float(loss_of(y, slice(None)))
 
+        if not len(net.params):
+            raise CompileError(f"calibration.finetune: {src.name} has no layer with float weights among its "
+                               "initializers to train; set finetune = 0 for this model")
         before = nmse()
         opt = torch.optim.Adam(net.params.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(seed)
