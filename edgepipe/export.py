@@ -84,15 +84,24 @@ def onnx_model(path: Path) -> OnnxModel:
                      sha256=sha256_file(path), signature=sig)
 
 
-def constants_as_initializers(src: Path, dest: Path) -> int:
-    """Copy ``src`` to ``dest`` with each ``Constant`` node that holds a float tensor turned into an initializer
-    of the same name (what Paddle2ONNX and some other exporters write for every weight): quantizers, the
-    equalizer, the fine-tune and AdaRound find a layer's weights among the initializers. Returns how many
-    were moved; with none, ``dest`` is a byte copy."""
+#: the oldest opset an ONNX source is used at: per-axis Q/DQ (int8 per-channel weights and biases) needs 13
+MIN_SOURCE_OPSET = 13
+
+
+def normalize_source(src: Path, dest: Path) -> dict[str, Any]:
+    """Copy the ONNX source ``src`` to ``dest`` in the form every stage after it reads; returns what changed.
+
+    * each ``Constant`` node holding a float tensor becomes an initializer of the same name (what Paddle2ONNX
+      and some other exporters write for every weight): quantizers, the equalizer, the fine-tune and AdaRound
+      find a layer's weights among the initializers;
+    * a graph below opset :data:`MIN_SOURCE_OPSET` is converted to it by ONNX's version converter
+      (onnxruntime's int8 writes per-channel DequantizeLinear, which opset 12 cannot hold).
+
+    With nothing to change, ``dest`` is a byte copy."""
     import shutil
 
     import onnx
-    from onnx import numpy_helper
+    from onnx import numpy_helper, version_converter
 
     model = onnx.load(str(src))
     moved = []
@@ -102,17 +111,28 @@ def constants_as_initializers(src: Path, dest: Path) -> int:
         t = node.attribute[0].t
         if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             continue  # shapes, axes, indices stay Constant nodes (shape inference reads them there)
-        init = numpy_helper.from_array(numpy_helper.to_array(t), node.output[0])
-        moved.append((node, init))
-    if not moved:
+        moved.append((node, numpy_helper.from_array(numpy_helper.to_array(t), node.output[0])))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_SOURCE_OPSET)
+    if not moved and opset >= MIN_SOURCE_OPSET:
         shutil.copyfile(src, dest)
-        return 0
+        return {}
     for node, init in moved:
         model.graph.node.remove(node)
         model.graph.initializer.append(init)
+    done: dict[str, Any] = {"constants_as_initializers": len(moved)} if moved else {}
+    if opset < MIN_SOURCE_OPSET:
+        try:
+            model = version_converter.convert_version(model, MIN_SOURCE_OPSET)
+        except Exception as e:  # the converter raises plain errors of many kinds
+            raise ExportError(f"{src.name} is at opset {opset}; int8 needs opset {MIN_SOURCE_OPSET} or newer and ONNX's "
+                              f"version converter could not convert it ({str(e).splitlines()[0] if str(e) else e}); "
+                              "export the model again at a newer opset") from e
+        done["opset"] = {"from": opset, "to": MIN_SOURCE_OPSET}
+    with contextlib.suppress(Exception):  # shapes again, where the changes left tensors unshaped (onnx2tf reads them)
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     with atomic_path(dest) as tmp:
         onnx.save(model, str(tmp))
-    return len(moved)
+    return done
 
 
 def strip_metadata(model: Any) -> None:

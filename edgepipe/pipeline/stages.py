@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -341,10 +340,9 @@ def export(model: Compressed, target: Target, splits: Splits, workdir: Path, cac
         assert model.source.onnx_path is not None
         onnx = ex.onnx_model(model.source.onnx_path)
         check_onnx_shape(onnx, target)
-        moved = ex.constants_as_initializers(model.source.onnx_path, dest)
+        changed = ex.normalize_source(model.source.onnx_path, dest)
         out = ex.onnx_model(dest)
-        return out, StageRecord("export", {"model": model.sha256}, out.sha256,
-                                details={"constants_as_initializers": moved} if moved else {},
+        return out, StageRecord("export", {"model": model.sha256}, out.sha256, details=changed,
                                 skipped="model is already ONNX")
     shape = ({k: list(v) for k, v in target.input_shape.items()} if isinstance(target.input_shape, dict)
              else list(target.input_shape))

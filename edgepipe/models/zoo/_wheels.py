@@ -77,6 +77,10 @@ def with_shapes(src: Path, name: str, shapes: dict[str, list[Any]]) -> Path:
     try:
         onnx.save(model, str(tmp))
         _output_shapes(model, tmp, shapes)
+        if all(isinstance(d, int) for dims in shapes.values() for d in dims):
+            # every size known: record each tensor's shape (onnx2tf needs them to convert a Flatten whose
+            # input Paddle2ONNX left unshaped)
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         onnx.save(model, str(tmp))
         os.replace(tmp, out)
     finally:

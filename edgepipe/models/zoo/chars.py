@@ -63,7 +63,7 @@ def render_scenes(n: int, chw: tuple[int, int, int] = SHAPE,
     return xs, boxes, classes
 
 
-def char_scenes(chw: tuple[int, int, int] = SHAPE, n: int = 200) -> Dataset:
+def char_scenes(chw: tuple[int, int, int] = SHAPE, n: int = 500) -> Dataset:
     """Rendered character scenes with the true boxes (targets ``"boxes"``, ``"classes"``). ``--data char-scenes``."""
     x, boxes, classes = render_scenes(n, chw)
     return Dataset("char-scenes", x, None, {"boxes": boxes, "classes": classes})

@@ -1,11 +1,11 @@
 """Text: PaddleOCR's PP-OCRv4 recognizer (CTC) and text detector (DBNet), as their ONNX files ship in the
 ``rapidocr_onnxruntime`` wheel, and data rendered here with the true strings.
 
-* :func:`ppocr_rec`: ``x [N, 3, 48, 320]`` (RGB, ``(v / 255 - 0.5) / 0.5``) -> ``[N, 40, 6625]`` CTC scores over
+* :func:`ppocr_rec`: ``x [1, 3, 48, 320]`` (RGB, ``(v / 255 - 0.5) / 0.5``) -> ``[1, 40, 6625]`` CTC scores over
   6,623 Chinese and Latin symbols, a space and the blank (id 0). ``--data text-lines --metric exact_match``
   (or ``cer``) ``--postprocess edgepipe.models.zoo:ocr_text`` (the greedy CTC path without the spaces the model
   writes around a line).
-* :func:`ppocr_det`: ``x [N, 3, 320, 320]`` (same normalisation) -> ``[N, 1, 320, 320]`` text probability.
+* :func:`ppocr_det`: ``x [1, 3, 320, 320]`` (same normalisation) -> ``[1, 1, 320, 320]`` text probability.
   ``--data text-pages --metric miou --postprocess edgepipe.models.zoo:text_mask``.
 
 The strings are drawn from Latin letters and digits that no font confuses (no ``0/O/o``, ``1/l/I``, ...),
@@ -38,15 +38,15 @@ def _model(name: str) -> Path:
 
 
 def ppocr_rec() -> Path:
-    """PP-OCRv4's text-line recognizer (CTC), with a fixed input of ``[N, 3, 48, 320]``.
-    Model spec: ``edgepipe.models.zoo:ppocr_rec``."""
-    return with_shapes(_model("ch_PP-OCRv4_rec_infer.onnx"), "ppocr-rec", {"x": ["N", *REC_SHAPE]})
+    """PP-OCRv4's text-line recognizer (CTC), with a fixed input of ``[1, 3, 48, 320]`` (batch 1: onnx2tf cannot
+    convert its Flatten at an unknown batch). Model spec: ``edgepipe.models.zoo:ppocr_rec``."""
+    return with_shapes(_model("ch_PP-OCRv4_rec_infer.onnx"), "ppocr-rec", {"x": [1, *REC_SHAPE]})
 
 
 def ppocr_det() -> Path:
     """PP-OCRv4's text detector (DBNet: a per-pixel text probability), with a fixed input of
-    ``[N, 3, 320, 320]``. Model spec: ``edgepipe.models.zoo:ppocr_det``."""
-    return with_shapes(_model("ch_PP-OCRv4_det_infer.onnx"), "ppocr-det", {"x": ["N", *DET_SHAPE]})
+    ``[1, 3, 320, 320]``. Model spec: ``edgepipe.models.zoo:ppocr_det``."""
+    return with_shapes(_model("ch_PP-OCRv4_det_infer.onnx"), "ppocr-det", {"x": [1, *DET_SHAPE]})
 
 
 @cache
@@ -108,7 +108,7 @@ def render_lines(n: int, chw: tuple[int, int, int] = REC_SHAPE, seed: int = 0) -
     return xs, strings
 
 
-def text_lines(chw: tuple[int, int, int] = REC_SHAPE, n: int = 300) -> Dataset:
+def text_lines(chw: tuple[int, int, int] = REC_SHAPE, n: int = 1000) -> Dataset:
     """Rendered text lines with their true strings as target ``"text"`` (the recognizer's symbol ids).
     ``--data text-lines``; judge with ``--metric exact_match`` or ``cer``."""
     x, strings = render_lines(n, chw)
@@ -146,7 +146,7 @@ def _overlap(a: tuple[int, ...], b: tuple[int, ...], gap: int) -> bool:
     return not (a[0] > b[2] + gap or a[2] < b[0] - gap or a[1] > b[3] + gap or a[3] < b[1] - gap)
 
 
-def text_pages(chw: tuple[int, int, int] = DET_SHAPE, n: int = 200) -> Dataset:
+def text_pages(chw: tuple[int, int, int] = DET_SHAPE, n: int = 500) -> Dataset:
     """Rendered pages with each word's box as the text mask (target ``"y"``). ``--data text-pages``; judge with
     ``--metric miou --postprocess edgepipe.models.zoo:text_mask``."""
     x, masks = render_pages(n, chw)
