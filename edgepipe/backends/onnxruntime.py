@@ -43,6 +43,8 @@ _CALIBRATOR: dict[str, dict[str, Any]] = {
 # the ones quantize_static forwards to its calibrator, under its extra_options names
 _FORWARDED = {"symmetric": "CalibTensorRangeSymmetric", "moving_average": "CalibMovingAverage",
               "percentile": "CalibPercentile"}
+#: ``options.op_types = "weighted"``: the operators that get Q/DQ (as NNCF quantizes: weighted layers' inputs)
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 #: onnxruntime's graph transformer (basic level) that, for a Conv/Gemm whose input comes from a
@@ -181,6 +183,9 @@ class OnnxRuntimeBackend(Backend):
                "int16": QuantType.QInt16}[opts.activation_type]
         calib_method = getattr(CalibrationMethod, _METHODS[method])
         calibrator = _CALIBRATOR[method]
+        if opts.mean_ranges and method != "minmax":
+            raise CompileError(f"options.mean_ranges applies to minmax calibration, not {method!r}; set "
+                               "calibration.method = \"minmax\" or mean_ranges = false")
         extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
         if opts.activation_type.endswith("16") and _opset(onnx.path) < 21:
             extra["UseQDQContribOps"] = True  # 16-bit Q/DQ before opset 21: the com.microsoft ones
@@ -192,11 +197,15 @@ class OnnxRuntimeBackend(Backend):
                 quant_pre_process(str(onnx.path), str(pre), skip_symbolic_shape=False)
                 reader: _FeedsReader | None = _FeedsReader(calibration_feeds(specs, calibration), batch)
                 ranges: dict[str, Any] = {}
-                if any(k not in _FORWARDED for k in calibrator) or target_keep or reader.samples > CHUNK_SAMPLES:
+                if opts.mean_ranges:
+                    reader = _FeedsReader(calibration_feeds(specs, calibration), 1)  # one sample's range each
+                if (any(k not in _FORWARDED for k in calibrator) or target_keep or reader.samples > CHUNK_SAMPLES
+                        or opts.mean_ranges):
                     # options quantize_static would drop; float layers, whose int8 neighbours' outputs must be
                     # quantized on their activation's range; or more samples than fit in memory at once
                     ranges = {"calibration_cache_path": calibrate_ranges(pre, Path(tmp), calib_method, calibrator,
-                                                                         reader, activation_ranges=bool(target_keep))}
+                                                                         reader, activation_ranges=bool(target_keep),
+                                                                         mean_ranges=opts.mean_ranges)}
                     reader = None
                 keep = list(target_keep)
                 if keep:
@@ -210,6 +219,7 @@ class OnnxRuntimeBackend(Backend):
                 quantize_static(
                     str(pre), str(out), reader,
                     nodes_to_exclude=keep,
+                    op_types_to_quantize=list(WEIGHTED_OPS) if opts.op_types == "weighted" else None,
                     quant_format=QuantFormat.QDQ,
                     per_channel=opts.per_channel,
                     reduce_range=opts.reduce_range,
@@ -228,6 +238,8 @@ class OnnxRuntimeBackend(Backend):
         return {
             "quantization": "static QDQ",
             "activation_type": opts.activation_type,
+            "op_types": opts.op_types,
+            **({"ranges": "mean of per-sample min/max"} if opts.mean_ranges else {}),
             "weight_type": "int8",
             "per_channel": opts.per_channel,
             "float_nodes": list(target_keep),
@@ -266,7 +278,7 @@ def fused_activations(model: Path) -> dict[str, Any]:
 
 
 def calibrate_ranges(model: Path, tmp: Path, method: Any, options: dict[str, Any], reader: _FeedsReader,
-                     activation_ranges: bool = False) -> Path:
+                     activation_ranges: bool = False, mean_ranges: bool = False) -> Path:
     """Run onnxruntime's calibrator with ``options`` on ``model``; the ranges, as quantize_static's cache file.
 
     ``activation_ranges``: a layer's output that only a Relu/Clip reads gets the range of the activation's
@@ -289,10 +301,24 @@ def calibrate_ranges(model: Path, tmp: Path, method: Any, options: dict[str, Any
         augmented_model_path=str(tmp / "augmented.onnx"), calibrate_method=method,
         providers=["CPUExecutionProvider"], extra_options=options,
     )
-    for chunk in reader.chunks(CHUNK_SAMPLES):
-        calibrator.collect_data(chunk)
+    if mean_ranges:  # each batch's min and max alone (reset between batches), then their mean per tensor
+        from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+        lows: dict[str, list[float]] = {}
+        highs: dict[str, list[float]] = {}
+        for chunk in reader.chunks(reader.batch):
+            calibrator.calibrate_tensors_range = None
+            calibrator.collect_data(chunk)
+            for name, td in calibrator.compute_data().data.items():
+                lows.setdefault(name, []).append(float(np.asarray(td.range_value[0]).min()))
+                highs.setdefault(name, []).append(float(np.asarray(td.range_value[1]).max()))
+        data = TensorsData(method, {k: TensorData(lowest=np.array(np.mean(lows[k]), np.float32),
+                                                  highest=np.array(np.mean(highs[k]), np.float32)) for k in lows})
+    else:
+        for chunk in reader.chunks(CHUNK_SAMPLES):
+            calibrator.collect_data(chunk)
+        data = calibrator.compute_data()
     path = tmp / "ranges.json"
-    data = calibrator.compute_data()
     if activation_ranges:
         for layer, act in fused_activations(model).values():
             pre, post = layer.output[0], act.output[0]
