@@ -7,6 +7,7 @@ assembles the records into a :class:`Manifest`, which writes and reads ``manifes
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -265,6 +266,11 @@ class CalibrationSet:
     validation_x: Samples | None = None
     validation_y: np.ndarray | None = None
     validation_source: str = ""
+    #: the model's own metric on outputs of ``validation_x`` (higher is better), for choices made while
+    #: compiling (float layers ranked by it); ``None``: ranked by output error
+    validation_score: Callable[[list[np.ndarray]], float] | None = field(default=None, compare=False)
+    #: what names ``validation_score`` in a cache key (the metric, its postprocess, the split)
+    validation_score_key: str = ""
 
     def __len__(self) -> int:
         return sample_count(self.x)

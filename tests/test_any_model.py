@@ -430,3 +430,18 @@ def test_a_release_of_a_one_input_model_whose_data_names_the_forward_argument(tm
                       data=str(data), input_shape=(1, 1, 4000), iterations=5, workers=2)
     (o,) = res.outcomes
     assert o.status == "released" and len(o.tried) == 2 and all(t.result is not None for t in o.tried)
+
+
+def test_float_layers_are_ranked_by_the_models_own_metric(zoo, tmp_path):
+    """With a metric, the layers kept in float are the ones whose int8 lowers the metric most on the validation
+    split (the NMSE only breaks ties); the plan says so and records each layer's score."""
+    data = _segmentation_data(tmp_path / "seg.npz")
+    t = tmp_path / "seg-int8.toml"
+    t.write_text('backend = "onnxruntime"\nprecision = "int8"\n[calibration]\nsamples = 32\nfloat_layers = 1\n'
+                 '[budgets]\nmax_metric_drop = 100.0\n')
+    m = _build("anymodels:segmenter", t, tmp_path, data=str(data), input_shape=(1, 3, 16, 16), metric="miou")
+    plan = m.artifact.metadata["mixed_precision"]
+    assert "the model's metric on the validation split" in plan["chosen_by"]
+    scores = [e["score"] for e in plan["sensitivity"]]
+    assert all(s is not None for s in scores) and scores == sorted(scores)  # lowest miou first
+    assert plan["kept_float"] == [plan["sensitivity"][0]["name"]]

@@ -190,8 +190,8 @@ class OnnxRuntimeBackend(Backend):
         if opts.activation_type.endswith("16") and _opset(onnx.path) < 21:
             extra["UseQDQContribOps"] = True  # 16-bit Q/DQ before opset 21: the com.microsoft ones
         extra.update({_FORWARDED[k]: v for k, v in calibrator.items() if k in _FORWARDED})
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-            # (its calibrators print progress to stdout)
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), quiet_root_logger():
+            # (its calibrators print progress to stdout; its quantizer logs advice to the root logger)
             pre = Path(tmp) / "pre.onnx"
             try:
                 quant_pre_process(str(onnx.path), str(pre), skip_symbolic_shape=False)
@@ -249,6 +249,19 @@ class OnnxRuntimeBackend(Backend):
     def load(self, artifact: Artifact, threads: int | None = None) -> OrtRunner:
         self.require("run")
         return OrtRunner(artifact.path, threads)
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's quantizer logs advice to the root logger ("consider pre-processing", "automatically
+    update the model to opset 21" for 16-bit Q/DQ): what it did is in the artifact's metadata instead."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _opset(model: Path) -> int:

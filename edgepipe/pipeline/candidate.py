@@ -134,10 +134,11 @@ def run(session: Session, target: Target, recipe: Any = None, candidate: dict[st
     ref = session.reference(target, splits)
     with rep.stage(f"{target.name}: export"):
         onnx, export_rec = stages.export(compressed, target, splits, work, cache, opts.parity_atol)
-    calib = stages.calibration_set(splits)
+    scorer = session.scorer(onnx, splits)
+    calib = stages.calibration_set(splits, scorer, ref.predictions.validation if ref.predictions else None)
     with rep.stage(f"{target.name}: compile ({target.backend} {target.precision})"):
         artifact, compile_rec = stages.compile(onnx, target, calib, work, cache, rep)
-    ev, eval_rec = stages.evaluate(artifact, target, splits, cache, rep, scorer=session.scorer(onnx, splits),
+    ev, eval_rec = stages.evaluate(artifact, target, splits, cache, rep, scorer=scorer,
                                    reference=ref.predictions)
     notes = []
     if recipe is not None and compressed.is_onnx:

@@ -30,7 +30,16 @@ from edgepipe.harness import BenchSettings, Measurement
 from edgepipe.models import ModelSource, load_model
 from edgepipe.pipeline.cache import Cache
 from edgepipe.pipeline.options import BuildOptions
-from edgepipe.types import Artifact, Budget, CalibrationSet, OnnxModel, StageRecord, StandIn, TensorSpec
+from edgepipe.types import (
+    Artifact,
+    Budget,
+    CalibrationSet,
+    OnnxModel,
+    StageRecord,
+    StandIn,
+    TensorSpec,
+    sample_count,
+)
 from edgepipe.versions import tool_versions
 
 if TYPE_CHECKING:
@@ -138,10 +147,23 @@ def load_splits(data: str, target: Target, source: ModelSource | None = None) ->
     return data_splits(data, input_specs(source, target), target.calibration.samples, target.calibration.seed)
 
 
-def calibration_set(splits: Splits) -> CalibrationSet:
-    """Calibration samples, with the validation split for backends that check accuracy while compiling."""
+def calibration_set(splits: Splits, scorer: Scorer | None = None,
+                    reference: list[np.ndarray] | None = None) -> CalibrationSet:
+    """Calibration samples, with the validation split for backends that check accuracy while compiling and,
+    given the model's ``scorer``, its metric on validation outputs (float layers are then ranked by it;
+    ``reference``: the fp32 outputs on the validation split, for a metric that compares with them)."""
+    score, key = None, ""
+    if scorer is not None:
+        val = splits.validation
+        sign = 1.0 if scorer.metric.higher_is_better else -1.0
+
+        def score(outputs: list[np.ndarray]) -> float:
+            return sign * scorer(outputs, val, reference)
+
+        key = sha256_json([scorer.key, val.sha256])
     return CalibrationSet(splits.calibration.x, splits.calibration.name, validation_x=splits.validation.x,
-                          validation_y=splits.validation.y, validation_source=splits.validation.name)
+                          validation_y=splits.validation.y, validation_source=splits.validation.name,
+                          validation_score=score, validation_score_key=key)
 
 
 def data_sha256(splits: Splits) -> str:
@@ -380,7 +402,9 @@ def compile(onnx: OnnxModel, target: Target, calibration: CalibrationSet, workdi
     layers chosen (``float_layers``) and is fine-tuned with int8 simulated (``finetune``), as the target asks."""
     backend = backends.get(target.backend)
     inputs = {"onnx": onnx.sha256, "target": target.sha256, "calibration": calibration.sha256,
-              "validation": calibration.validation_sha256, "tools": sha256_json(tool_versions())}
+              "validation": calibration.validation_sha256, "tools": sha256_json(tool_versions()),
+              **({"scorer": calibration.validation_score_key} if calibration.validation_score_key
+                 and target.calibration.float_layers else {})}
     key = sha256_json(inputs)
     timer = _Timer()
     out = workdir / "artifact"
@@ -547,10 +571,18 @@ def mixed_precision(onnx: OnnxModel, target: Target, calibration: CalibrationSet
     elif cal.float_layers:
         from edgepipe.quantize import keep_float, layer_sensitivity
 
-        errors = layer_sensitivity(onnx, calibration.x, cal.method)
+        if calibration.validation_score is not None and calibration.validation_x is not None:
+            # ranked by the model's own metric on the validation split (the split every choice is made on); the
+            # sensitivity's own calibration reads the validation and calibration samples
+            x = _joined(calibration.validation_x, calibration.x)
+            errors = layer_sensitivity(onnx, x, cal.method, samples=sample_count(calibration.validation_x),
+                                       scorer=calibration.validation_score)
+            how = "per-layer sensitivity: each layer int8 alone, the model's metric on the validation split"
+        else:
+            errors = layer_sensitivity(onnx, calibration.x, cal.method)
+            how = "per-layer sensitivity: each layer int8 alone, logit NMSE on calibration samples"
         keep = keep_float(errors, cal.float_layers)
-        plan = {"float_layers": cal.float_layers,
-                "chosen_by": "per-layer sensitivity: each layer int8 alone, logit NMSE on calibration samples",
+        plan = {"float_layers": cal.float_layers, "chosen_by": how,
                 "sensitivity": [e.to_dict() for e in errors[: max(10, cal.float_layers)]]}
     else:
         keep, plan = (), {"float_layers": 0}
@@ -562,6 +594,13 @@ def mixed_precision(onnx: OnnxModel, target: Target, calibration: CalibrationSet
         plan["mixed_ranges"] = {"ratio": MIXED_RANGE_RATIO, "heads": [h.to_dict() for h in heads]}
     plan = {"float_layers": plan.pop("float_layers"), "kept_float": list(keep), **plan}
     return dataclasses.replace(target, calibration=dataclasses.replace(cal, keep_float=keep)), plan
+
+
+def _joined(a: Any, b: Any) -> Any:
+    """Two sample sets one after the other (one array each, or one per input name)."""
+    if isinstance(a, dict):
+        return {k: np.concatenate([a[k], b[k]]) for k in a}
+    return np.concatenate([a, b])
 
 
 def artifact_sha256(artifact: Artifact) -> str:

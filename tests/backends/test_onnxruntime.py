@@ -160,3 +160,55 @@ def test_runner_handles_static_batch_with_padding(tmp_path, example_model, split
     m = export(example_model, (4, 1, 32, 32), tmp_path / "s.onnx", dynamic_batch=False)
     runner = ORT.load(Artifact("onnxruntime", "fp32", m.path))
     assert predict(runner, splits.test.x[:10]).shape == (10, 10)
+
+
+def test_weighted_op_types_and_mean_ranges(example_onnx, splits, tmp_path):
+    """``op_types = "weighted"``: Q/DQ only on the inputs of Conv/Gemm/MatMul (NNCF's scheme); ``mean_ranges``:
+    each range the mean of per-sample ranges, never wider than the extremes; both keep top-1 on the example;
+    more calibration samples than one chunk give the same minmax scales as a smaller set's extremes merged."""
+    calib = CalibrationSet(splits.calibration.x, "digits:calibration")
+    plain = ORT.compile(example_onnx, _target("int8", options={}), calib, tmp_path / "plain")
+    weighted = ORT.compile(example_onnx, _target("int8", options={"op_types": "weighted"}), calib, tmp_path / "w")
+    mean = ORT.compile(example_onnx, _target("int8", options={"mean_ranges": True}), calib, tmp_path / "m")
+    assert weighted.metadata["op_types"] == "weighted" and mean.metadata["ranges"].startswith("mean")
+
+    def weighted_readers(path):
+        """Per quantized activation: whether a Conv/Gemm/MatMul reads its dequantized value or wrote it."""
+        m = onnx.load(str(path))
+        consts = {i.name for i in m.graph.initializer}
+        q_of = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "QuantizeLinear"
+                and n.input[0] not in consts}
+        deq = {n.output[0]: q_of[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear"
+               and n.input[0] in q_of}
+        read = {t: False for t in q_of.values()}
+        for n in m.graph.node:
+            if n.op_type in ("Conv", "Gemm", "MatMul") and n.output[0] in read:
+                read[n.output[0]] = True
+            for i in n.input:
+                if i in deq and n.op_type in ("Conv", "Gemm", "MatMul"):
+                    read[deq[i]] = True
+        return read
+
+    w, p = weighted_readers(weighted.path), weighted_readers(plain.path)
+    assert w and all(w.values())  # every quantized tensor is a weighted layer's input or output
+    assert not all(p.values())  # the default also quantizes others (a residual Add's output, say)
+    s_plain, s_mean = _activation_scales(plain.path), _activation_scales(mean.path)
+    common = set(s_plain) & set(s_mean)
+    assert common and all(s_mean[k] <= s_plain[k] * (1 + 1e-6) for k in common)
+    assert any(s_mean[k] < s_plain[k] * 0.99 for k in common)
+    ref = top1(ORT.load(Artifact("onnxruntime", "fp32", example_onnx.path)), splits.test.x, splits.test.y)
+    for art in (weighted, mean):
+        assert top1(ORT.load(art), splits.test.x, splits.test.y) >= ref - 0.02
+
+
+def test_calibration_in_chunks_gives_the_extremes_of_every_sample(example_onnx, splits, tmp_path):
+    from edgepipe.backends import onnxruntime as ortb
+
+    x = np.concatenate([splits.calibration.x] * 2)[:200]  # past one chunk of CHUNK_SAMPLES
+    assert len(x) > ortb.CHUNK_SAMPLES
+    x[-1] *= 3.0  # the last sample, in the last chunk, widens the input's range
+    art = ORT.compile(example_onnx, _target("int8", options={}), CalibrationSet(x, "x"), tmp_path / "c")
+    scales = _activation_scales(art.path)
+    name = onnx.load(str(art.path)).graph.input[0].name
+    lo, hi = float(min(x.min(), 0)), float(x.max())
+    assert scales[name] == pytest.approx((hi - lo) / 255, rel=1e-5)
