@@ -52,7 +52,7 @@ def _weights(path):
 def test_weights_land_on_the_int8_grid_and_the_layer_error_drops(net, tmp_path):
     model, x = net
     out = tmp_path / "ada.onnx"
-    rec = adaround(model.path, out, x, iterations=200)
+    rec = adaround(model.path, out, x, iterations=100)
     assert rec["layers"] == 3 and rec["samples"] == 48
     assert rec["layer_output_nmse"]["adaround"] < rec["layer_output_nmse"]["nearest"]
     assert 0.05 < rec["rounded_up_fraction"] < 0.95  # it learned roundings, not all up or all down
@@ -74,10 +74,10 @@ def test_onnxruntime_int8_takes_adarounds_integers_as_they_are(net, tmp_path):
     model, x = net
     t = load_target("cpu-int8")
     t = dataclasses.replace(t, input_shape=SHAPE,
-                            calibration=dataclasses.replace(t.calibration, equalize=False, adaround=100))
+                            calibration=dataclasses.replace(t.calibration, equalize=False, adaround=20))
     calib = CalibrationSet(x, "noise")
     art, rec = stages.compile(model, t, calib, tmp_path / "w", Cache(None, enabled=False))
-    assert rec.name == "compile" and art.metadata["adaround"]["iterations"] == 100
+    assert rec.name == "compile" and art.metadata["adaround"]["iterations"] == 20
     ada = _weights(tmp_path / "w" / "adarounded" / model.path.name)
     q = onnx.load(str(art.path))
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
