@@ -37,11 +37,15 @@ _RUN_OPTIONS = (
                  help="The model's input shape, batch first, overriding the targets': 1,3,224,224 (any rank), or "
                       "NAME=1,3,320,320 once per input of a model with several."),
     click.option("--metric", metavar="NAME|pkg.mod:obj",
-                 help="How the model is judged: top1, top5, miou, map, map50, agreement, sqnr, or your own "
+                 help="How the model is judged: top1, top5, miou, map, map50, agreement, sqnr, exact_match, cer, or your own "
                       "(a Metric or a function (outputs, targets) -> float, higher is better). Default: top1 for a "
                       "classifier ([N, C] scores and integer labels 'y'); any other model must name one."),
     click.option("--postprocess", metavar="pkg.mod:fn",
                  help="Runs on the model's outputs before the metric (e.g. a detector's decode + NMS)."),
+    click.option("--max-metric-drop", type=float, metavar="X",
+                 help="Every target's metric budget, overriding its [budgets]: how much worse than the original "
+                      "model in fp32 an artifact may be on the validation split, in the metric's units (1.0: one "
+                      "point of exact match, of mAP, ...)."),
     click.option("--iterations", type=int, help="Timed iterations per benchmark (default: the target's)."),
     click.option("--local-bench", is_flag=True, help="Measure on this machine even when a target names a [board]."),
     click.option("--no-cache", is_flag=True, help="Recompute every stage instead of reusing cached outputs."),
@@ -124,8 +128,8 @@ def cli(debug: bool) -> None:
 @click.option("--allow-accuracy-drop", is_flag=True, help="Release even when the metric drops more than the target's budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no progress bars).")
 def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | None, weights: Path | None,
-          data: str, input_shape: tuple[str, ...], metric: str | None, postprocess: str | None, iterations: int | None,
-          no_bench: bool, local_bench: bool, no_cache: bool, allow_accuracy_drop: bool, trust_code: bool,
+          data: str, input_shape: tuple[str, ...], metric: str | None, postprocess: str | None,
+          max_metric_drop: float | None, iterations: int | None, no_bench: bool, local_bench: bool, no_cache: bool, allow_accuracy_drop: bool, trust_code: bool,
           as_json: bool) -> None:
     """Run the whole pipeline for one or more targets.
 
@@ -140,7 +144,8 @@ def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | 
         result = api.build(model, targets, out=out, reporter=rep, recipe=recipe, weights=weights, data=data,
                            input_shape=_shape(input_shape), iterations=iterations, bench=not no_bench,
                            cache=not no_cache, allow_accuracy_drop=allow_accuracy_drop, local_bench=local_bench,
-                           trust_code=trust_code, metric=metric, postprocess=postprocess)
+                           trust_code=trust_code, metric=metric, postprocess=postprocess,
+                           max_metric_drop=max_metric_drop)
     if as_json:
         _emit_json({"model": result.model, "notes": result.notes,
                     "targets": {r.manifest.name: {"release_dir": str(r.release_dir), **r.manifest.to_dict()}
@@ -171,7 +176,7 @@ def build(model: str | None, targets: tuple[str, ...], out: Path, recipe: str | 
 @click.option("--json", "as_json", is_flag=True, help="Print index.json and the run's figures as JSON.")
 def release(model: str | None, targets: str, out: Path, search: Path | None, max_trials: int | None,
             weights: Path | None, data: str, input_shape: tuple[str, ...], metric: str | None,
-            postprocess: str | None, iterations: int | None, local_bench: bool, no_cache: bool, trust_code: bool,
+            postprocess: str | None, max_metric_drop: float | None, iterations: int | None, local_bench: bool, no_cache: bool, trust_code: bool,
             cluster: str | None, insecure_cluster: bool, workers: int | None, as_json: bool) -> int:
     """Find the best artifact for every target, by measurement, under its budgets, and release it.
 
@@ -207,7 +212,7 @@ def release(model: str | None, targets: str, out: Path, search: Path | None, max
                                  progress=live.progress, weights=weights, data=data,
                                  input_shape=_shape(input_shape), iterations=iterations, cache=not no_cache,
                                  local_bench=local_bench, trust_code=trust_code, cluster=executor,
-                                 metric=metric, postprocess=postprocess)
+                                 metric=metric, postprocess=postprocess, max_metric_drop=max_metric_drop)
     finally:
         executor.close()
     index = json.loads((out / "index.json").read_text())

@@ -445,3 +445,13 @@ def test_float_layers_are_ranked_by_the_models_own_metric(zoo, tmp_path):
     scores = [e["score"] for e in plan["sensitivity"]]
     assert all(s is not None for s in scores) and scores == sorted(scores)  # lowest miou first
     assert plan["kept_float"] == [plan["sensitivity"][0]["name"]]
+
+
+def test_max_metric_drop_overrides_every_targets_budget(zoo, tmp_path):
+    data = _segmentation_data(tmp_path / "seg.npz")
+    m = _build("anymodels:segmenter", "cpu-int8", tmp_path, data=str(data), input_shape=(1, 3, 16, 16),
+               metric="miou", max_metric_drop=37.5, allow_accuracy_drop=True)
+    assert m.budgets["max_metric_drop"].limit == 37.5
+    with pytest.raises(ConfigError, match="--max-metric-drop -1.0: give a budget >= 0"):
+        _build("anymodels:segmenter", "cpu-int8", tmp_path, data=str(data), input_shape=(1, 3, 16, 16),
+               metric="miou", max_metric_drop=-1.0)

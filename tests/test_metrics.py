@@ -71,7 +71,16 @@ ONE_GT = {"boxes": np.array([[[0, 0, 10, 10]]], F), "classes": np.array([[0]])}
 MAP = (detections([[[0, 0, 10, 6.2]]], [[0.9]], [[0]]), ONE_GT, 30.0)
 MAP50 = (MAP[0], ONE_GT, 100.0)
 
-CASES = {"top1": TOP1, "top5": TOP5, "miou": MIOU, "agreement": AGREE, "sqnr": SQNR, "map": MAP, "map50": MAP50}
+# exact_match and cer: CTC scores [N, T, C] read greedily (blank 0): sample 0 reads [1, 2] (true [1, 2]: exact),
+# sample 1 reads [3] (true [3, 1]: one deletion) -> exact match 50 %, CER 1 edit / 4 true symbols = 25 %
+CTC = np.zeros((2, 4, 4), F)
+CTC[0, np.arange(4), [1, 0, 2, 2]] = 1.0
+CTC[1, np.arange(4), [3, 3, 0, 0]] = 1.0
+TEXT = {"text": np.array([[1, 2], [3, 1]])}
+EXACT, CER = ([CTC], TEXT, 50.0), ([CTC], TEXT, 25.0)
+
+CASES = {"top1": TOP1, "top5": TOP5, "miou": MIOU, "agreement": AGREE, "sqnr": SQNR, "map": MAP, "map50": MAP50,
+         "exact_match": EXACT, "cer": CER}
 
 
 def test_every_registered_metric_has_a_hand_computed_case() -> None:
@@ -91,7 +100,8 @@ def test_builtin_matches_hand_computed_value(name: str) -> None:
 
 def test_units() -> None:
     assert {n: metrics.get(n).unit for n in metrics.names()} == {
-        "agreement": "%", "map": "%", "map50": "%", "miou": "%", "sqnr": "dB", "top1": "%", "top5": "%"}
+        "agreement": "%", "map": "%", "map50": "%", "miou": "%", "sqnr": "dB", "top1": "%", "top5": "%",
+        "exact_match": "%", "cer": "%"}
 
 
 def test_miou_from_scores_and_negative_ignore_label() -> None:
@@ -263,7 +273,7 @@ def test_default_for_classifier_only() -> None:
     for shapes, targets in [([("N", 4, 8, 8)], {"y": y}), ([("N", 10), ("N", 4)], {"y": y}),
                             ([("N", 10)], {"y": y.astype(F)}), ([("N", 10)], {"labels": y}),
                             ([("N", 10, 4), ("N", 10), ("N", 10)], {"boxes": np.zeros((3, 1, 4))})]:
-        with pytest.raises(ConfigError, match=r"give --metric, one of: agreement, map, map50, miou, sqnr, "
+        with pytest.raises(ConfigError, match=r"give --metric, one of: agreement, cer, exact_match, map, map50, miou, sqnr, "
                                               r"top1, top5, or give your own as package.module:object") as e:
             metrics.default_for(shapes, targets)
         one_line(e)
@@ -410,7 +420,7 @@ def test_user_metric_bad_module(usermod: str) -> None:
 
 
 def test_unknown_metric_lists_the_choices() -> None:
-    with pytest.raises(ConfigError, match=r"unknown metric 'accuracy'; choose one of: agreement, map, map50, miou, "
+    with pytest.raises(ConfigError, match=r"unknown metric 'accuracy'; choose one of: agreement, cer, exact_match, map, map50, miou, "
                                           r"sqnr, top1, top5, or give your own as package.module:object") as e:
         metrics.get("accuracy")
     one_line(e)

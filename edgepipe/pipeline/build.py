@@ -44,7 +44,7 @@ def build(model: str | None, targets: list[str], options: BuildOptions | None = 
     opts, rep = options or BuildOptions(), reporter or NullReporter()
     with rep.stage("load model"):
         src = stages.source(model, opts.weights)
-    tgts = stages.resolve_targets(targets, opts.input_shape or stages.own_input_shape(src))
+    tgts = stages.resolve_targets(targets, opts.input_shape or stages.own_input_shape(src), opts.max_metric_drop)
     recipe = opts.recipe if isinstance(opts.recipe, Recipe | None) else load_recipe(opts.recipe)
     result = BuildResult(model=src.spec)
     with scratch_dir("build") as scratch:

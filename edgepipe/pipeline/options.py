@@ -30,6 +30,7 @@ class BuildOptions:
         trust_code: load ``.pt2`` / TorchScript models and ``.pt2`` weights, which can run code.
         metric: a registered metric or ``pkg.mod:obj`` (``None``: top-1 for a classifier, else refused).
         postprocess: ``pkg.mod:fn`` run on the outputs before the metric (a detector's decode + NMS).
+        max_metric_drop: every target's metric budget, in the metric's units (``None``: each target's own).
     """
 
     out: Path = Path("dist")
@@ -46,3 +47,4 @@ class BuildOptions:
     trust_code: bool = False
     metric: str | None = None
     postprocess: str | None = None
+    max_metric_drop: float | None = None

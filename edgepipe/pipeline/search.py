@@ -393,7 +393,8 @@ class ReleaseResult:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
-def _resolve(specs: list[str], input_shape: tuple[int, ...] | None) -> list[Target | TargetOutcome]:
+def _resolve(specs: list[str], input_shape: tuple[int, ...] | None,
+             max_metric_drop: float | None = None) -> list[Target | TargetOutcome]:
     """Each target, or a skipped outcome saying why it cannot be built here (others go on)."""
     from edgepipe.config import load_target, target_files
     from edgepipe.pipeline.stages import resolve_targets
@@ -403,7 +404,7 @@ def _resolve(specs: list[str], input_shape: tuple[int, ...] | None) -> list[Targ
     for spec in names:
         t = load_target(spec)  # a bad target file or name stops the release: it is the user's typo
         try:
-            out.append(resolve_targets([t], input_shape)[0])
+            out.append(resolve_targets([t], input_shape, max_metric_drop)[0])
         except EdgepipeError as e:
             out.append(TargetOutcome(t, "skipped", reason=str(e)))
     if len({(o.name if isinstance(o, Target) else o.target.name) for o in out}) != len(out):
@@ -430,7 +431,7 @@ def release(model: str | None, targets: list[str], space: SearchSpace, out: Path
     rep = reporter or NullReporter()
     prog = progress or (lambda *a: None)
     src = source(model, options.weights)
-    resolved = _resolve(targets, options.input_shape or own_input_shape(src))
+    resolved = _resolve(targets, options.input_shape or own_input_shape(src), options.max_metric_drop)
     ex = executor or LocalExecutor()
     ex.check([t for t in resolved if isinstance(t, Target)], options)
     outcomes: list[TargetOutcome] = []

@@ -9,6 +9,7 @@ and the cluster executors all compose these; none of them re-implements one.
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -61,15 +62,24 @@ class _Timer:
 # inputs
 
 
-def resolve_targets(specs: list[str] | list[str | Target], input_shape: tuple[int, ...] | None = None) -> list[Target]:
-    """Load and validate targets, and check that this machine can compile each, before any work."""
+def resolve_targets(specs: list[str] | list[str | Target], input_shape: tuple[int, ...] | None = None,
+                    max_metric_drop: float | None = None) -> list[Target]:
+    """Load and validate targets, and check that this machine can compile each, before any work.
+
+    ``input_shape`` and ``max_metric_drop`` (``--max-metric-drop``) override every target's."""
+    import dataclasses
+
     if not specs:
         raise ConfigError("no target given: pass --target NAME (see `edgepipe targets`)")
+    if max_metric_drop is not None and not (math.isfinite(max_metric_drop) and max_metric_drop >= 0):
+        raise ConfigError(f"--max-metric-drop {max_metric_drop}: give a budget >= 0 in the metric's units")
     out = []
     for spec in specs:
         t = spec if isinstance(spec, Target) else load_target(spec)
         if input_shape is not None:
             t = t.with_input_shape(input_shape)
+        if max_metric_drop is not None:
+            t = dataclasses.replace(t, budgets=dataclasses.replace(t.budgets, max_metric_drop=float(max_metric_drop)))
         backend = backends.get(t.backend)
         backend.validate(t)
         avail = backend.check_target(t)
