@@ -35,7 +35,8 @@ KEYS = re.compile(r"^<!-- keys: ([\w.-]+) -->$", re.M)
 EXTRA: dict[str, str] = {
     # onnxruntime's [options]: read from edgepipe/backends/onnxruntime.py and the backend's page
     "edgepipe.config.options.OrtOptions.activation_type": "``uint8`` (U8S8: unsigned activations, signed weights; "
-        "fuses every Conv on VNNI CPUs) or ``int8`` (S8S8, onnxruntime's own default)",
+        "fuses every Conv on VNNI CPUs), ``int8`` (S8S8, onnxruntime's own default), or ``uint16``/``int16`` (16-bit "
+        "Q/DQ activations, computed in float between them: accuracy int8 cannot hold, at about fp32's speed)",
     "edgepipe.config.options.OrtOptions.per_channel": "per-channel int8 weights (``false``: one scale per tensor)",
     "edgepipe.config.options.OrtOptions.reduce_range": "7-bit weights, for CPUs without VNNI, where U8S8's 8-bit "
         "products saturate",
