@@ -173,6 +173,41 @@ def calibration(splits):
     return CalibrationSet(splits.calibration.x, "digits:calibration")
 
 
+#: the toy detector head's input shape (tests/quantize/test_mixed_ranges.py, tests/backends/test_int16.py)
+HEAD_SHAPE = (1, 3, 32, 32)
+
+
+@pytest.fixture(scope="session")
+def detector_head(tmp_path_factory: pytest.TempPathFactory):
+    """A toy one-stage detector head whose one output joins boxes in pixels (0-640) and class scores (0-1), as
+    YOLO's does (``[N, anchors, 4 + classes]``): one int8 scale for both rounds the scores to 0 or 2.5. Returns
+    its ONNX, 64 calibration samples, 32 held-out samples and the torch model's outputs on them."""
+    import torch
+    from torch import nn
+
+    from edgepipe.export import export
+    from edgepipe.types import CalibrationSet
+
+    class DetectorHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+            self.box, self.cls = nn.Conv2d(16, 4, 1), nn.Conv2d(16, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            f = self.body(x)
+            y = torch.cat([torch.sigmoid(self.box(f)) * 640, torch.sigmoid(self.cls(f))], 1)
+            return y.flatten(2).transpose(1, 2)
+
+    x = np.random.default_rng(0).uniform(0, 1, (96, *HEAD_SHAPE[1:])).astype(np.float32)
+    model = DetectorHead().eval()
+    onnx_model = export(model, HEAD_SHAPE, tmp_path_factory.mktemp("head") / "head.onnx")
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x[64:])).numpy()
+    return onnx_model, CalibrationSet(x[:64], "uniform noise"), x[64:], ref
+
+
 def no_temp_leftovers(root: Path) -> list[Path]:
     """Anything a failed stage left behind that looks like output."""
     return [p for p in root.rglob("*") if p.name != ".gitkeep"] if root.exists() else []

@@ -8,43 +8,19 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from edgepipe import backends
 from edgepipe.config import load_target
 from edgepipe.errors import ConfigError
 from edgepipe.pipeline import stages
 from edgepipe.pipeline.cache import Cache
-from edgepipe.types import CalibrationSet
 
 SHAPE = (1, 3, 32, 32)
 
 
-class DetectorHead(nn.Module):
-    """Boxes in pixels and class scores in one output, as YOLO's head joins them: ``[N, anchors, 4 + classes]``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
-        self.box, self.cls = nn.Conv2d(16, 4, 1), nn.Conv2d(16, 3, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.body(x)
-        y = torch.cat([torch.sigmoid(self.box(f)) * 640, torch.sigmoid(self.cls(f))], 1)
-        return y.flatten(2).transpose(1, 2)
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    from edgepipe.export import export
-
-    x = np.random.default_rng(0).uniform(0, 1, (96, *SHAPE[1:])).astype(np.float32)
-    onnx_model = export(DetectorHead().eval(), SHAPE, tmp_path_factory.mktemp("head") / "head.onnx")
-    with torch.no_grad():
-        ref = DetectorHead().eval()(torch.from_numpy(x[64:])).numpy()
-    return onnx_model, CalibrationSet(x[:64], "uniform noise"), x[64:], ref
+def head(detector_head):
+    return detector_head
 
 
 def _target(name: str, mixed: bool):
