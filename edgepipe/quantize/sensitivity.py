@@ -100,18 +100,6 @@ def output_error(y: list[np.ndarray], ref: list[np.ndarray]) -> tuple[float, flo
     return float(np.mean(errs)), agreement
 
 
-@contextlib.contextmanager
-def _no_root_warnings() -> Any:
-    """onnxruntime's quantizer logs "consider pre-processing" to the root logger once per call."""
-    import logging
-
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def layers(path: Path) -> list[tuple[str, str]]:
     """(node name, op type) of every layer int8 kernels run, in graph order."""
     import onnx
@@ -165,6 +153,7 @@ def layer_sensitivity(onnx_model: OnnxModel, x: Samples, method: str = "minmax",
         _METHODS,
         _FeedsReader,
         calibrate_ranges,
+        quiet_root_logger,
     )
 
     feeds, static = _feeds(onnx_model, x)
@@ -174,7 +163,7 @@ def layer_sensitivity(onnx_model: OnnxModel, x: Samples, method: str = "minmax",
     extra.update({_FORWARDED[k]: v for k, v in calibrator.items() if k in _FORWARDED})
     out: list[LayerError] = []
     with tempfile.TemporaryDirectory(prefix="edgepipe-sensitivity-") as tmp, \
-            contextlib.redirect_stdout(io.StringIO()), _no_root_warnings():
+            contextlib.redirect_stdout(io.StringIO()), quiet_root_logger():
         work = Path(tmp)
         ref = _outputs(onnx_model.path, run)
         reader = _FeedsReader(feeds, 1 if static else 32)
